@@ -1,0 +1,7 @@
+"""``python -m imgserver``."""
+
+import sys
+
+from imgserver.cli import main
+
+sys.exit(main())

@@ -1,0 +1,471 @@
+"""The job engine: one queue of images, fed by every road, run on one executor.
+
+    HTTP API --+                                   +--> executor (process pool / Dask)
+    drop folder+--> submit: validate -> admit ->   |      process_image(ImageTask)
+    imgserver run  persist request -> queue ------>+             |
+                                                   |   done / failed / worker died
+    GET /jobs, wait <--- status documents <--------+<------------+
+                         (OUTBOX/<id>.status.json)
+
+``submit`` validates the request (nothing is written for an invalid one), checks that its
+images fit in the queue, stores the request in the outbox and only then accepts it. A
+single engine thread hands images to the executor, no more at once than it has workers,
+so each image starts as soon as it is handed over: that is when its time limit starts.
+The same thread collects results, retries images whose worker died, fails images that
+run past their time limit (and resets the pool, which kills their worker), and writes the
+status files. On start, every job whose request is kept and whose status is not final is
+queued again: an accepted job is never lost.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import BrokenExecutor, Executor, Future
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from imgserver.errors import CapacityError, ImageError, JobNotFound, RequestError
+from imgserver.job import DONE, FAILED, FINAL_STATES, QUEUED, RUNNING, ImageStatus, Job, now
+from imgserver.pipeline import ImageTask, process_image, remove_partial
+from imgserver.request import Request, RequestLimits, parse_request
+from imgserver.settings import Settings
+from imgserver.store import Outbox
+
+logger = logging.getLogger("imgserver.engine")
+
+#: A running job's status file is rewritten at most this often (and at every state change).
+STATUS_INTERVAL = 0.5
+#: After the executor refused work, try again after this many seconds.
+RETRY_DELAY = 1.0
+
+
+@dataclass(frozen=True)
+class ImageFinished:
+    """An image of a job is finished (done or failed)."""
+
+    job_id: str
+    index: int
+    image: ImageStatus
+    done: int
+    total: int
+
+
+@dataclass(frozen=True)
+class JobFinished:
+    """A job reached its final state."""
+
+    job_id: str
+    document: dict
+
+
+Event = ImageFinished | JobFinished
+Listener = Callable[[Event], None]
+
+
+@dataclass(eq=False)
+class _Work:
+    """One image on its way through the executor."""
+
+    job: _Active
+    index: int
+    task: ImageTask
+    retried: bool = False      # its worker died once: it now runs alone
+    deadline: float = 0.0
+    abandoned: bool = False    # already failed (timed out); waiting for its worker to end
+    bystander: bool = False    # was running when the pool was reset on purpose
+
+
+@dataclass(eq=False)
+class _Active:
+    """A job the engine is working on."""
+
+    job: Job
+    lock_fd: int | None = None
+    dirty: bool = False
+    written_at: float = 0.0
+    waiters: list[Future] = field(default_factory=list)
+
+
+class Engine:
+    """Accepts requests, keeps them durable, and runs their images on an executor."""
+
+    def __init__(self, settings: Settings, executor: Executor, *, concurrency: int | None = None,
+                 lock_jobs: bool = False) -> None:
+        self.settings = settings
+        self.outbox = Outbox(settings.outbox)
+        self._executor = executor
+        self._concurrency = concurrency or settings.workers
+        self._lock_jobs = lock_jobs
+        self._limits = RequestLimits(settings.max_body_bytes, settings.max_images)
+        self._cond = threading.Condition()
+        self._active: dict[str, _Active] = {}
+        self._pending: deque[_Work] = deque()
+        self._retries: deque[_Work] = deque()
+        self._running: dict[Future, _Work] = {}
+        self._completed: list[Future] = []
+        self._open_images = 0
+        self._accepting = False
+        self._closing = False
+        self._healthy = True
+        self._retry_at = 0.0
+        self._listeners: list[Listener] = []
+        self._thread = threading.Thread(target=self._loop, name="imgserver-engine", daemon=True)
+
+    # -- public interface -------------------------------------------------------------
+
+    def start(self, *, recover: bool = True) -> None:
+        """Queue the jobs left unfinished by an earlier run, then start taking work."""
+        self._remove_stale_temps()
+        if recover:
+            for job_id in self.outbox.unfinished():
+                self._recover(job_id)
+        with self._cond:
+            self._accepting = True
+        self._thread.start()
+
+    def subscribe(self, listener: Listener) -> None:
+        """Call ``listener`` (on the engine thread) for every finished image and job."""
+        self._listeners.append(listener)
+
+    def submit(self, body: bytes, *, source: str, name: str | None = None,
+               claim: Path | None = None) -> dict:
+        """Accept a request; return its job's status document.
+
+        ``claim`` is the drop-folder file ``body`` was read from: it is moved into the
+        outbox as the job's request, and an invalid request still becomes a failed job
+        (nobody is there to answer). Without ``claim``, an invalid request raises
+        RequestError and leaves no trace. CapacityError when the queue is full.
+        """
+        try:
+            request = parse_request(body, self.settings.root, self._limits)
+        except RequestError as error:
+            if claim is None:
+                raise
+            return self._record_invalid(claim, name, source, error)
+        with self._cond:
+            self._admit(len(request.images))
+            if claim is not None:
+                job_id, lock_fd = self.outbox.adopt(claim, name), None
+            else:
+                job_id, lock_fd = self.outbox.create(body, name, lock=self._lock_jobs)
+            job = Job(id=job_id, source=source, operations=list(request.operations),
+                      images=[ImageStatus(spec.input, spec.output) for spec in request.images])
+            active = self._register(job, request, lock_fd)
+            self._write(active)
+            self._cond.notify_all()
+            return job.to_document()
+
+    def status(self, job_id: str) -> dict:
+        """The status document of ``job_id``; JobNotFound if there is no such job."""
+        with self._cond:
+            active = self._active.get(job_id)
+            if active is not None:
+                return active.job.to_document()
+        document = self.outbox.read_status(job_id)
+        if document is None:
+            raise JobNotFound(f"no job with id {job_id!r}")
+        return document
+
+    def wait(self, job_id: str) -> Future:
+        """A future that resolves to the job's final status document."""
+        future: Future = Future()
+        with self._cond:
+            active = self._active.get(job_id)
+            if active is not None:
+                if not self._accepting:
+                    future.set_exception(self._shutting_down(job_id))
+                else:
+                    active.waiters.append(future)
+                return future
+        future.set_result(self.status(job_id))
+        return future
+
+    @property
+    def healthy(self) -> bool:
+        """Whether the engine can run work: its thread is alive and the executor takes tasks."""
+        return self._thread.is_alive() and self._healthy and self._accepting
+
+    @property
+    def open_images(self) -> int:
+        """Images accepted and not yet finished, all jobs together."""
+        return self._open_images
+
+    def stop_accepting(self) -> None:
+        """Refuse new requests and release everyone waiting; running images go on."""
+        with self._cond:
+            self._accepting = False
+            for job_id, active in self._active.items():
+                for waiter in active.waiters:
+                    waiter.set_exception(self._shutting_down(job_id))
+                active.waiters.clear()
+            self._cond.notify_all()
+
+    def close(self) -> None:
+        """Stop: let running images finish, write every status file, keep queued images queued.
+
+        Jobs not finished stay on disk and resume at the next start.
+        """
+        self.stop_accepting()
+        with self._cond:
+            self._closing = True
+            self._cond.notify_all()
+        if self._thread.is_alive():
+            self._thread.join()
+
+    # -- admission and bookkeeping ------------------------------------------------------
+
+    def _admit(self, count: int) -> None:
+        if not self._accepting:
+            raise CapacityError("the server is shutting down", retry_after=5)
+        limit = self.settings.max_queue
+        if count > limit:
+            raise RequestError.single(
+                "images", f"lists {count} images, more than the queue holds ({limit}, --max-queue)")
+        if self._open_images + count > limit:
+            raise CapacityError(
+                f"the queue is full: {self._open_images} images are waiting or running, "
+                f"this request adds {count}, the limit is {limit} (--max-queue)")
+
+    def _register(self, job: Job, request: Request, lock_fd: int | None) -> _Active:
+        active = _Active(job, lock_fd)
+        self._active[job.id] = active
+        for index, (spec, image) in enumerate(zip(request.images, job.images)):
+            if image.state in FINAL_STATES:
+                continue
+            image.state, image.outputs, image.error = QUEUED, [], None
+            task = ImageTask(
+                root=str(self.settings.root), input=str(spec.input_path),
+                outputs=tuple(str(path) for path in spec.outputs), operations=request.parsed,
+                max_pixels=self.settings.max_pixels, max_file_bytes=self.settings.max_file_bytes)
+            self._pending.append(_Work(active, index, task))
+            self._open_images += 1
+        if job.finish_if_complete():
+            self._finish(active)
+        return active
+
+    def _record_invalid(self, claim: Path, name: str | None, source: str,
+                        error: RequestError) -> dict:
+        with self._cond:
+            job_id = self.outbox.adopt(claim, name or claim.stem)
+            job = Job(id=job_id, source=source, operations=[], images=[])
+            job.reject(str(error))
+            self.outbox.write_status(job.to_document())
+        return job.to_document()
+
+    def _recover(self, job_id: str) -> None:
+        try:
+            body = self.outbox.read_request(job_id)
+        except OSError as exc:
+            logger.error("cannot read the request of job %s: %s", job_id, exc)
+            return
+        document = self.outbox.read_status(job_id)
+        try:
+            job = Job.from_document(document) if document else None
+        except (KeyError, TypeError):
+            job = None
+        try:
+            request = parse_request(body, self.settings.root, self._limits)
+        except RequestError as error:
+            job = job or Job(id=job_id, source="http", operations=[], images=[])
+            job.reject(str(error))
+            self.outbox.write_status(job.to_document())
+            return
+        if job is None or len(job.images) != len(request.images):
+            # Accepted, but stopped before its first status file: it was never started.
+            job = Job(id=job_id, source="http", operations=list(request.operations),
+                      images=[ImageStatus(spec.input, spec.output) for spec in request.images])
+        for spec, image in zip(request.images, job.images):
+            if image.state not in FINAL_STATES:
+                remove_partial(tuple(str(path) for path in spec.outputs))
+        if job.state == RUNNING and all(i.state not in FINAL_STATES for i in job.images):
+            job.state = QUEUED
+        with self._cond:
+            active = self._register(job, request, None)
+            if not job.finished:
+                self._write(active)
+        logger.info("resuming job %s (%d of %d images left)", job_id,
+                    sum(i.state not in FINAL_STATES for i in job.images), len(job.images))
+
+    def _remove_stale_temps(self) -> None:
+        if not self.outbox.path.is_dir():
+            return
+        for temp in self.outbox.path.glob(".tmp-*"):
+            try:
+                temp.unlink()
+            except OSError:
+                pass
+
+    @staticmethod
+    def _shutting_down(job_id: str) -> CapacityError:
+        return CapacityError(f"the server is shutting down; job {job_id} resumes at the next start",
+                             retry_after=5)
+
+    # -- the engine thread --------------------------------------------------------------
+
+    def _loop(self) -> None:
+        with self._cond:
+            while True:
+                self._collect()
+                self._enforce_deadlines()
+                if self._closing and not self._running:
+                    break
+                if not self._closing:
+                    self._dispatch()
+                self._flush()
+                self._cond.wait(self._next_wakeup())
+            self._flush(force=True)
+            for active in self._active.values():
+                if active.lock_fd is not None:
+                    os.close(active.lock_fd)
+                    active.lock_fd = None
+
+    def _next_wakeup(self) -> float | None:
+        moments = [work.deadline for work in self._running.values() if not work.abandoned]
+        moments += [a.written_at + STATUS_INTERVAL for a in self._active.values() if a.dirty]
+        if self._pending or self._retries:
+            moments.append(self._retry_at)
+        if not moments:
+            return None
+        return max(0.0, min(moments) - time.monotonic()) + 0.001
+
+    def _dispatch(self) -> None:
+        if time.monotonic() < self._retry_at:
+            return
+        if any(work.retried for work in self._running.values()):
+            return  # an image whose worker died runs alone, so a second death is its own
+        if self._retries:
+            if not self._running:
+                self._hand_over(self._retries.popleft())
+            return
+        while self._pending and len(self._running) < self._concurrency:
+            if not self._hand_over(self._pending.popleft()):
+                return
+
+    def _hand_over(self, work: _Work) -> bool:
+        try:
+            future = self._executor.submit(process_image, work.task)
+        except (BrokenExecutor, RuntimeError, OSError) as exc:
+            logger.error("the executor refused work: %s", exc)
+            (self._retries if work.retried else self._pending).appendleft(work)
+            self._healthy = False
+            self._retry_at = time.monotonic() + RETRY_DELAY
+            return False
+        self._healthy = True
+        work.deadline = time.monotonic() + self.settings.image_timeout
+        self._running[future] = work
+        image = work.job.job.images[work.index]
+        image.state = RUNNING
+        if work.job.job.state == QUEUED:
+            work.job.job.start()
+            self._write(work.job)
+        future.add_done_callback(self._on_done)
+        return True
+
+    def _on_done(self, future: Future) -> None:
+        with self._cond:
+            self._completed.append(future)
+            self._cond.notify_all()
+
+    def _collect(self) -> None:
+        completed, self._completed = self._completed, []
+        for future in completed:
+            work = self._running.pop(future)
+            error = future.exception()
+            if work.abandoned:
+                if error is not None:
+                    remove_partial(work.task.outputs)
+                continue
+            if error is None:
+                self._settle(work, DONE, outputs=future.result())
+            elif isinstance(error, ImageError):
+                self._settle(work, FAILED, error=str(error))
+            elif isinstance(error, BrokenExecutor):
+                remove_partial(work.task.outputs)
+                self._worker_died(work)
+            else:
+                logger.error("image %s of job %s failed unexpectedly", work.index,
+                             work.job.job.id, exc_info=error)
+                self._settle(work, FAILED, error=f"internal error: {error!r}")
+
+    def _worker_died(self, work: _Work) -> None:
+        if work.bystander:
+            work.bystander = False
+            self._pending.appendleft(work)  # stopped by a reset meant for another image
+        elif work.retried:
+            self._settle(work, FAILED, error=(
+                "the worker process died while processing this image, twice "
+                "(a crash or the out-of-memory killer); the image was not retried again"))
+        else:
+            logger.warning("a worker died while processing %s; retrying it alone",
+                           work.task.input)
+            work.retried = True
+            self._retries.append(work)
+
+    def _enforce_deadlines(self) -> None:
+        moment = time.monotonic()
+        expired = [w for w in self._running.values() if not w.abandoned and w.deadline <= moment]
+        if not expired:
+            return
+        for work in expired:
+            work.abandoned = True
+            self._settle(work, FAILED, error=(
+                f"processing took longer than the limit of {self.settings.image_timeout:g} s "
+                f"(--image-timeout); its worker was stopped"))
+        for work in self._running.values():
+            if not work.abandoned:
+                work.bystander = True
+        reset = getattr(self._executor, "reset", None)
+        if reset is not None:
+            reset()
+
+    def _settle(self, work: _Work, state: str, *, outputs: list[str] | None = None,
+                error: str | None = None) -> None:
+        active = work.job
+        image = active.job.images[work.index]
+        image.state, image.outputs, image.error = state, outputs or [], error
+        self._open_images -= 1
+        active.dirty = True
+        progress = active.job.progress()
+        self._emit(ImageFinished(active.job.id, work.index, image, progress["done"],
+                                 progress["total"]))
+        if active.job.finish_if_complete():
+            self._finish(active)
+
+    def _finish(self, active: _Active) -> None:
+        self._write(active)
+        self._active.pop(active.job.id, None)
+        document = active.job.to_document()
+        for waiter in active.waiters:
+            waiter.set_result(document)
+        active.waiters.clear()
+        if active.lock_fd is not None:
+            os.close(active.lock_fd)
+            active.lock_fd = None
+        self._emit(JobFinished(active.job.id, document))
+
+    def _flush(self, force: bool = False) -> None:
+        moment = time.monotonic()
+        for active in self._active.values():
+            if active.dirty and (force or moment - active.written_at >= STATUS_INTERVAL):
+                self._write(active)
+
+    def _write(self, active: _Active) -> None:
+        try:
+            self.outbox.write_status(active.job.to_document())
+        except OSError as exc:
+            logger.error("cannot write the status of job %s: %s", active.job.id, exc)
+            return
+        active.dirty = False
+        active.written_at = time.monotonic()
+
+    def _emit(self, event: Event) -> None:
+        for listener in self._listeners:
+            try:
+                listener(event)
+            except Exception:  # a listener's bug must not stop the engine
+                logger.exception("an event listener failed")

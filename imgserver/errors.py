@@ -1,0 +1,64 @@
+"""The exceptions imgserver raises.
+
+Each layer raises one of these; only the edges (the HTTP API, the drop folder, the command
+line) turn them into status codes, status-file errors or exit codes.
+
+    ImgserverError
+     +-- RequestError      the request is invalid; nothing was read or written
+     +-- ImageError        one image failed; the rest of its job goes on
+     +-- CapacityError     the queue is full; try again later
+     +-- JobNotFound       no job has that id
+     +-- ConfigError       the server cannot start with these settings
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+class ImgserverError(Exception):
+    """Base class of every error imgserver raises on purpose."""
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One reason a request is invalid: the field it concerns and what is wrong."""
+
+    field: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.field}: {self.message}"
+
+
+class RequestError(ImgserverError):
+    """The request is invalid; ``problems`` lists every field at fault."""
+
+    def __init__(self, problems: list[Problem]) -> None:
+        self.problems = list(problems)
+        super().__init__("; ".join(str(p) for p in self.problems))
+
+    @classmethod
+    def single(cls, field: str, message: str) -> RequestError:
+        """A request error with one problem."""
+        return cls([Problem(field, message)])
+
+
+class ImageError(ImgserverError):
+    """One image failed; the message says why, in words for the user."""
+
+
+class CapacityError(ImgserverError):
+    """The queue cannot take the request now; ``retry_after`` is a hint in seconds."""
+
+    def __init__(self, message: str, retry_after: int = 1) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class JobNotFound(ImgserverError):
+    """No job with the given id exists."""
+
+
+class ConfigError(ImgserverError):
+    """The settings are unusable (a missing folder, a bad value, a missing extra)."""

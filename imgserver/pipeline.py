@@ -1,0 +1,182 @@
+"""One image, from input file to output files: the function the worker processes run.
+
+    ImageTask (paths, parsed operations, limits: plain data, picklable)
+        |  process_image, in a worker process
+        v
+    read input (confined, regular file, size limit) -> decode (pixel limit, strict)
+        -> operations -> encode every output -> temp files -> fsync -> rename all
+        |
+        v
+    list of outputs written, relative to the root  |  ImageError with the reason
+
+Pixels never leave the worker: it reads and writes the files itself. Every output is
+written to a temporary file in its own folder and renamed into place only when all outputs
+of the image are encoded and on disk, so a reader never sees half an image and a failed
+image leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import secrets
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+
+from imgserver.codec import Limits, decode, encode
+from imgserver.errors import ImageError
+from imgserver.operations import Operation, apply
+from imgserver.paths import OutsideRoot, recheck, relative
+
+#: Temporary outputs end with this; they are hidden (dot files) in the output's folder.
+TEMP_SUFFIX = ".imgserver-tmp"
+
+
+@dataclass(frozen=True)
+class ImageTask:
+    """Everything a worker needs for one image: paths and parsed operations, no pixels."""
+
+    root: str
+    input: str
+    outputs: tuple[str, ...]  # absolute paths, one per file the image produces
+    operations: tuple[Operation, ...]
+    max_pixels: int
+    max_file_bytes: int
+
+
+def process_image(task: ImageTask) -> list[str]:
+    """Process one image; return the files written, relative to the root.
+
+    Raises ImageError with a message for the user when the image fails.
+    """
+    root = Path(task.root)
+    try:
+        data = read_input(root, Path(task.input), task.max_file_bytes)
+        limits = Limits(task.max_pixels, task.max_file_bytes)
+        image = decode(data, limits, reduce=shrink_on_load(task.operations))
+        tiles = apply([("", image)], task.operations)
+        encoded = [(Path(path), encode(pixels, Path(path).suffix))
+                   for path, (_, pixels) in zip(task.outputs, tiles)]
+        del image, tiles
+        written = write_outputs(root, encoded)
+    except ImageError:
+        raise
+    except OutsideRoot as exc:
+        raise ImageError(str(exc)) from None
+    except ValueError as exc:  # an operation that cannot apply, e.g. splitting a 1-pixel image
+        raise ImageError(str(exc)) from None
+    except cv2.error as exc:
+        raise ImageError(f"OpenCV failed: {str(exc).strip().splitlines()[-1]}") from None
+    except MemoryError:
+        raise ImageError("out of memory while processing the image") from None
+    return [relative(root, path) for path in written]
+
+
+def shrink_on_load(operations: tuple[Operation, ...]) -> int:
+    """How much a JPEG may be reduced while decoding; 1 (not at all) for now."""
+    return 1
+
+
+def read_input(root: Path, path: Path, max_bytes: int) -> bytes:
+    """The bytes of the input file, after checking it is a regular file inside the root."""
+    recheck(root, path)
+    try:
+        # O_NOFOLLOW: a symlink swapped in since the check fails; O_NONBLOCK: a FIFO
+        # does not hang the open (and is refused below as not a regular file).
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        raise ImageError(f"cannot open input: {_reason(exc)}") from None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise ImageError("input is not a regular file")
+        if info.st_size > max_bytes:
+            raise ImageError(f"input is {info.st_size} bytes, the limit is {max_bytes} bytes "
+                             f"(--max-file-bytes)")
+        with open(fd, "rb", closefd=False) as file:
+            return file.read(max_bytes + 1)
+    finally:
+        os.close(fd)
+
+
+def write_outputs(root: Path, outputs: list[tuple[Path, bytes]]) -> list[Path]:
+    """Write every (path, bytes) atomically, all or none; return the paths written."""
+    temps: list[tuple[Path, Path]] = []
+    placed: list[Path] = []
+    try:
+        for path, data in outputs:
+            temps.append((_write_temp(root, path, data), path))
+        for temp, path in temps:
+            os.replace(temp, path)
+            placed.append(path)
+    except OSError as exc:
+        for path in placed:
+            _unlink(path)
+        raise ImageError(f"cannot write output: {_reason(exc)}") from None
+    finally:
+        for temp, _ in temps:
+            _unlink(temp)
+    return placed
+
+
+def _write_temp(root: Path, path: Path, data: bytes) -> Path:
+    folder = path.parent
+    folder.mkdir(parents=True, exist_ok=True)
+    recheck(root, folder)
+    if path.is_dir():
+        raise IsADirectoryError(errno.EISDIR, "output is a directory", str(path))
+    temp = folder / f".{path.name}.{secrets.token_hex(4)}{TEMP_SUFFIX}"
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    try:
+        with open(fd, "wb", closefd=False) as file:
+            file.write(data)
+            file.flush()
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        _unlink(temp)
+        raise
+    os.close(fd)
+    return temp
+
+
+def remove_partial(outputs: tuple[str, ...]) -> None:
+    """Remove temporary files a killed worker may have left for these outputs."""
+    for output in outputs:
+        path = Path(output)
+        try:
+            leftovers = list(path.parent.glob(f".{_glob_escape(path.name)}.*{TEMP_SUFFIX}"))
+        except OSError:
+            continue
+        for leftover in leftovers:
+            _unlink(leftover)
+
+
+def _glob_escape(name: str) -> str:
+    return "".join(f"[{char}]" if char in "*?[" else char for char in name)
+
+
+def _unlink(path: Path) -> None:
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        pass
+
+
+def _reason(exc: OSError) -> str:
+    reasons = {
+        errno.ENOENT: "no such file",
+        errno.ENOSPC: "no space left on device",
+        errno.EDQUOT: "disk quota exceeded",
+        errno.EROFS: "read-only file system",
+        errno.EACCES: "permission denied",
+        errno.EPERM: "operation not permitted",
+        errno.EISDIR: "is a directory",
+        errno.ENOTDIR: "a parent is not a directory",
+        errno.ELOOP: "is a symlink (it changed after validation)",
+        errno.ENAMETOOLONG: "name too long",
+    }
+    return reasons.get(exc.errno, exc.strerror or str(exc))

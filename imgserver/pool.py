@@ -1,0 +1,100 @@
+"""The local process pool: a ``concurrent.futures.Executor`` that survives its workers.
+
+A ``ProcessPoolExecutor`` is broken for good when one of its workers dies (a segfault in a
+codec, the OOM killer): every later ``submit`` raises ``BrokenProcessPool``. ``LocalPool``
+replaces the broken pool with a new one on the next ``submit``, and ``reset`` kills the
+running workers on purpose (an image over its time limit), which ends their tasks with
+``BrokenExecutor``. The engine sees only the ``Executor`` interface plus ``reset``, so any
+other executor (a Dask cluster's) can stand in.
+
+Workers start by forkserver, never by fork: a process forked from a parent that has run a
+cv2 call can hang in its first cv2 call. The forkserver preloads the image code, so a new
+worker starts in a fraction of a second.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import signal
+import threading
+from collections.abc import Callable
+from concurrent.futures import BrokenExecutor, Executor, Future, ProcessPoolExecutor
+from typing import Any
+
+logger = logging.getLogger("imgserver.pool")
+
+_PRELOAD = ["imgserver.pipeline"]
+
+
+def init_worker(max_pixels: int) -> None:
+    """Prepare a worker process: one OpenCV thread, the decoder's own pixel limit, no SIGINT."""
+    # Ctrl-C reaches the whole process group; the server decides when its workers stop.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # A backstop for formats whose header imgserver does not read; OpenCV reads it lazily,
+    # at the first decode, so setting it here (before any decode) takes effect.
+    os.environ["OPENCV_IO_MAX_IMAGE_PIXELS"] = str(max_pixels)
+    import cv2
+
+    cv2.setNumThreads(1)  # one image per process; threads would only fight for the cores
+
+
+class LocalPool(Executor):
+    """A process pool that rebuilds itself after a worker dies."""
+
+    def __init__(self, workers: int, *, max_pixels: int, max_tasks_per_child: int | None = None
+                 ) -> None:
+        self.workers = workers
+        self._max_pixels = max_pixels
+        self._max_tasks_per_child = max_tasks_per_child
+        self._lock = threading.Lock()
+        self._closed = False
+        self._context = multiprocessing.get_context("forkserver")
+        self._context.set_forkserver_preload(_PRELOAD)
+        self._pool = self._new_pool()
+
+    def _new_pool(self) -> ProcessPoolExecutor:
+        return ProcessPoolExecutor(
+            self.workers, mp_context=self._context, initializer=init_worker,
+            initargs=(self._max_pixels,), max_tasks_per_child=self._max_tasks_per_child)
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future:
+        """Run ``fn(*args, **kwargs)`` in a worker; a broken pool is replaced first."""
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("cannot submit after shutdown")
+            try:
+                return self._pool.submit(fn, *args, **kwargs)
+            except BrokenExecutor:
+                logger.warning("a worker process died; starting a new pool")
+                self._pool.shutdown(wait=False)
+                self._pool = self._new_pool()
+                return self._pool.submit(fn, *args, **kwargs)
+
+    def reset(self) -> None:
+        """Kill every worker now: their running tasks end with BrokenExecutor."""
+        with self._lock:
+            pool, self._pool = self._pool, self._new_pool()
+        _kill_workers(pool)
+        pool.shutdown(wait=False, cancel_futures=True)
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        """Stop the pool; with ``wait``, after the running tasks finish."""
+        with self._lock:
+            self._closed = True
+            pool = self._pool
+        pool.shutdown(wait=wait, cancel_futures=cancel_futures)
+
+
+def _kill_workers(pool: ProcessPoolExecutor) -> None:
+    kill = getattr(pool, "kill_workers", None)  # Python 3.14 has it
+    if kill is not None:
+        kill()
+        return
+    # Before 3.14 the worker processes are only reachable through this attribute.
+    for process in list((getattr(pool, "_processes", None) or {}).values()):
+        try:
+            process.kill()
+        except (OSError, ValueError):
+            pass

@@ -1,0 +1,198 @@
+"""The request: one JSON document, parsed and validated in one place for every road.
+
+    {"images": [{"input": "photos/cat.jpg", "output": "thumbs/cat.jpg"}, ...],
+     "operations": ["resize=50", "split=True", "blur=5"]}
+
+``parse_request`` reads the raw bytes (exactly what the HTTP body, the drop-folder file or
+the command-line file holds) and returns a ``Request`` whose paths are real paths inside the
+root, or raises ``RequestError`` naming every field at fault. It reads no file and writes
+nothing: a rejected request leaves no trace.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from imgserver.codec import FORMATS
+from imgserver.errors import Problem, RequestError
+from imgserver.operations import Operation, output_suffixes, parse_operation
+from imgserver.paths import OutsideRoot, confine
+
+_TOP_KEYS = ("images", "operations")
+_IMAGE_KEYS = ("input", "output")
+
+
+@dataclass(frozen=True)
+class ImageSpec:
+    """One image of a request: the paths as written, and as resolved inside the root."""
+
+    input: str
+    output: str
+    input_path: Path
+    output_path: Path
+    outputs: tuple[Path, ...]  # every file the image produces (tiles after a split)
+
+
+@dataclass(frozen=True)
+class Request:
+    """A valid request."""
+
+    images: tuple[ImageSpec, ...]
+    operations: tuple[str, ...]  # as written, for the status document
+    parsed: tuple[Operation, ...]
+
+
+@dataclass(frozen=True)
+class RequestLimits:
+    """Limits that apply to a whole request."""
+
+    max_body_bytes: int
+    max_images: int
+
+
+def parse_request(body: bytes, root: Path, limits: RequestLimits) -> Request:
+    """Parse and validate ``body``; raise RequestError listing every problem."""
+    if len(body) > limits.max_body_bytes:
+        raise RequestError.single(
+            "request", f"is {len(body)} bytes, the limit is {limits.max_body_bytes} bytes "
+                       f"(--max-body-bytes)")
+    document = _load_json(body)
+    problems: list[Problem] = []
+    if not isinstance(document, dict):
+        raise RequestError.single("request", f"expected a JSON object, got {_kind(document)}")
+    for key in document:
+        if key not in _TOP_KEYS:
+            problems.append(Problem(key, "unknown field (expected images and operations)"))
+    for key in _TOP_KEYS:
+        if key not in document:
+            problems.append(Problem(key, "field required"))
+    texts, parsed = _operations(document.get("operations"), problems)
+    images = _images(document.get("images"), root, limits, parsed, problems)
+    if problems:
+        raise RequestError(problems)
+    return Request(images=tuple(images), operations=tuple(texts), parsed=parsed)
+
+
+def _load_json(body: bytes) -> Any:
+    def no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        result = dict(pairs)
+        if len(result) < len(pairs):
+            seen: set[str] = set()
+            twice = next(key for key, _ in pairs if key in seen or seen.add(key))
+            raise RequestError.single(twice, "appears twice in the same object")
+        return result
+
+    def no_constants(name: str) -> None:
+        raise RequestError.single("request", f"{name} is not valid JSON")
+
+    try:
+        return json.loads(body, object_pairs_hook=no_duplicates, parse_constant=no_constants)
+    except json.JSONDecodeError as exc:
+        raise RequestError.single(
+            "request", f"not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"
+        ) from None
+    except (UnicodeDecodeError, RecursionError) as exc:
+        reason = "is not UTF-8 text" if isinstance(exc, UnicodeDecodeError) else "is nested too deeply"
+        raise RequestError.single("request", reason) from None
+
+
+def _operations(value: Any, problems: list[Problem]) -> tuple[list[str], tuple[Operation, ...]]:
+    if value is None:
+        return [], ()
+    if not isinstance(value, list):
+        problems.append(Problem("operations", f"expected a list of strings, got {_kind(value)}"))
+        return [], ()
+    parsed: list[Operation] = []
+    for index, text in enumerate(value):
+        field = f"operations[{index}]"
+        if not isinstance(text, str):
+            problems.append(Problem(field, f"expected a string, got {_kind(text)}"))
+            continue
+        try:
+            op = parse_operation(text)
+        except ValueError as exc:
+            problems.append(Problem(field, f"{text}: {exc}"))
+            continue
+        if op is not None:
+            parsed.append(op)
+    return list(value), tuple(parsed)
+
+
+def _images(value: Any, root: Path, limits: RequestLimits, operations: tuple[Operation, ...],
+            problems: list[Problem]) -> list[ImageSpec]:
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        problems.append(Problem("images", f"expected a list of objects, got {_kind(value)}"))
+        return []
+    if not value:
+        problems.append(Problem("images", "must list at least one image"))
+        return []
+    if len(value) > limits.max_images:
+        problems.append(Problem(
+            "images", f"lists {len(value)} images, the limit is {limits.max_images} (--max-images)"))
+        return []
+    suffixes = output_suffixes(operations)
+    specs: list[ImageSpec] = []
+    writers: dict[Path, str] = {}
+    for index, entry in enumerate(value):
+        field = f"images[{index}]"
+        spec = _image(entry, field, root, suffixes, problems)
+        if spec is None:
+            continue
+        for path in spec.outputs:
+            if path in writers:
+                problems.append(Problem(
+                    f"{field}.output",
+                    f"{spec.output!r} writes {path.relative_to(root).as_posix()!r}, "
+                    f"which {writers[path]} also writes"))
+                break
+        else:
+            writers.update((path, f"{field}.output") for path in spec.outputs)
+            specs.append(spec)
+    return specs
+
+
+def _image(entry: Any, field: str, root: Path, suffixes: list[str],
+           problems: list[Problem]) -> ImageSpec | None:
+    if not isinstance(entry, dict):
+        problems.append(Problem(field, f"expected an object with input and output, got {_kind(entry)}"))
+        return None
+    before = len(problems)
+    for key in entry:
+        if key not in _IMAGE_KEYS:
+            problems.append(Problem(f"{field}.{key}", "unknown field (expected input and output)"))
+    paths: dict[str, Path] = {}
+    for key in _IMAGE_KEYS:
+        raw = entry.get(key)
+        if raw is None:
+            problems.append(Problem(f"{field}.{key}", "field required"))
+        elif not isinstance(raw, str):
+            problems.append(Problem(f"{field}.{key}", f"expected a string, got {_kind(raw)}"))
+        else:
+            try:
+                paths[key] = confine(root, raw)
+            except OutsideRoot as exc:
+                problems.append(Problem(f"{field}.{key}", str(exc)))
+    if "output" in paths:
+        extension = paths["output"].suffix.lower()
+        if extension not in FORMATS:
+            problems.append(Problem(
+                f"{field}.output",
+                f"{entry['output']!r}: unsupported extension {extension or '(none)'!r} "
+                f"(expected one of {', '.join(sorted(FORMATS))})"))
+    if len(problems) > before:
+        return None
+    output = paths["output"]
+    outputs = tuple(output.with_name(output.stem + suffix + output.suffix) for suffix in suffixes)
+    return ImageSpec(entry["input"], entry["output"], paths["input"], output, outputs)
+
+
+def _kind(value: Any) -> str:
+    if value is None:
+        return "null"
+    return {bool: "a boolean", int: "a number", float: "a number", str: "a string",
+            list: "a list", dict: "an object"}.get(type(value), type(value).__name__)

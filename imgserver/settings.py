@@ -1,0 +1,142 @@
+"""The server's settings: one frozen object, built once from flags and environment.
+
+Every option has a command-line flag and an ``IMGSERVER_*`` environment variable; a flag
+wins over the variable, and the variable over the default. ``OPTIONS`` is the single table
+of them, from which the command line builds its parser and its help.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from imgserver.errors import ConfigError
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise ValueError(f"must be at least 1, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise ValueError(f"must be greater than 0, got {text}")
+    return value
+
+
+def _port(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise ValueError(f"must be between 0 and 65535, got {value}")
+    return value
+
+
+def _executor(text: str) -> str:
+    if text not in ("local", "dask"):
+        raise ValueError(f"must be 'local' or 'dask', got {text!r}")
+    return text
+
+
+@dataclass(frozen=True)
+class Option:
+    """One setting: its field name, how to parse it, its default and its help."""
+
+    name: str
+    parse: Callable[[str], Any]
+    default: Any
+    help: str
+    commands: tuple[str, ...] = ("serve", "run")
+
+    @property
+    def env(self) -> str:
+        """The environment variable that sets this option."""
+        return "IMGSERVER_" + self.name.upper()
+
+    @property
+    def flag(self) -> str:
+        """The command-line flag that sets this option."""
+        return "--" + self.name.replace("_", "-")
+
+
+OPTIONS: tuple[Option, ...] = (
+    Option("root", str, ".", "directory every input and output path is resolved against"),
+    Option("inbox", str, None, "drop folder watched for request files (default: ROOT/inbox)",
+           ("serve",)),
+    Option("outbox", str, None, "folder for status and request files (default: ROOT/outbox)"),
+    Option("host", str, "127.0.0.1", "address to bind", ("serve",)),
+    Option("port", _port, 8000, "port to bind", ("serve",)),
+    Option("workers", _positive_int, os.cpu_count() or 1, "image worker processes"),
+    Option("max_pixels", _positive_int, 200_000_000,
+           "largest input in pixels, read from its header before decoding"),
+    Option("max_file_bytes", _positive_int, 512 * 1024 * 1024, "largest input file in bytes"),
+    Option("max_body_bytes", _positive_int, 1024 * 1024,
+           "largest request body or request file in bytes"),
+    Option("max_images", _positive_int, 1000, "most images in one request"),
+    Option("max_queue", _positive_int, 10_000,
+           "most images accepted and not yet finished, all jobs together", ("serve",)),
+    Option("image_timeout", _positive_float, 300.0,
+           "seconds one image may take before it fails and its worker is stopped"),
+    Option("max_tasks_per_child", _positive_int, 1000,
+           "images a worker process handles before it is replaced"),
+    Option("executor", _executor, "local", "where images run: 'local' process pool or 'dask'",
+           ("serve",)),
+    Option("scheduler", str, None, "Dask scheduler address, e.g. tcp://host:8786", ("serve",)),
+)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the server needs to know, resolved and checked."""
+
+    root: Path
+    inbox: Path
+    outbox: Path
+    host: str = "127.0.0.1"
+    port: int = 8000
+    workers: int = os.cpu_count() or 1
+    max_pixels: int = 200_000_000
+    max_file_bytes: int = 512 * 1024 * 1024
+    max_body_bytes: int = 1024 * 1024
+    max_images: int = 1000
+    max_queue: int = 10_000
+    image_timeout: float = 300.0
+    max_tasks_per_child: int = 1000
+    executor: str = "local"
+    scheduler: str | None = None
+    token: str | None = dataclasses.field(default=None, repr=False)
+
+    @classmethod
+    def build(cls, values: Mapping[str, Any] | None = None,
+              environ: Mapping[str, str] | None = None) -> Settings:
+        """Settings from explicit ``values`` (flags), then ``environ``, then the defaults."""
+        values = dict(values or {})
+        environ = os.environ if environ is None else environ
+        resolved: dict[str, Any] = {}
+        for option in OPTIONS:
+            value = values.get(option.name)
+            if value is None and environ.get(option.env):
+                try:
+                    value = option.parse(environ[option.env])
+                except ValueError as exc:
+                    raise ConfigError(f"{option.env}={environ[option.env]!r}: {exc}") from None
+            resolved[option.name] = option.default if value is None else value
+        root = Path(resolved.pop("root")).expanduser()
+        if not root.is_dir():
+            raise ConfigError(f"root {str(root)!r} is not a directory")
+        root = Path(os.path.realpath(root))
+        inbox = resolved.pop("inbox")
+        outbox = resolved.pop("outbox")
+        return cls(
+            root=root,
+            inbox=Path(os.path.realpath(root / (inbox or "inbox"))),
+            outbox=Path(os.path.realpath(root / (outbox or "outbox"))),
+            token=values.get("token") or environ.get("IMGSERVER_TOKEN") or None,
+            **resolved,
+        )

@@ -1,0 +1,178 @@
+"""Strict decoding (broken files fail, pixels kept, EXIF applied) and explicit encoding."""
+
+from __future__ import annotations
+
+import struct
+import zlib
+
+import cv2
+import numpy as np
+import pytest
+
+from conftest import mean_abs_diff, photo
+from imgserver.codec import FORMATS, Limits, decode, encode
+from imgserver.errors import ImageError
+from test_probe import exif_block
+
+LIMITS = Limits(max_pixels=200_000_000, max_file_bytes=1 << 30)
+
+
+def encoded(image: np.ndarray, extension: str, params: list[int] | None = None) -> bytes:
+    ok, data = cv2.imencode(extension, image, params or [])
+    assert ok
+    return data.tobytes()
+
+
+def with_exif(jpeg: bytes, block: bytes) -> bytes:
+    """The JPEG with an APP1 segment holding ``block`` right after its SOI marker."""
+    return jpeg[:2] + b"\xff\xe1" + struct.pack(">H", len(block) + 2) + block + jpeg[2:]
+
+
+@pytest.mark.parametrize("channels, dtype, extension", [
+    (1, np.uint8, ".png"), (3, np.uint8, ".png"), (4, np.uint8, ".png"),
+    (1, np.uint16, ".png"), (3, np.uint16, ".png"), (4, np.uint16, ".png"),
+    (3, np.uint16, ".tif"), (4, np.uint8, ".tif"), (1, np.uint8, ".bmp"), (4, np.uint8, ".webp"),
+])
+def test_codec_decode_keeps_channels_and_depth(channels: int, dtype: type, extension: str) -> None:
+    image = photo(20, 30, channels, dtype)
+    params = [cv2.IMWRITE_WEBP_QUALITY, 101] if extension == ".webp" else None
+    result = decode(encoded(image, extension, params), LIMITS)
+    assert result.dtype == image.dtype and result.shape == image.shape
+    assert np.array_equal(result, image)
+
+
+def test_codec_decode_one_bit_png_becomes_8bit_gray() -> None:
+    image = (photo(16, 24, 1) > 128).astype(np.uint8) * 255
+    result = decode(encoded(image, ".png", [cv2.IMWRITE_PNG_BILEVEL, 1]), LIMITS)
+    assert result.dtype == np.uint8 and result.ndim == 2
+    assert np.array_equal(result, image)
+
+
+def test_codec_decode_palette_png_becomes_bgr() -> None:
+    palette = bytes([255, 0, 0, 0, 255, 0])  # red, green
+    raw = b"".join(b"\x00" + bytes([x % 2 for x in range(4)]) for _ in range(3))
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+    png = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 4, 3, 8, 3, 0, 0, 0))
+           + chunk(b"PLTE", palette) + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+    result = decode(png, LIMITS)
+    assert result.shape == (3, 4, 3)
+    assert result[0, 0].tolist() == [0, 0, 255] and result[0, 1].tolist() == [0, 255, 0]
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_codec_decode_applies_exif_orientation_like_opencv(orientation: int) -> None:
+    image = photo(24, 40)
+    jpeg = with_exif(encoded(image, ".jpg"), exif_block(orientation))
+    upright = cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_COLOR)  # applies EXIF
+    result = decode(jpeg, LIMITS)
+    assert result.shape == upright.shape
+    assert np.array_equal(result, upright)
+
+
+def test_codec_decode_rotated_photo_comes_out_upright() -> None:
+    image = np.zeros((20, 40, 3), np.uint8)
+    image[:, :20] = (0, 0, 255)  # stored sideways: red on the left
+    jpeg = with_exif(encoded(image, ".jpg"), exif_block(6))  # 6: rotate 90 clockwise to view
+    result = decode(jpeg, LIMITS)
+    assert result.shape == (40, 20, 3)
+    assert result[5, 10, 2] > 200 and result[35, 10, 2] < 50  # red is now on top
+
+
+@pytest.mark.parametrize("block", [
+    b"Exif\x00\x00II*\x00\xff\xff\xff\x7f", b"Exif\x00\x00MM\x00*\x00\x00\x00\x08\xff\xff",
+    b"Exif\x00\x00" + b"\xff" * 40,
+])
+def test_codec_decode_ignores_broken_exif(block: bytes) -> None:
+    jpeg = encoded(photo(24, 40), ".jpg")
+    result = decode(with_exif(jpeg, block), LIMITS)
+    assert np.array_equal(result, cv2.imdecode(np.frombuffer(jpeg, np.uint8), -1))
+
+
+def damaged_jpeg() -> bytes:
+    data = encoded(photo(200, 300), ".jpg")
+    start = data.find(b"\xff\xda")
+    return data[:(start + len(data)) // 2] + b"\xff\xd9"  # data cut short, proper EOI
+
+
+@pytest.mark.parametrize("data, message", [
+    (b"", "empty"),
+    (b"this is not an image at all", "not an image OpenCV can decode"),
+    (encoded(photo(200, 300), ".jpg")[:3000], "damaged or truncated JPEG"),
+    (damaged_jpeg(), "damaged or truncated"),
+    (encoded(photo(200, 300), ".png")[:4000], "damaged or truncated PNG"),
+    (encoded(photo(200, 300), ".webp")[:2000], "damaged or truncated WEBP"),
+    (encoded(photo(20, 30), ".png")[:30], "damaged or truncated PNG"),
+])
+def test_codec_decode_broken_input_fails(data: bytes, message: str) -> None:
+    with pytest.raises(ImageError, match=message):
+        decode(data, LIMITS)
+
+
+def test_codec_damaged_jpeg_is_one_opencv_accepts() -> None:
+    # The point of the strict check: OpenCV alone returns a picture for this file.
+    assert cv2.imdecode(np.frombuffer(damaged_jpeg(), np.uint8), cv2.IMREAD_UNCHANGED) is not None
+
+
+def test_codec_pixel_limit_checked_from_header() -> None:
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+    header_only = (b"\x89PNG\r\n\x1a\n"
+                   + chunk(b"IHDR", struct.pack(">IIBBBBB", 20000, 20000, 8, 2, 0, 0, 0)))
+    with pytest.raises(ImageError, match=r"20000x20000 = 400 megapixels, the limit is 200"):
+        decode(header_only, LIMITS)
+    small = Limits(max_pixels=1000, max_file_bytes=1 << 20)
+    with pytest.raises(ImageError, match=r"the limit is 0.001 \(--max-pixels 1000\)"):
+        decode(encoded(photo(40, 40), ".jpg"), small)
+    assert decode(encoded(photo(25, 40), ".jpg"), small).shape == (25, 40, 3)
+
+
+def reference(image: np.ndarray, extension: str) -> np.ndarray:
+    """What OpenCV's own encoder makes of ``image``, decoded again."""
+    data = encoded(image, extension, FORMATS[extension])
+    return cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+
+
+def test_codec_encode_16bit_to_8bit_formats_is_scaled_not_saturated() -> None:
+    image = photo(16, 16, 3, np.uint16)
+    expected = ((image.astype(np.uint32) + 128) // 257).astype(np.uint8)  # round(v / 257)
+    for extension in (".bmp", ".jpg", ".webp"):
+        result = cv2.imdecode(np.frombuffer(encode(image, extension), np.uint8), -1)
+        assert result.dtype == np.uint8
+        assert np.array_equal(result, reference(expected, extension))
+        assert result.mean() < 200  # saturation would make it nearly white
+    assert np.array_equal(cv2.imdecode(np.frombuffer(encode(image, ".png"), np.uint8), -1), image)
+
+
+def test_codec_encode_alpha_to_jpeg_composites_on_white() -> None:
+    image = np.zeros((16, 16, 4), np.uint8)
+    image[..., 2] = 255          # red
+    image[:8, :, 3] = 0          # top half transparent
+    image[8:, :, 3] = 255        # bottom half opaque
+    result = cv2.imdecode(np.frombuffer(encode(image, ".jpg"), np.uint8), -1)
+    assert result.shape == (16, 16, 3)
+    assert result[:6].min() > 245                           # white
+    assert result[10:, :, 2].min() > 240 and result[10:, :, :2].max() < 15  # red
+    assert encode(image, ".png") and cv2.imdecode(
+        np.frombuffer(encode(image, ".png"), np.uint8), -1).shape == (16, 16, 4)
+
+
+def test_codec_encode_half_transparent_16bit_to_jpeg() -> None:
+    image = np.zeros((8, 8, 4), np.uint16)
+    image[..., 3] = 32768  # half transparent black
+    result = cv2.imdecode(np.frombuffer(encode(image, ".jpg"), np.uint8), -1)
+    assert abs(int(result.mean()) - 127) <= 2
+
+
+@pytest.mark.parametrize("extension", sorted(FORMATS))
+@pytest.mark.parametrize("channels", [1, 3, 4])
+def test_codec_encode_every_format_round_trips(extension: str, channels: int) -> None:
+    image = photo(30, 40, channels)
+    result = decode(encode(image, extension), LIMITS)
+    if channels == 4 and extension in (".jpg", ".jpeg"):
+        assert result.shape == (30, 40, 3)
+        return
+    if extension in (".jpg", ".jpeg", ".webp"):  # lossy: what OpenCV's encoder gives
+        assert np.array_equal(result, reference(image, extension))
+        return
+    assert np.array_equal(result, image)

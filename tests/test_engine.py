@@ -1,0 +1,200 @@
+"""The job engine: states, status files, one bad image failing alone, capacity, recovery."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import cv2
+import pytest
+
+from conftest import request_body
+from imgserver.engine import Engine, ImageFinished, JobFinished
+from imgserver.errors import CapacityError, JobNotFound, RequestError
+from imgserver.pipeline import TEMP_SUFFIX
+from imgserver.pool import LocalPool
+from imgserver.settings import Settings
+
+
+def status_file(root: Path, job_id: str) -> dict:
+    return json.loads((root / "outbox" / f"{job_id}.status.json").read_text())
+
+
+def test_engine_runs_job_to_done(engine: Engine, root: Path,
+                                 make_image: Callable[..., Path]) -> None:
+    make_image("a.jpg", 80, 60)
+    make_image("b.png", 50, 40, channels=4)
+    document = engine.submit(request_body([("a.jpg", "out/a.jpg"), ("b.png", "out/b.png")],
+                                          ["resize=50"]), source="http")
+    assert document["state"] == "queued" and document["progress"] == {"done": 0, "total": 2}
+    assert (root / "outbox" / f"{document['id']}.request.json").read_bytes() == request_body(
+        [("a.jpg", "out/a.jpg"), ("b.png", "out/b.png")], ["resize=50"])
+    final = engine.wait(document["id"]).result(timeout=60)
+    assert final["state"] == "done" and final["error"] is None
+    assert final["progress"] == {"done": 2, "total": 2}
+    assert final["started_at"] and final["finished_at"]
+    assert [i["outputs"] for i in final["images"]] == [["out/a.jpg"], ["out/b.png"]]
+    assert cv2.imread(str(root / "out/a.jpg")).shape == (30, 40, 3)
+    assert status_file(root, document["id"]) == final
+    assert engine.status(document["id"]) == final
+
+
+def test_engine_bad_image_fails_alone(engine: Engine, root: Path,
+                                      make_image: Callable[..., Path]) -> None:
+    make_image("good.png")
+    (root / "empty.jpg").write_bytes(b"")
+    data = (make_image("whole.jpg", 300, 200)).read_bytes()
+    (root / "cut.jpg").write_bytes(data[:len(data) // 2])
+    body = request_body([("good.png", "o/good.png"), ("empty.jpg", "o/empty.png"),
+                         ("missing.jpg", "o/missing.png"), ("cut.jpg", "o/cut.png")])
+    final = engine.wait(engine.submit(body, source="http")["id"]).result(timeout=60)
+    assert final["state"] == "failed" and final["error"] == "3 of 4 images failed"
+    states = [(i["state"], i["error"]) for i in final["images"]]
+    assert states[0] == ("done", None)
+    assert "empty" in states[1][1] and "no such file" in states[2][1]
+    assert "damaged or truncated" in states[3][1]
+    assert sorted(p.name for p in (root / "o").iterdir()) == ["good.png"]
+
+
+def test_engine_invalid_request_writes_nothing(engine: Engine, root: Path) -> None:
+    with pytest.raises(RequestError, match=r"images\[0\].input: '../x.jpg' is outside the root"):
+        engine.submit(request_body([("../x.jpg", "y.jpg")]), source="http")
+    assert list((root / "outbox").iterdir()) == []
+
+
+def test_engine_names_jobs_after_the_request(engine: Engine, make_image: Callable[..., Path]
+                                             ) -> None:
+    make_image("a.png")
+    body = request_body([("a.png", "x.png")])
+    first = engine.submit(body, source="cli", name="holiday")
+    second = engine.submit(body, source="cli", name="holiday")
+    assert (first["id"], second["id"]) == ("holiday", "holiday-2")
+    engine.wait("holiday").result(timeout=60)
+    engine.wait("holiday-2").result(timeout=60)
+
+
+def test_engine_unknown_job(engine: Engine) -> None:
+    with pytest.raises(JobNotFound):
+        engine.status("nope")
+    with pytest.raises(JobNotFound):
+        engine.status("../etc/passwd")
+
+
+def test_engine_events_report_each_image(engine: Engine, make_image: Callable[..., Path]) -> None:
+    make_image("a.png")
+    events: list[object] = []
+    engine.subscribe(events.append)
+    job_id = engine.submit(request_body([("a.png", "1.png"), ("a.png", "2.png")]),
+                           source="http")["id"]
+    engine.wait(job_id).result(timeout=60)
+    images = [e for e in events if isinstance(e, ImageFinished)]
+    assert sorted(e.done for e in images) == [1, 2] and all(e.total == 2 for e in images)
+    assert isinstance(events[-1], JobFinished) and events[-1].document["state"] == "done"
+
+
+@pytest.fixture
+def blocked() -> Iterator[tuple[ThreadPoolExecutor, threading.Event]]:
+    """A one-thread executor whose thread is held until the event is set."""
+    executor = ThreadPoolExecutor(1)
+    release = threading.Event()
+    executor.submit(release.wait)
+    yield executor, release
+    release.set()
+    executor.shutdown()
+
+
+def test_engine_queue_limit(root: Path, make_image: Callable[..., Path],
+                            blocked: tuple[ThreadPoolExecutor, threading.Event]) -> None:
+    executor, release = blocked
+    make_image("a.png")
+    settings = Settings.build({"root": str(root), "max_queue": 3}, environ={})
+    engine = Engine(settings, executor, concurrency=1)
+    engine.start()
+    try:
+        with pytest.raises(RequestError, match="more than the queue holds"):
+            engine.submit(request_body([("a.png", f"{i}.png") for i in range(4)]), source="http")
+        first = engine.submit(request_body([("a.png", "1.png"), ("a.png", "2.png")]),
+                              source="http")
+        with pytest.raises(CapacityError, match="2 images are waiting or running, this request "
+                                                "adds 2, the limit is 3"):
+            engine.submit(request_body([("a.png", "3.png"), ("a.png", "4.png")]), source="http")
+        assert len(list((root / "outbox").glob("*.request.json"))) == 1
+        engine.submit(request_body([("a.png", "3.png")]), source="http")
+        release.set()
+        assert engine.wait(first["id"]).result(timeout=30)["state"] == "done"
+    finally:
+        engine.close()
+
+
+def test_engine_close_keeps_queued_images_for_next_start(
+        root: Path, make_image: Callable[..., Path], pool: LocalPool,
+        blocked: tuple[ThreadPoolExecutor, threading.Event]) -> None:
+    executor, release = blocked
+    make_image("a.png")
+    settings = Settings.build({"root": str(root)}, environ={})
+    engine = Engine(settings, executor, concurrency=1)
+    engine.start()
+    job_id = engine.submit(request_body([("a.png", "1.png"), ("a.png", "2.png")]),
+                           source="http")["id"]
+    waiter = engine.wait(job_id)
+    engine.stop_accepting()
+    with pytest.raises(CapacityError, match="resumes at the next start"):
+        waiter.result(timeout=5)
+    release.set()
+    engine.close()
+    saved = status_file(root, job_id)
+    assert saved["state"] in ("queued", "running") and saved["progress"]["done"] < 2
+    restarted = Engine(settings, pool)
+    restarted.start()
+    try:
+        final = restarted.wait(job_id).result(timeout=60)
+    finally:
+        restarted.close()
+    assert final["state"] == "done" and final["source"] == "http"
+    assert (root / "1.png").exists() and (root / "2.png").exists()
+
+
+def test_engine_recovers_unfinished_job_without_redoing_done_images(
+        root: Path, settings: Settings, pool: LocalPool, make_image: Callable[..., Path]) -> None:
+    make_image("a.png")
+    body = request_body([("a.png", "done.png"), ("a.png", "todo.png")])
+    (root / "outbox" / "old.request.json").write_bytes(body)
+    (root / "outbox" / "old.status.json").write_text(json.dumps({
+        "id": "old", "state": "running", "source": "inbox", "created_at": "2026-01-01T00:00:00Z",
+        "started_at": "2026-01-01T00:00:01Z", "finished_at": None, "operations": [],
+        "progress": {"done": 1, "total": 2}, "error": None,
+        "images": [{"input": "a.png", "output": "done.png", "state": "done",
+                    "outputs": ["done.png"], "error": None},
+                   {"input": "a.png", "output": "todo.png", "state": "running",
+                    "outputs": [], "error": None}]}))
+    (root / f".todo.png.deadbeef{TEMP_SUFFIX}").write_bytes(b"half an image")
+    (root / "outbox" / ".tmp-0123").write_bytes(b"half a status")
+    engine = Engine(settings, pool)
+    engine.start()
+    try:
+        final = engine.wait("old").result(timeout=60)
+    finally:
+        engine.close()
+    assert final["state"] == "done" and final["source"] == "inbox"
+    assert final["created_at"] == "2026-01-01T00:00:00Z"
+    assert not (root / "done.png").exists()  # it was done before: not redone
+    assert (root / "todo.png").exists()
+    assert not list(root.rglob(f"*{TEMP_SUFFIX}")) and not (root / "outbox" / ".tmp-0123").exists()
+
+
+def test_engine_recovers_request_without_status(root: Path, settings: Settings, pool: LocalPool,
+                                                make_image: Callable[..., Path]) -> None:
+    make_image("a.png")
+    (root / "outbox" / "early.request.json").write_bytes(request_body([("a.png", "x.png")]))
+    (root / "outbox" / "bad.request.json").write_bytes(b"{broken")
+    engine = Engine(settings, pool)
+    engine.start()
+    try:
+        assert engine.wait("early").result(timeout=60)["state"] == "done"
+    finally:
+        engine.close()
+    bad = status_file(root, "bad")
+    assert bad["state"] == "failed" and "not valid JSON" in bad["error"]

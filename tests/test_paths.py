@@ -1,0 +1,99 @@
+"""Paths stay inside the root: every way out is refused, on the real path."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from imgserver.paths import OutsideRoot, confine, recheck
+
+
+@pytest.fixture
+def jail(tmp_path: Path) -> Path:
+    """A root inside tmp_path, with a secret file and folder beside it."""
+    root = tmp_path / "root"
+    (root / "photos").mkdir(parents=True)
+    (root / "photos" / "cat.jpg").write_bytes(b"x")
+    (tmp_path / "secret").mkdir()
+    (tmp_path / "secret" / "passwd").write_text("secret")
+    return Path(os.path.realpath(root))
+
+
+@pytest.mark.parametrize("raw, expected", [
+    ("photos/cat.jpg", "photos/cat.jpg"),
+    ("./photos/../photos/cat.jpg", "photos/cat.jpg"),
+    ("new/folder/out.png", "new/folder/out.png"),
+    ("%2e%2e/x.png", "%2e%2e/x.png"),          # a literal name, not URL-decoded
+    ("..foo/x.png", "..foo/x.png"),
+    ("photos/..", "."),
+])
+def test_paths_inside_root_resolve(jail: Path, raw: str, expected: str) -> None:
+    assert confine(jail, raw) == (jail / expected).resolve()
+
+
+def test_paths_absolute_inside_root_is_allowed(jail: Path) -> None:
+    assert confine(jail, str(jail / "photos" / "cat.jpg")) == jail / "photos" / "cat.jpg"
+
+
+@pytest.mark.parametrize("raw", [
+    "../secret/passwd",
+    "photos/../../secret/passwd",
+    "/etc/passwd",
+    "/",
+    "..",
+    "nonexistent/../../x.png",
+    "photos/../../root2/x.png",
+])
+def test_paths_escapes_are_refused(jail: Path, raw: str) -> None:
+    with pytest.raises(OutsideRoot, match="outside the root"):
+        confine(jail, raw)
+
+
+def test_paths_sibling_with_common_prefix_is_outside(jail: Path) -> None:
+    sibling = jail.parent / (jail.name + "-other")
+    sibling.mkdir()
+    with pytest.raises(OutsideRoot):
+        confine(jail, str(sibling / "x.png"))
+
+
+def test_paths_symlinked_file_pointing_out_is_refused(jail: Path) -> None:
+    (jail / "link.jpg").symlink_to(jail.parent / "secret" / "passwd")
+    with pytest.raises(OutsideRoot, match="outside the root"):
+        confine(jail, "link.jpg")
+
+
+def test_paths_symlinked_folder_pointing_out_is_refused(jail: Path) -> None:
+    (jail / "out").symlink_to(jail.parent / "secret")
+    with pytest.raises(OutsideRoot, match="outside the root"):
+        confine(jail, "out/new.png")
+    with pytest.raises(OutsideRoot):
+        confine(jail, "out/passwd")
+
+
+def test_paths_symlink_inside_root_is_followed(jail: Path) -> None:
+    (jail / "alias").symlink_to(jail / "photos")
+    assert confine(jail, "alias/cat.jpg") == jail / "photos" / "cat.jpg"
+
+
+def test_paths_dangling_symlink_pointing_out_is_refused(jail: Path) -> None:
+    (jail / "dangling.png").symlink_to(jail.parent / "secret" / "new.png")
+    with pytest.raises(OutsideRoot):
+        confine(jail, "dangling.png")
+
+
+@pytest.mark.parametrize("raw", ["", "a\x00b.png", "a\nb.png", "bad\r.png", "x\x7f.png"])
+def test_paths_empty_or_control_characters_are_refused(jail: Path, raw: str) -> None:
+    with pytest.raises(OutsideRoot):
+        confine(jail, raw)
+
+
+def test_paths_recheck_catches_symlink_swapped_in(jail: Path) -> None:
+    target = confine(jail, "photos/cat.jpg")
+    recheck(jail, target)
+    (jail / "photos").rename(jail / "photos-old")
+    (jail / "photos").symlink_to(jail.parent / "secret")
+    (jail.parent / "secret" / "cat.jpg").write_bytes(b"secret")
+    with pytest.raises(OutsideRoot, match="changed after validation"):
+        recheck(jail, target)

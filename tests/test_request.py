@@ -1,0 +1,148 @@
+"""Request validation: every invalid form is refused with the field and the reason."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from imgserver.errors import RequestError
+from imgserver.request import RequestLimits, parse_request
+
+LIMITS = RequestLimits(max_body_bytes=1 << 20, max_images=1000)
+
+
+def body(document: object) -> bytes:
+    return json.dumps(document).encode()
+
+
+def problems(root: Path, raw: bytes, limits: RequestLimits = LIMITS) -> dict[str, str]:
+    with pytest.raises(RequestError) as info:
+        parse_request(raw, root, limits)
+    assert str(info.value)
+    return {p.field: p.message for p in info.value.problems}
+
+
+def test_request_valid_resolves_paths_and_tiles(root: Path) -> None:
+    request = parse_request(body({
+        "images": [{"input": "photos/cat.jpg", "output": "thumbs/cat.png"}],
+        "operations": ["resize=50", "split=True"]}), root, LIMITS)
+    image = request.images[0]
+    assert image.input == "photos/cat.jpg" and image.input_path == root / "photos" / "cat.jpg"
+    assert [p.name for p in image.outputs] == ["cat_lt.png", "cat_rt.png", "cat_lb.png",
+                                               "cat_rb.png"]
+    assert request.operations == ("resize=50", "split=True")
+
+
+def test_request_empty_operations_is_valid(root: Path) -> None:
+    request = parse_request(body({"images": [{"input": "a.jpg", "output": "b.tiff"}],
+                                  "operations": []}), root, LIMITS)
+    assert request.parsed == () and request.images[0].outputs == (root / "b.tiff",)
+
+
+@pytest.mark.parametrize("document, field, message", [
+    ({"images": [{"input": "a.jpg", "output": "b.jpg"}]}, "operations", "field required"),
+    ({"operations": []}, "images", "field required"),
+    ({"images": [], "operations": []}, "images", "at least one image"),
+    ({"images": "a.jpg", "operations": []}, "images", "expected a list of objects, got a string"),
+    ({"images": [{"input": "a.jpg", "output": "b.jpg"}], "operations": "resize=50"},
+     "operations", "expected a list of strings, got a string"),
+    ({"images": [{"input": "a.jpg", "output": "b.jpg"}], "operations": [], "extra": 1},
+     "extra", "unknown field"),
+    ({"images": [{"input": "a.jpg", "output": "b.jpg", "mode": "x"}], "operations": []},
+     "images[0].mode", "unknown field"),
+    ({"images": [{"input": "a.jpg"}], "operations": []}, "images[0].output", "field required"),
+    ({"images": [{"input": 5, "output": "b.jpg"}], "operations": []},
+     "images[0].input", "expected a string, got a number"),
+    ({"images": ["a.jpg"], "operations": []}, "images[0]", "expected an object"),
+    ({"images": [{"input": "a.jpg", "output": "b.jpg"}], "operations": ["resize=50", 5]},
+     "operations[1]", "expected a string, got a number"),
+    ({"images": [{"input": "a.jpg", "output": "b.jpg"}], "operations": ["resize=50", "resize=150"]},
+     "operations[1]", "resize=150: scaling factor must be in (0.05, 100]"),
+    ({"images": [{"input": "a.jpg", "output": "b.gif"}], "operations": []},
+     "images[0].output", "unsupported extension '.gif' (expected one of .bmp, .jpeg, .jpg, .png"),
+    ({"images": [{"input": "a.jpg", "output": "noext"}], "operations": []},
+     "images[0].output", "unsupported extension '(none)'"),
+    ({"images": [{"input": "../a.jpg", "output": "b.jpg"}], "operations": []},
+     "images[0].input", "'../a.jpg' is outside the root"),
+    ({"images": [{"input": "a.jpg", "output": "/tmp/b.jpg"}], "operations": []},
+     "images[0].output", "'/tmp/b.jpg' is outside the root"),
+    ({"images": [{"input": "a.jpg", "output": "x.png"}, {"input": "b.jpg", "output": "./x.png"}],
+      "operations": []}, "images[1].output", "which images[0].output also writes"),
+])
+def test_request_invalid_names_field_and_reason(root: Path, document: object, field: str,
+                                                message: str) -> None:
+    found = problems(root, body(document))
+    assert field in found, found
+    assert message in found[field]
+
+
+def test_request_outputs_colliding_through_a_symlink_are_refused(root: Path) -> None:
+    (root / "thumbs").mkdir()
+    (root / "alias").symlink_to(root / "thumbs")
+    document = {"images": [{"input": "a.jpg", "output": "thumbs/x.png"},
+                           {"input": "b.jpg", "output": "alias/x.png"}], "operations": ["split"]}
+    found = problems(root, body(document))
+    assert "writes 'thumbs/x_lt.png', which images[0].output also writes" in found["images[1].output"]
+
+
+@pytest.mark.parametrize("raw, message", [
+    (b"", "not valid JSON"),
+    (b"{", "not valid JSON"),
+    (b"[]", "expected a JSON object, got a list"),
+    (b"null", "expected a JSON object, got null"),
+    (b'{"images": NaN, "operations": []}', "NaN is not valid JSON"),
+    (b"\xff\xfe\x00", "not"),
+])
+def test_request_not_a_json_object(root: Path, raw: bytes, message: str) -> None:
+    assert message in problems(root, raw)["request"]
+
+
+def test_request_duplicate_key_is_refused(root: Path) -> None:
+    raw = b'{"images": [], "images": [], "operations": []}'
+    assert "appears twice" in problems(root, raw)["images"]
+
+
+def test_request_limits(root: Path) -> None:
+    images = [{"input": f"{i}.jpg", "output": f"{i}.png"} for i in range(5)]
+    found = problems(root, body({"images": images, "operations": []}), RequestLimits(1 << 20, 4))
+    assert "lists 5 images, the limit is 4" in found["images"]
+    found = problems(root, body({"images": images, "operations": []}), RequestLimits(100, 10))
+    assert "the limit is 100 bytes" in found["request"]
+
+
+def test_request_reports_every_problem(root: Path) -> None:
+    found = problems(root, body({"images": [{"input": "../a", "output": "b.gif"}],
+                                 "operations": ["blur=x"], "more": 1}))
+    assert set(found) == {"images[0].input", "images[0].output", "operations[0]", "more"}
+
+
+def test_request_rejected_writes_nothing(root: Path) -> None:
+    before = sorted(root.rglob("*"))
+    problems(root, body({"images": [{"input": "a.jpg", "output": "new/dir/b.gif"}],
+                         "operations": []}))
+    assert sorted(root.rglob("*")) == before
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8),
+    lambda children: st.lists(children, max_size=3)
+    | st.dictionaries(st.sampled_from(["images", "operations", "input", "output", "x"]),
+                      children, max_size=3),
+    max_leaves=12)
+
+
+@settings(max_examples=200, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(json_values)
+def test_request_any_json_is_accepted_or_rejected_with_problems(root: Path, value: object) -> None:
+    try:
+        request = parse_request(json.dumps(value).encode(), root, LIMITS)
+    except RequestError as error:
+        assert error.problems and all(p.field and p.message for p in error.problems)
+    else:
+        assert request.images
+        for image in request.images:
+            assert image.input_path.is_relative_to(root) and image.output_path.is_relative_to(root)
