@@ -112,6 +112,7 @@ class Engine:
         self._accepting = False
         self._closing = False
         self._healthy = True
+        self._executor_error = ""
         self._retry_at = 0.0
         self._listeners: list[Listener] = []
         self._thread = threading.Thread(target=self._loop, name="imgserver-engine", daemon=True)
@@ -188,7 +189,18 @@ class Engine:
     @property
     def healthy(self) -> bool:
         """Whether the engine can run work: its thread is alive and the executor takes tasks."""
-        return self._thread.is_alive() and self._healthy and self._accepting
+        return self.health_reason is None
+
+    @property
+    def health_reason(self) -> str | None:
+        """Why the engine cannot run work, or None when it can."""
+        if not self._accepting:
+            return "the server is not accepting work (starting or shutting down)"
+        if not self._thread.is_alive():
+            return "the engine thread has stopped"
+        if not self._healthy:
+            return f"the executor refuses work: {self._executor_error}"
+        return None
 
     @property
     def open_images(self) -> int:
@@ -351,6 +363,7 @@ class Engine:
             future = self._executor.submit(process_image, work.task)
         except (BrokenExecutor, RuntimeError, OSError) as exc:
             logger.error("the executor refused work: %s", exc)
+            self._executor_error = str(exc) or type(exc).__name__
             (self._retries if work.retried else self._pending).appendleft(work)
             self._healthy = False
             self._retry_at = time.monotonic() + RETRY_DELAY

@@ -1,0 +1,103 @@
+"""Typed models of the HTTP API's bodies, for its OpenAPI schema and its /docs page.
+
+Requests are validated by ``imgserver.request`` (the one place every road shares); these
+models describe the same documents so that the schema documents every field and the grammar
+of each operation.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+OPERATIONS_HELP = (
+    "Applied in order to every image. Grammar `name=value` (whitespace around the name, the "
+    "value and each part of `K,S` is ignored):\n\n"
+    "- `resize=F`: scale both sides to F percent, 0.05 < F <= 100 (area interpolation).\n"
+    "- `split` or `split=V`: split into 4 tiles, stored as `<name>_lt`, `_rt`, `_lb`, `_rb`; "
+    "`V` = `None`, `false` or `False` does not split.\n"
+    "- `blur=K` or `blur=K,S`: Gaussian blur, K x K kernel (int >= 0, even K -> K+1), "
+    "sigma S > 0 (default: OpenCV's for K); `blur=0,S` sizes the kernel from S."
+)
+
+
+class ImageRequest(BaseModel):
+    """One image to process."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    input: str = Field(description="Input path, relative to the server's root (or absolute "
+                                   "inside it).", examples=["photos/cat.jpg"])
+    output: str = Field(description="Output path inside the root; its extension picks the "
+                                    "format: .jpg .jpeg .png .webp .tif .tiff .bmp.",
+                        examples=["thumbs/cat.jpg"])
+
+
+class JobRequest(BaseModel):
+    """A request: images and the operations applied to each of them."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{
+        "images": [{"input": "photos/cat.jpg", "output": "thumbs/cat.jpg"}],
+        "operations": ["resize=50", "split=True", "blur=5"]}]})
+
+    images: list[ImageRequest] = Field(min_length=1, description="One or more images.")
+    operations: list[str] = Field(description=OPERATIONS_HELP,
+                                  examples=[["resize=50", "split=True", "blur=5,1.5"]])
+
+
+State = Literal["queued", "running", "done", "failed"]
+
+
+class ImageStatusModel(BaseModel):
+    """Where one image of a job stands."""
+
+    input: str
+    output: str
+    state: State
+    outputs: list[str] = Field(description="Files written, relative to the root.")
+    error: str | None = Field(description="Why the image failed, or null.")
+
+
+class Progress(BaseModel):
+    """Images finished (done or failed) out of the total."""
+
+    done: int
+    total: int
+
+
+class StatusDocument(BaseModel):
+    """A job's status: the same JSON as its status file OUTBOX/<id>.status.json."""
+
+    id: str
+    state: State
+    source: Literal["http", "inbox", "cli"]
+    created_at: str = Field(description="ISO-8601, UTC.")
+    started_at: str | None
+    finished_at: str | None
+    operations: list[str]
+    progress: Progress
+    error: str | None = Field(description="Why the job failed as a whole, or a summary such as "
+                                          "'2 of 10 images failed'; null unless failed.")
+    images: list[ImageStatusModel]
+
+
+class FieldProblem(BaseModel):
+    """One reason a request is invalid."""
+
+    field: str = Field(examples=["operations[1]"])
+    message: str = Field(examples=["resize=150: scaling factor must be in (0.05, 100]"])
+
+
+class ErrorResponse(BaseModel):
+    """An error: what went wrong, and for an invalid request every field at fault."""
+
+    detail: str
+    errors: list[FieldProblem] | None = None
+
+
+class Health(BaseModel):
+    """Whether the server can take work."""
+
+    status: Literal["ok", "unavailable"]
+    reason: str | None = None

@@ -1,0 +1,119 @@
+"""``imgserver serve``: the one module that wires the pieces together.
+
+    Settings -> executor (LocalPool) -> Engine -> FastAPI app -> uvicorn
+                                              \\-> drop folder watcher
+
+Shutdown (SIGTERM or Ctrl-C): the engine stops accepting and releases ``wait=true``
+clients, uvicorn closes its connections, the engine lets running images finish and writes
+every status file, and the process exits 0. Images not started stay in the outbox and run
+at the next start.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import os
+import signal
+import threading
+from collections.abc import Callable, Iterator
+from types import FrameType
+
+import uvicorn
+
+from imgserver.app import create_app
+from imgserver.engine import Engine
+from imgserver.errors import ConfigError
+from imgserver.pool import LocalPool
+from imgserver.settings import Settings
+
+logger = logging.getLogger("imgserver.server")
+
+EXIT_OK, EXIT_CONFIG = 0, 2
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server, telling the engine first when a stop signal arrives."""
+
+    def __init__(self, config: uvicorn.Config, on_exit: Callable[[], None]) -> None:
+        super().__init__(config)
+        self._on_exit = on_exit
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        self._on_exit()
+        super().handle_exit(sig, frame)
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        # uvicorn re-raises a caught SIGTERM after its shutdown, so the process would end by
+        # the signal (exit -15). A service stopped on purpose, and cleanly, exits 0.
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        handled = (signal.SIGINT, signal.SIGTERM)
+        original = {sig: signal.signal(sig, self.handle_exit) for sig in handled}
+        try:
+            yield
+        finally:
+            for sig, handler in original.items():
+                signal.signal(sig, handler)
+
+
+def build_executor(settings: Settings) -> LocalPool:
+    """The executor images run on."""
+    if settings.executor != "local":
+        raise ConfigError(f"executor {settings.executor!r} is not available")
+    return LocalPool(settings.workers, max_pixels=settings.max_pixels,
+                     max_tasks_per_child=settings.max_tasks_per_child)
+
+
+@contextlib.contextmanager
+def _single_instance(settings: Settings) -> Iterator[None]:
+    """Hold a lock on the outbox: two servers on one outbox would run jobs twice."""
+    settings.outbox.mkdir(parents=True, exist_ok=True)
+    fd = os.open(settings.outbox / ".serve.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise ConfigError(f"another 'imgserver serve' is using {settings.outbox}") from None
+    try:
+        yield
+    finally:
+        os.close(fd)
+
+
+def serve(settings: Settings) -> int:
+    """Run the HTTP API until SIGTERM or Ctrl-C; return the exit code."""
+    try:
+        with _single_instance(settings):
+            executor = build_executor(settings)
+            try:
+                return _serve(settings, executor)
+            finally:
+                executor.shutdown()
+    except ConfigError as exc:
+        logger.error("%s", exc)
+        return EXIT_CONFIG
+
+
+def _serve(settings: Settings, executor: LocalPool) -> int:
+    engine = Engine(settings, executor)
+    engine.start()
+    try:
+        config = uvicorn.Config(create_app(engine, settings), host=settings.host,
+                                port=settings.port, log_level="info",
+                                timeout_graceful_shutdown=10)
+        server = _Server(config, on_exit=engine.stop_accepting)
+        logger.info("serving %s on http://%s:%d (outbox %s)", settings.root, settings.host,
+                    settings.port, settings.outbox)
+        try:
+            server.run()
+        except SystemExit:  # uvicorn exits when it cannot bind; it has logged why
+            return EXIT_CONFIG
+        if not server.started:
+            return EXIT_CONFIG
+    finally:
+        engine.close()
+    return EXIT_OK

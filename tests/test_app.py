@@ -1,0 +1,151 @@
+"""The HTTP API's behaviour, through FastAPI's TestClient, on a real engine and pool."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from conftest import request_body
+from imgserver.app import create_app
+from imgserver.engine import Engine
+from imgserver.pool import LocalPool
+from imgserver.settings import Settings
+
+
+def client_for(settings: Settings, pool: LocalPool) -> Iterator[TestClient]:
+    engine = Engine(settings, pool)
+    engine.start()
+    try:
+        with TestClient(create_app(engine, settings)) as client:
+            yield client
+    finally:
+        engine.close()
+
+
+@pytest.fixture
+def client(settings: Settings, pool: LocalPool) -> Iterator[TestClient]:
+    yield from client_for(settings, pool)
+
+
+def test_app_submit_then_poll(client: TestClient, root: Path,
+                              make_image: Callable[..., Path]) -> None:
+    make_image("a.png", 40, 30)
+    response = client.post("/jobs", content=request_body([("a.png", "out/a.jpg")], ["resize=50"]))
+    assert response.status_code == 202
+    document = response.json()
+    assert document["state"] == "queued" and document["source"] == "http"
+    assert response.headers["location"] == f"/jobs/{document['id']}"
+    assert (root / "outbox" / f"{document['id']}.request.json").exists()
+    for _ in range(600):
+        status = client.get(response.headers["location"]).json()
+        if status["state"] == "done":
+            break
+    assert status["state"] == "done" and status["images"][0]["outputs"] == ["out/a.jpg"]
+
+
+def test_app_wait_returns_final_document(client: TestClient,
+                                         make_image: Callable[..., Path]) -> None:
+    make_image("a.png")
+    response = client.post("/jobs?wait=true", content=request_body([("a.png", "b.png")]))
+    assert response.status_code == 200
+    assert response.json()["state"] == "done" and response.headers["location"].startswith("/jobs/")
+
+
+def test_app_unknown_job_is_404(client: TestClient) -> None:
+    response = client.get("/jobs/nope")
+    assert response.status_code == 404 and response.json()["detail"] == "no job with id 'nope'"
+
+
+@pytest.mark.parametrize("body, field", [
+    (b"not json", "request"),
+    (b"[]", "request"),
+    (b'{"images": []}', "images"),
+    (json.dumps({"images": [{"input": "a.png", "output": "b.png"}], "operations": ["blur=-1"]}),
+     "operations[0]"),
+    (json.dumps({"images": [{"input": "../../etc/passwd", "output": "b.png"}], "operations": []}),
+     "images[0].input"),
+    (json.dumps({"images": [{"input": "a.png", "output": "/tmp/evil.png"}], "operations": []}),
+     "images[0].output"),
+    (json.dumps({"images": [{"input": "a.png", "output": "b.exe"}], "operations": []}),
+     "images[0].output"),
+])
+def test_app_invalid_request_is_422_and_writes_nothing(client: TestClient, root: Path,
+                                                       body: bytes | str, field: str) -> None:
+    response = client.post("/jobs", content=body)
+    assert response.status_code == 422
+    payload = response.json()
+    assert field in [problem["field"] for problem in payload["errors"]]
+    assert payload["detail"].startswith(payload["errors"][0]["field"] + ": ")
+    assert list((root / "outbox").iterdir()) == []
+
+
+def test_app_body_over_limit_is_413(root: Path, pool: LocalPool) -> None:
+    settings = Settings.build({"root": str(root), "max_body_bytes": 100}, environ={})
+    for client in client_for(settings, pool):
+        response = client.post("/jobs", content=b"{" + b" " * 200 + b"}")
+        assert response.status_code == 413
+        assert "the limit is 100 bytes" in response.json()["detail"]
+
+
+def test_app_too_many_images_is_422(root: Path, pool: LocalPool) -> None:
+    settings = Settings.build({"root": str(root), "max_images": 2}, environ={})
+    for client in client_for(settings, pool):
+        body = request_body([("a.png", f"{i}.png") for i in range(3)])
+        response = client.post("/jobs", content=body)
+        assert response.status_code == 422
+        assert "lists 3 images, the limit is 2" in response.json()["detail"]
+
+
+def test_app_token_guards_jobs_but_not_health_or_docs(root: Path, pool: LocalPool,
+                                                      make_image: Callable[..., Path]) -> None:
+    make_image("a.png")
+    settings = Settings.build({"root": str(root)}, environ={"IMGSERVER_TOKEN": "s3cret"})
+    for client in client_for(settings, pool):
+        body = request_body([("a.png", "b.png")])
+        assert client.post("/jobs", content=body).status_code == 401
+        wrong = client.post("/jobs", content=body, headers={"Authorization": "Bearer nope"})
+        assert wrong.status_code == 401 and wrong.headers["www-authenticate"] == "Bearer"
+        assert client.get("/jobs/x", headers={"Authorization": "Basic s3cret"}).status_code == 401
+        good = client.post("/jobs", content=body, headers={"Authorization": "Bearer s3cret"})
+        assert good.status_code == 202
+        job = client.get(good.headers["location"], headers={"Authorization": "bearer s3cret"})
+        assert job.status_code == 200
+        assert client.get("/healthz").status_code == 200
+        assert client.get("/docs").status_code == 200
+        assert client.get("/openapi.json").status_code == 200
+
+
+def test_app_healthz(client: TestClient) -> None:
+    response = client.get("/healthz")
+    assert response.status_code == 200 and response.json() == {"status": "ok"}
+
+
+def test_app_docs_work_offline(client: TestClient) -> None:
+    page = client.get("/docs")
+    assert page.status_code == 200
+    assert not re.search(r"(https?:)?//[a-z]", page.text), "the page must not load anything remote"
+    assets = re.findall(r'(?:href|src)="([^"]+)"', page.text)
+    assert len(assets) >= 3
+    for asset in assets:
+        assert client.get(asset).status_code == 200, asset
+    bundle = client.get("/docs-assets/swagger-ui-bundle.js").text
+    version = re.search(r'PACKAGE_VERSION:"(\d+)\.', bundle)
+    assert version and int(version.group(1)) >= 5  # Swagger UI 5 renders OpenAPI 3.1
+
+
+def test_app_openapi_documents_request_and_status(client: TestClient) -> None:
+    schema = client.get("/openapi.json").json()
+    assert schema["openapi"].startswith("3.1")
+    post = schema["paths"]["/jobs"]["post"]
+    assert post["requestBody"]["content"]["application/json"]["schema"]["$ref"].endswith(
+        "/JobRequest")
+    components = schema["components"]["schemas"]
+    assert "resize=F" in components["JobRequest"]["properties"]["operations"]["description"]
+    assert set(components["StatusDocument"]["properties"]) >= {
+        "id", "state", "source", "created_at", "progress", "error", "images"}
+    assert {"202", "413", "422", "503"} <= set(post["responses"])
