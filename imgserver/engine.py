@@ -147,7 +147,7 @@ class Engine:
         except RequestError as error:
             if claim is None:
                 raise
-            return self._record_invalid(claim, name, source, error)
+            return self.reject(claim, name=name or claim.stem, source=source, error=error)
         with self._cond:
             self._admit(len(request.images))
             if claim is not None:
@@ -160,6 +160,15 @@ class Engine:
             self._write(active)
             self._cond.notify_all()
             return job.to_document()
+
+    def reject(self, claim: Path, *, name: str, source: str, error: RequestError) -> dict:
+        """Record the invalid request file ``claim`` as a failed job (moving it to the outbox)."""
+        with self._cond:
+            job_id = self.outbox.adopt(claim, name)
+            job = Job(id=job_id, source=source, operations=[], images=[])
+            job.reject(str(error))
+            self.outbox.write_status(job.to_document())
+        return job.to_document()
 
     def status(self, job_id: str) -> dict:
         """The status document of ``job_id``; JobNotFound if there is no such job."""
@@ -259,15 +268,6 @@ class Engine:
         if job.finish_if_complete():
             self._finish(active)
         return active
-
-    def _record_invalid(self, claim: Path, name: str | None, source: str,
-                        error: RequestError) -> dict:
-        with self._cond:
-            job_id = self.outbox.adopt(claim, name or claim.stem)
-            job = Job(id=job_id, source=source, operations=[], images=[])
-            job.reject(str(error))
-            self.outbox.write_status(job.to_document())
-        return job.to_document()
 
     def _recover(self, job_id: str) -> None:
         try:

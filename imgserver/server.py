@@ -1,12 +1,12 @@
 """``imgserver serve``: the one module that wires the pieces together.
 
-    Settings -> executor (LocalPool) -> Engine -> FastAPI app -> uvicorn
-                                              \\-> drop folder watcher
+    Settings -> executor (LocalPool) -> Engine <- FastAPI app <- uvicorn
+                                              <- DropFolder <- watchdog observer
 
 Shutdown (SIGTERM or Ctrl-C): the engine stops accepting and releases ``wait=true``
-clients, uvicorn closes its connections, the engine lets running images finish and writes
-every status file, and the process exits 0. Images not started stay in the outbox and run
-at the next start.
+clients, uvicorn closes its connections, the drop folder stops watching, the engine lets
+running images finish and writes every status file, and the process exits 0. Images not
+started stay in the outbox and run at the next start.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ import uvicorn
 from imgserver.app import create_app
 from imgserver.engine import Engine
 from imgserver.errors import ConfigError
+from imgserver.inbox import DropFolder
 from imgserver.pool import LocalPool
 from imgserver.settings import Settings
 
@@ -101,13 +102,15 @@ def serve(settings: Settings) -> int:
 def _serve(settings: Settings, executor: LocalPool) -> int:
     engine = Engine(settings, executor)
     engine.start()
+    drop_folder = DropFolder(engine, settings.inbox)
     try:
+        drop_folder.start()
         config = uvicorn.Config(create_app(engine, settings), host=settings.host,
                                 port=settings.port, log_level="info",
                                 timeout_graceful_shutdown=10)
         server = _Server(config, on_exit=engine.stop_accepting)
-        logger.info("serving %s on http://%s:%d (outbox %s)", settings.root, settings.host,
-                    settings.port, settings.outbox)
+        logger.info("serving %s on http://%s:%d (drop folder %s, outbox %s)", settings.root,
+                    settings.host, settings.port, settings.inbox, settings.outbox)
         try:
             server.run()
         except SystemExit:  # uvicorn exits when it cannot bind; it has logged why
@@ -115,5 +118,6 @@ def _serve(settings: Settings, executor: LocalPool) -> int:
         if not server.started:
             return EXIT_CONFIG
     finally:
+        drop_folder.stop()
         engine.close()
     return EXIT_OK

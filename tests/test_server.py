@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -184,3 +185,16 @@ def test_server_second_instance_on_same_outbox_refuses(server: Server) -> None:
                              str(server.root), "--port", "0"], capture_output=True, text=True,
                             timeout=60)
     assert result.returncode == 2 and "another 'imgserver serve' is using" in result.stderr
+
+
+def test_server_drop_folder_runs_the_readme_example(server: Server) -> None:
+    photos = Path(__file__).resolve().parent.parent / "examples" / "photos"
+    shutil.copytree(photos, server.root / "examples" / "photos")
+    example = (photos.parent / "request.json").read_bytes()
+    (server.root / "inbox" / ".example.json").write_bytes(example)
+    (server.root / "inbox" / ".example.json").rename(server.root / "inbox" / "example.json")
+    status = server.root / "outbox" / "example.status.json"
+    wait_for(lambda: status.exists() and json.loads(status.read_text())["state"] == "done")
+    assert len(list((server.root / "examples" / "output").iterdir())) == 8
+    assert server.request("GET", "/jobs/example").json() == json.loads(status.read_text())
+    assert list((server.root / "inbox").iterdir()) == []

@@ -1,0 +1,196 @@
+"""The drop folder with a real watchdog observer on a real folder."""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from conftest import request_body, wait_for
+from imgserver.engine import Engine
+from imgserver.inbox import DropFolder
+from imgserver.pool import LocalPool
+from imgserver.settings import Settings
+
+
+def status(root: Path, job_id: str) -> dict | None:
+    path = root / "outbox" / f"{job_id}.status.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def finished(root: Path, job_id: str) -> dict | None:
+    document = status(root, job_id)
+    return document if document and document["state"] in ("done", "failed") else None
+
+
+@pytest.fixture
+def drop(engine: Engine, root: Path) -> Iterator[DropFolder]:
+    with DropFolder(engine, root / "inbox") as folder:
+        yield folder
+
+
+def test_inbox_dropped_request_runs_and_leaves_inbox(drop: DropFolder, engine: Engine, root: Path,
+                                                     make_image: Callable[..., Path]) -> None:
+    make_image("a.png", 40, 30)
+    body = request_body([("a.png", "out/a.jpg")], ["resize=50"])
+    (root / "inbox" / "holiday.json").write_bytes(body)
+    document = wait_for(lambda: finished(root, "holiday"))
+    assert document["state"] == "done" and document["source"] == "inbox"
+    assert (root / "out" / "a.jpg").exists()
+    assert list((root / "inbox").iterdir()) == []
+    assert (root / "outbox" / "holiday.request.json").read_bytes() == body  # kept byte for byte
+    assert engine.status("holiday") == document
+
+
+def test_inbox_file_written_in_two_pieces_is_taken_once_whole(
+        drop: DropFolder, root: Path, make_image: Callable[..., Path]) -> None:
+    make_image("a.png")
+    body = request_body([("a.png", "slow.png")])
+    with open(root / "inbox" / "slow.json", "wb") as file:
+        file.write(body[:10])
+        file.flush()
+        time.sleep(1.0)
+        file.write(body[10:])
+    assert wait_for(lambda: finished(root, "slow"))["state"] == "done"
+    time.sleep(0.5)
+    assert sorted(p.name for p in (root / "outbox").iterdir()) == [
+        "slow.request.json", "slow.status.json"]
+
+
+def test_inbox_file_appended_in_two_writes_is_taken_whole(
+        drop: DropFolder, root: Path, make_image: Callable[..., Path]) -> None:
+    make_image("a.png")
+    body = request_body([("a.png", "twice.png")])
+    (root / "inbox" / "twice.json").write_bytes(body[:15])   # closed once, half a request
+    time.sleep(1.0)
+    with open(root / "inbox" / "twice.json", "ab") as file:  # and closed again, whole
+        file.write(body[15:])
+    assert wait_for(lambda: finished(root, "twice"))["state"] == "done"
+    assert not (root / "outbox" / "twice-2.status.json").exists()
+
+
+def test_inbox_atomic_drop_by_rename(drop: DropFolder, root: Path,
+                                     make_image: Callable[..., Path]) -> None:
+    make_image("a.png")
+    (root / "inbox" / ".atomic.json").write_bytes(request_body([("a.png", "atomic.png")]))
+    os.rename(root / "inbox" / ".atomic.json", root / "inbox" / "atomic.json")
+    assert wait_for(lambda: finished(root, "atomic"))["state"] == "done"
+
+
+def test_inbox_file_moved_in_from_elsewhere(drop: DropFolder, root: Path,
+                                            make_image: Callable[..., Path]) -> None:
+    make_image("a.png")
+    (root / "staging").mkdir()
+    (root / "staging" / "moved.json").write_bytes(request_body([("a.png", "moved.png")]))
+    os.rename(root / "staging" / "moved.json", root / "inbox" / "moved.json")
+    assert wait_for(lambda: finished(root, "moved"))["state"] == "done"
+
+
+def test_inbox_burst_of_200_each_once(drop: DropFolder, root: Path,
+                                      make_image: Callable[..., Path]) -> None:
+    make_image("a.png", 16, 16)
+    for index in range(200):
+        (root / "inbox" / f"r{index:03d}.json").write_bytes(
+            request_body([("a.png", f"burst/{index:03d}.png")]))
+    wait_for(lambda: all(finished(root, f"r{i:03d}") for i in range(200)), timeout=120)
+    time.sleep(1.0)
+    statuses = sorted((root / "outbox").glob("*.status.json"))
+    assert len(statuses) == 200  # no duplicates such as r001-2
+    assert all(finished(root, f"r{i:03d}")["state"] == "done" for i in range(200))
+    assert len(list((root / "burst").iterdir())) == 200
+    assert list((root / "inbox").iterdir()) == []
+
+
+def test_inbox_files_present_at_start(engine: Engine, root: Path,
+                                      make_image: Callable[..., Path]) -> None:
+    make_image("a.png")
+    (root / "inbox" / "early.json").write_bytes(request_body([("a.png", "early.png")]))
+    old = time.time() - 3600
+    os.utime(root / "inbox" / "early.json", (old, old))
+    with DropFolder(engine, root / "inbox"):
+        assert wait_for(lambda: finished(root, "early"))["state"] == "done"
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"{not json", "not valid JSON"),
+    (b'{"images": [], "operations": []}', "images: must list at least one image"),
+    (b'{"images": [{"input": "../x.png", "output": "y.png"}], "operations": []}',
+     "outside the root"),
+    (b"\x00\x01binary", "not"),
+])
+def test_inbox_invalid_request_fails_once(drop: DropFolder, root: Path, content: bytes,
+                                          message: str) -> None:
+    (root / "inbox" / "bad.json").write_bytes(content)
+    document = wait_for(lambda: finished(root, "bad"), timeout=30)
+    assert document["state"] == "failed" and message in document["error"]
+    assert document["images"] == [] and document["source"] == "inbox"
+    time.sleep(2.5)  # several rescans later: still one status, nothing retried
+    assert sorted(p.name for p in (root / "outbox").iterdir()) == [
+        "bad.request.json", "bad.status.json"]
+    assert list((root / "inbox").iterdir()) == []
+
+
+def test_inbox_oversized_request_fails(root: Path, pool: LocalPool) -> None:
+    settings = Settings.build({"root": str(root), "max_body_bytes": 50}, environ={})
+    engine = Engine(settings, pool)
+    engine.start()
+    try:
+        with DropFolder(engine, root / "inbox"):
+            (root / "inbox" / "huge.json").write_bytes(b"{" + b" " * 100 + b"}")
+            document = wait_for(lambda: finished(root, "huge"))
+    finally:
+        engine.close()
+    assert "file is 102 bytes, the limit is 50 bytes" in document["error"]
+
+
+def test_inbox_ignored_files_stay_untouched(drop: DropFolder, root: Path) -> None:
+    inbox = root / "inbox"
+    (inbox / ".hidden.json").write_text("{}")
+    (inbox / "notes.txt").write_text("{}")
+    (inbox / "request.JSON.bak").write_text("{}")
+    (inbox / "folder.json").mkdir()
+    (inbox / "link.json").symlink_to(root / "outbox")
+    time.sleep(3.0)  # more than a rescan
+    assert sorted(p.name for p in inbox.iterdir()) == [
+        ".hidden.json", "folder.json", "link.json", "notes.txt", "request.JSON.bak"]
+    assert list((root / "outbox").iterdir()) == []
+
+
+def test_inbox_same_name_twice_runs_twice(drop: DropFolder, root: Path,
+                                          make_image: Callable[..., Path]) -> None:
+    make_image("a.png")
+    (root / "inbox" / "again.json").write_bytes(request_body([("a.png", "1.png")]))
+    wait_for(lambda: finished(root, "again"))
+    (root / "inbox" / "again.json").write_bytes(request_body([("a.png", "2.png")]))
+    assert wait_for(lambda: finished(root, "again-2"))["state"] == "done"
+    assert (root / "1.png").exists() and (root / "2.png").exists()
+
+
+def test_inbox_waits_in_inbox_while_queue_is_full(root: Path,
+                                                  make_image: Callable[..., Path]) -> None:
+    make_image("a.png")
+    executor = ThreadPoolExecutor(1)
+    release = threading.Event()
+    executor.submit(release.wait)
+    settings = Settings.build({"root": str(root), "max_queue": 1}, environ={})
+    engine = Engine(settings, executor, concurrency=1)
+    engine.start()
+    try:
+        with DropFolder(engine, root / "inbox"):
+            (root / "inbox" / "first.json").write_bytes(request_body([("a.png", "1.png")]))
+            wait_for(lambda: status(root, "first"))
+            (root / "inbox" / "second.json").write_bytes(request_body([("a.png", "2.png")]))
+            time.sleep(2.5)
+            assert (root / "inbox" / "second.json").exists() and not status(root, "second")
+            release.set()
+            assert wait_for(lambda: finished(root, "second"))["state"] == "done"
+    finally:
+        release.set()
+        engine.close()
+        executor.shutdown()
