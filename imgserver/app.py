@@ -21,6 +21,7 @@ from urllib.parse import quote
 
 import fastapi_offline
 from fastapi import Depends, FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import HTMLResponse, JSONResponse
@@ -29,7 +30,7 @@ from starlette.concurrency import run_in_threadpool
 
 from imgserver import __version__
 from imgserver.engine import Engine
-from imgserver.errors import CapacityError, JobNotFound, RequestError
+from imgserver.errors import CapacityError, JobNotFound, Problem, RequestError
 from imgserver.schema import ErrorResponse, Health, JobRequest, StatusDocument
 from imgserver.settings import Settings
 
@@ -133,6 +134,13 @@ def _add_error_handlers(app: FastAPI) -> None:
     async def invalid(request: Request, exc: RequestError) -> JSONResponse:
         return JSONResponse({"detail": str(exc), "errors": [
             {"field": p.field, "message": p.message} for p in exc.problems]}, status_code=422)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_parameter(request: Request, exc: RequestValidationError) -> JSONResponse:
+        # FastAPI's own checks (query and path parameters), in the same shape as ours.
+        problems = [Problem(".".join(str(part) for part in error["loc"][1:]) or error["loc"][0],
+                            error["msg"]) for error in exc.errors()]
+        return await invalid(request, RequestError(problems))
 
     @app.exception_handler(CapacityError)
     async def full(request: Request, exc: CapacityError) -> JSONResponse:

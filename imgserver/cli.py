@@ -8,11 +8,14 @@ settings, 130 interrupted (the job resumes at the next ``imgserver serve``).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
+import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from imgserver import __version__
 from imgserver.errors import ConfigError, RequestError
@@ -39,10 +42,21 @@ def build_parser() -> argparse.ArgumentParser:
     for command, sub in (("serve", serve), ("run", run)):
         for option in OPTIONS:
             if command in option.commands:
-                sub.add_argument(option.flag, dest=option.name, type=option.parse, default=None,
+                sub.add_argument(option.flag, dest=option.name, type=_checked(option.parse),
+                                 default=None,
                                  metavar=option.name.upper(),
                                  help=f"{option.help} [env {option.env}; default: {option.default}]")
     return parser
+
+
+def _checked(parse: Callable[[str], Any]) -> Callable[[str], Any]:
+    """``parse`` with its ValueError message shown by argparse (not 'invalid value')."""
+    def checked(text: str) -> Any:
+        try:
+            return parse(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+    return checked
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -67,20 +81,30 @@ def run(settings: Settings, request_file: Path) -> int:
     from imgserver.engine import Engine
     from imgserver.pool import LocalPool
     from imgserver.progress import Progress
+    from imgserver.store import job_name
 
     try:
         with open(request_file, "rb") as file:
-            body = file.read(settings.max_body_bytes + 1)
+            size = os.fstat(file.fileno()).st_size
+            if size > settings.max_body_bytes:
+                print(f"imgserver: invalid request {str(request_file)!r}: request: file is {size} "
+                      f"bytes, the limit is {settings.max_body_bytes} bytes (--max-body-bytes)",
+                      file=sys.stderr)
+                return EXIT_INVALID
+            body = file.read()
     except OSError as exc:
         print(f"imgserver: cannot read {str(request_file)!r}: {exc.strerror}", file=sys.stderr)
         return EXIT_INVALID
     pool = LocalPool(settings.workers, max_pixels=settings.max_pixels,
                      max_tasks_per_child=settings.max_tasks_per_child)
+    # One job in the foreground: the shared queue's limit does not apply to it.
+    settings = dataclasses.replace(settings, max_queue=max(settings.max_queue,
+                                                           settings.max_images))
     engine = Engine(settings, pool, lock_jobs=True)
     engine.subscribe(Progress(sys.stderr))
     try:
         engine.start(recover=False)
-        document = engine.submit(body, source="cli", name=request_file.stem or None)
+        document = engine.submit(body, source="cli", name=job_name(request_file.stem))
         document = engine.wait(document["id"]).result()
     except RequestError as exc:
         print(f"imgserver: invalid request {str(request_file)!r}: {exc}", file=sys.stderr)

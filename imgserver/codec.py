@@ -37,13 +37,15 @@ FORMATS: dict[str, list[int]] = {
     ".bmp": [],
 }
 _EIGHT_BIT_ONLY = (".jpg", ".jpeg", ".webp", ".bmp")
+_LARGEST = {".jpg": 65500, ".jpeg": 65500, ".webp": 16383}  # pixels a side
 _NO_ALPHA = (".jpg", ".jpeg")
 
-# libjpeg's warnings that mean the picture itself is incomplete or damaged. Others, such as
-# "extraneous bytes before marker", come with pictures that decode completely.
+# libjpeg's warnings about the picture's data. libjpeg prints only the first warning of a
+# decode, so a harmless-looking one ("extraneous bytes before marker") can hide real damage
+# behind it: every one of them fails the image.
 _JPEG_DAMAGE = re.compile(
-    r"Premature end of JPEG file|Corrupt JPEG data: (?:premature end of data segment"
-    r"|bad Huffman code|found marker)|Invalid SOS parameters|Bogus")
+    r"Premature end of JPEG file|Corrupt JPEG data|Invalid SOS parameters"
+    r"|Inconsistent progression sequence")
 
 _ORIENT = {
     2: lambda a: cv2.flip(a, 1),
@@ -75,6 +77,12 @@ def check_pixels(header: Header | None, limits: Limits) -> None:
             f"the limit is {_megapixels(limits.max_pixels)} (--max-pixels {limits.max_pixels})")
 
 
+def _over_limit(limits: Limits) -> ImageError:
+    # OpenCV's own check, for formats whose header imgserver does not read: no size known.
+    return ImageError(f"input has more pixels than the limit of {_megapixels(limits.max_pixels)} "
+                      f"megapixels (--max-pixels {limits.max_pixels})")
+
+
 def _megapixels(pixels: int) -> str:
     return f"{pixels / 1e6:.6g}"
 
@@ -96,19 +104,23 @@ def decode(data: bytes, limits: Limits, reduce: int = 1) -> np.ndarray:
         try:
             image, kinds, blocks = cv2.imdecodeWithMetadata(np.frombuffer(data, np.uint8), flags)
         except cv2.error as exc:
+            if "CV_IO_MAX_IMAGE_PIXELS" in str(exc):
+                raise _over_limit(limits) from None
             raise ImageError(f"cannot decode input: {_opencv_message(exc)}") from None
     text = messages.text
-    damage = _JPEG_DAMAGE.search(text)
+    damage = _JPEG_DAMAGE.search(text) if header is None or header.format == "jpeg" else None
     if damage:
         raise ImageError(f"input is damaged or truncated ({_first_line(text, damage.start())})")
     if image is None or image.size == 0:
+        if "CV_IO_MAX_IMAGE_PIXELS" in text:
+            raise _over_limit(limits)
         if header is not None:
             raise ImageError(f"input is a damaged or truncated {header.format.upper()} file"
                              + _detail(text))
         raise ImageError("input is not an image OpenCV can decode" + _detail(text))
     if image.dtype not in (np.uint8, np.uint16):
         raise ImageError(f"input has {image.dtype} samples; only 8- and 16-bit images are supported")
-    orientation = header.orientation if header is not None and header.format == "tiff" else 1
+    orientation = 1  # OpenCV applies a TIFF's own Orientation tag itself; EXIF it leaves
     for kind, block in zip(kinds, blocks):
         if kind == cv2.IMAGE_METADATA_EXIF:
             orientation = exif_orientation(bytes(np.asarray(block).ravel()))
@@ -122,6 +134,11 @@ def encode(image: np.ndarray, extension: str) -> bytes:
     extension = extension.lower()
     if extension not in FORMATS:
         raise ImageError(f"cannot write {extension!r} files")
+    largest = _LARGEST.get(extension)
+    height, width = image.shape[:2]
+    if largest is not None and max(width, height) > largest:
+        raise ImageError(f"cannot write a {width}x{height} image as {extension}: the format "
+                         f"holds at most {largest} pixels a side")
     if extension in _NO_ALPHA and image.ndim == 3 and image.shape[2] in (2, 4):
         image = composite_on_white(image)
     if extension in _EIGHT_BIT_ONLY and image.dtype == np.uint16:

@@ -40,8 +40,13 @@ logger = logging.getLogger("imgserver.engine")
 
 #: A running job's status file is rewritten at most this often (and at every state change).
 STATUS_INTERVAL = 0.5
+#: Temporary files in the outbox older than this (seconds) are left over from a crash.
+STALE_TEMP = 60.0
 #: After the executor refused work, try again after this many seconds.
 RETRY_DELAY = 1.0
+#: Workers dying this many times in a row, without an image finishing, make the engine
+#: unhealthy (and slow down its dispatch, so a broken pool does not burn through the queue).
+CRASH_STREAK = 3
 
 
 @dataclass(frozen=True)
@@ -113,6 +118,7 @@ class Engine:
         self._closing = False
         self._healthy = True
         self._executor_error = ""
+        self._crash_streak = 0
         self._retry_at = 0.0
         self._listeners: list[Listener] = []
         self._thread = threading.Thread(target=self._loop, name="imgserver-engine", daemon=True)
@@ -121,8 +127,8 @@ class Engine:
 
     def start(self, *, recover: bool = True) -> None:
         """Queue the jobs left unfinished by an earlier run, then start taking work."""
-        self._remove_stale_temps()
         if recover:
+            self._remove_stale_temps()
             for job_id in self.outbox.unfinished():
                 self._recover(job_id)
         with self._cond:
@@ -147,7 +153,7 @@ class Engine:
         except RequestError as error:
             if claim is None:
                 raise
-            return self.reject(claim, name=name or claim.stem, source=source, error=error)
+            return self.reject(claim, name=name, source=source, error=error)
         with self._cond:
             self._admit(len(request.images))
             if claim is not None:
@@ -161,7 +167,7 @@ class Engine:
             self._cond.notify_all()
             return job.to_document()
 
-    def reject(self, claim: Path, *, name: str, source: str, error: RequestError) -> dict:
+    def reject(self, claim: Path, *, name: str | None, source: str, error: RequestError) -> dict:
         """Record the invalid request file ``claim`` as a failed job (moving it to the outbox)."""
         with self._cond:
             job_id = self.outbox.adopt(claim, name)
@@ -209,7 +215,15 @@ class Engine:
             return "the engine thread has stopped"
         if not self._healthy:
             return f"the executor refuses work: {self._executor_error}"
+        if self._crash_streak >= CRASH_STREAK:
+            return (f"worker processes keep dying: {self._crash_streak} in a row without "
+                    f"finishing an image")
         return None
+
+    @property
+    def active_jobs(self) -> int:
+        """Jobs accepted and not finished (finished jobs live on in their status files)."""
+        return len(self._active)
 
     @property
     def open_images(self) -> int:
@@ -304,11 +318,13 @@ class Engine:
                     sum(i.state not in FINAL_STATES for i in job.images), len(job.images))
 
     def _remove_stale_temps(self) -> None:
+        # Left by a process killed while writing; a live one's are seconds old at most.
         if not self.outbox.path.is_dir():
             return
         for temp in self.outbox.path.glob(".tmp-*"):
             try:
-                temp.unlink()
+                if time.time() - temp.stat().st_mtime > STALE_TEMP:
+                    temp.unlink()
             except OSError:
                 pass
 
@@ -326,8 +342,8 @@ class Engine:
                 self._enforce_deadlines()
                 if self._closing and not self._running:
                     break
-                if not self._closing:
-                    self._dispatch()
+                if self._accepting and not self._closing:
+                    self._dispatch()  # once stopping, images not started stay queued
                 self._flush()
                 self._cond.wait(self._next_wakeup())
             self._flush(force=True)
@@ -394,8 +410,10 @@ class Engine:
                     remove_partial(work.task.outputs)
                 continue
             if error is None:
+                self._crash_streak = 0
                 self._settle(work, DONE, outputs=future.result())
             elif isinstance(error, ImageError):
+                self._crash_streak = 0
                 self._settle(work, FAILED, error=str(error))
             elif isinstance(error, BrokenExecutor):
                 remove_partial(work.task.outputs)
@@ -409,7 +427,11 @@ class Engine:
         if work.bystander:
             work.bystander = False
             self._pending.appendleft(work)  # stopped by a reset meant for another image
-        elif work.retried:
+            return
+        self._crash_streak += 1
+        if self._crash_streak >= CRASH_STREAK:
+            self._retry_at = time.monotonic() + RETRY_DELAY
+        if work.retried:
             self._settle(work, FAILED, error=(
                 "the worker process died while processing this image, twice "
                 "(a crash or the out-of-memory killer); the image was not retried again"))

@@ -33,6 +33,7 @@ from watchdog.observers import Observer
 
 from imgserver.engine import Engine, Event
 from imgserver.errors import CapacityError, RequestError
+from imgserver.store import job_name
 
 logger = logging.getLogger("imgserver.inbox")
 
@@ -200,7 +201,8 @@ class DropFolder:
             self._waiting[path] = time.monotonic() + SETTLE  # perhaps still being written
             return
         try:
-            document = self.engine.submit(body, source="inbox", name=path.stem, claim=path)
+            document = self.engine.submit(body, source="inbox", name=job_name(path.stem),
+                                          claim=path)
         except CapacityError:
             self._full = True  # the file waits in INBOX; the next scan tries it again
             return
@@ -211,7 +213,7 @@ class DropFolder:
 
     def _reject(self, path: Path, error: RequestError) -> None:
         try:
-            self.engine.reject(path, name=path.stem, source="inbox", error=error)
+            self.engine.reject(path, name=job_name(path.stem), source="inbox", error=error)
         except FileNotFoundError:
             pass
         self._forget(path)

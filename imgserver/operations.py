@@ -22,8 +22,8 @@ import numpy as np
 
 from imgserver.blur import gaussian_blur
 
-_FLOAT = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?")
-_INT = re.compile(r"[+-]?\d+")
+_FLOAT = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
+_INT = re.compile(r"[+-]?[0-9]+")
 _NO_SPLIT = ("None", "false", "False")
 
 #: Tile suffixes in the order tiles are produced: left-top, right-top, left-bottom, right-bottom.

@@ -2,13 +2,16 @@
 
 Every path in a request is resolved against ROOT on its real path (symlinks followed)
 before any file is opened, and refused when it ends up outside ROOT: by ``..``, by an
-absolute path, or by a symlink that points out. The worker checks again right before it
-opens a file (``recheck``), so a symlink swapped in after validation is caught too.
+absolute path, or by a symlink that points out. The worker reaches every file from the root
+through folder descriptors that never follow a symlink (``open_folder``), so a symlink
+swapped in after validation cannot lead it out either.
 """
 
 from __future__ import annotations
 
+import errno
 import os
+import stat
 from pathlib import Path
 
 
@@ -34,11 +37,45 @@ def confine(root: Path, raw: str) -> Path:
     return real
 
 
-def recheck(root: Path, path: Path) -> None:
-    """Refuse ``path`` if it no longer resolves to itself inside ``root`` (a swapped symlink)."""
-    real = Path(os.path.realpath(path))
-    if real != path or not real.is_relative_to(root):
-        raise OutsideRoot(f"{str(path)!r} changed after validation and now resolves to {str(real)!r}")
+def open_folder(root: Path, folder: Path, *, create: bool = False) -> int:
+    """A file descriptor of ``folder``, reached from ``root`` without following any symlink.
+
+    ``folder`` is a real path inside ``root`` (as ``confine`` returns it), so none of its
+    parts is a symlink, unless one was swapped in since: then this raises OutsideRoot.
+    With ``create``, missing folders are made, one level at a time, each inside the last.
+    """
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        for part in folder.relative_to(root).parts:
+            try:
+                child = _open_child(part, fd)
+            except FileNotFoundError:
+                if not create:
+                    raise
+                try:
+                    os.mkdir(part, 0o777, dir_fd=fd)
+                except FileExistsError:
+                    pass  # made meanwhile by another worker
+                child = _open_child(part, fd)
+            os.close(fd)
+            fd = child
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _open_child(part: str, parent: int) -> int:
+    try:
+        return os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                       dir_fd=parent)
+    except OSError as exc:
+        # A symlink fails O_NOFOLLOW with ELOOP, or with ENOTDIR when O_DIRECTORY is checked
+        # first; a file in the way fails with ENOTDIR too.
+        if exc.errno in (errno.ELOOP, errno.ENOTDIR) and stat.S_ISLNK(
+                os.stat(part, dir_fd=parent, follow_symlinks=False).st_mode):
+            raise OutsideRoot(f"{part!r} changed after validation: it is now a symlink") from None
+        raise
 
 
 def relative(root: Path, path: Path) -> str:

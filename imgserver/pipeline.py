@@ -29,7 +29,7 @@ import cv2
 from imgserver.codec import Limits, decode, encode
 from imgserver.errors import ImageError
 from imgserver.operations import Operation, apply
-from imgserver.paths import OutsideRoot, recheck, relative
+from imgserver.paths import OutsideRoot, open_folder, relative
 
 #: Temporary outputs end with this; they are hidden (dot files) in the output's folder.
 TEMP_SUFFIX = ".imgserver-tmp"
@@ -81,12 +81,16 @@ def shrink_on_load(operations: tuple[Operation, ...]) -> int:
 
 
 def read_input(root: Path, path: Path, max_bytes: int) -> bytes:
-    """The bytes of the input file, after checking it is a regular file inside the root."""
-    recheck(root, path)
+    """The bytes of the input file, a regular file reached inside the root."""
     try:
-        # O_NOFOLLOW: a symlink swapped in since the check fails; O_NONBLOCK: a FIFO
-        # does not hang the open (and is refused below as not a regular file).
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        folder = open_folder(root, path.parent)
+        try:
+            # O_NOFOLLOW: a symlink swapped in since validation fails; O_NONBLOCK: a FIFO
+            # does not hang the open (and is refused below as not a regular file).
+            fd = os.open(path.name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
+                         dir_fd=folder)
+        finally:
+            os.close(folder)
     except OSError as exc:
         raise ImageError(f"cannot open input: {_reason(exc)}") from None
     try:
@@ -104,42 +108,50 @@ def read_input(root: Path, path: Path, max_bytes: int) -> bytes:
 
 def write_outputs(root: Path, outputs: list[tuple[Path, bytes]]) -> list[Path]:
     """Write every (path, bytes) atomically, all or none; return the paths written."""
-    temps: list[tuple[Path, Path]] = []
-    placed: list[Path] = []
+    folders: dict[Path, int] = {}
+    temps: list[tuple[int, str, Path]] = []
+    placed: list[tuple[int, Path]] = []
     try:
         for path, data in outputs:
-            temps.append((_write_temp(root, path, data), path))
-        for temp, path in temps:
-            os.replace(temp, path)
-            placed.append(path)
+            if path.parent not in folders:
+                folders[path.parent] = open_folder(root, path.parent, create=True)
+            folder = folders[path.parent]
+            temps.append((folder, _write_temp(folder, path.name, data), path))
+        for folder, temp, path in temps:
+            os.replace(temp, path.name, src_dir_fd=folder, dst_dir_fd=folder)
+            placed.append((folder, path))
+        temps.clear()
     except OSError as exc:
-        for path in placed:
-            _unlink(path)
+        for folder, path in placed:
+            _unlink(path.name, folder)
         raise ImageError(f"cannot write output: {_reason(exc)}") from None
     finally:
-        for temp, _ in temps:
-            _unlink(temp)
-    return placed
+        for folder, temp, _ in temps:
+            _unlink(temp, folder)
+        for folder in folders.values():
+            os.close(folder)
+    return [path for _, path in placed]
 
 
-def _write_temp(root: Path, path: Path, data: bytes) -> Path:
-    folder = path.parent
-    folder.mkdir(parents=True, exist_ok=True)
-    recheck(root, folder)
-    if path.is_dir():
-        raise IsADirectoryError(errno.EISDIR, "output is a directory", str(path))
-    temp = folder / f".{path.name}.{secrets.token_hex(4)}{TEMP_SUFFIX}"
-    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+def _write_temp(folder: int, name: str, data: bytes) -> str:
+    try:
+        if stat.S_ISDIR(os.stat(name, dir_fd=folder, follow_symlinks=False).st_mode):
+            raise IsADirectoryError(errno.EISDIR, "output is a directory", name)
+    except FileNotFoundError:
+        pass
+    temp = f".{name}.{secrets.token_hex(4)}{TEMP_SUFFIX}"
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                 0o644, dir_fd=folder)
     try:
         with open(fd, "wb", closefd=False) as file:
             file.write(data)
             file.flush()
         os.fsync(fd)
     except BaseException:
-        os.close(fd)
-        _unlink(temp)
+        _unlink(temp, folder)
         raise
-    os.close(fd)
+    finally:
+        os.close(fd)
     return temp
 
 
@@ -159,9 +171,9 @@ def _glob_escape(name: str) -> str:
     return "".join(f"[{char}]" if char in "*?[" else char for char in name)
 
 
-def _unlink(path: Path) -> None:
+def _unlink(path: Path | str, folder: int | None = None) -> None:
     try:
-        path.unlink()
+        os.unlink(path, dir_fd=folder)
     except FileNotFoundError:
         pass
 
@@ -175,7 +187,8 @@ def _reason(exc: OSError) -> str:
         errno.EACCES: "permission denied",
         errno.EPERM: "operation not permitted",
         errno.EISDIR: "is a directory",
-        errno.ENOTDIR: "a parent is not a directory",
+        errno.ENOTDIR: "a folder in its path is a file",
+        errno.EEXIST: "a folder in its path is a file",
         errno.ELOOP: "is a symlink (it changed after validation)",
         errno.ENAMETOOLONG: "name too long",
     }

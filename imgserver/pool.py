@@ -17,8 +17,10 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
+import select
 import signal
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import BrokenExecutor, Executor, Future, ProcessPoolExecutor
 from typing import Any
@@ -28,16 +30,41 @@ logger = logging.getLogger("imgserver.pool")
 _PRELOAD = ["imgserver.pipeline"]
 
 
-def init_worker(max_pixels: int) -> None:
-    """Prepare a worker process: one OpenCV thread, the decoder's own pixel limit, no SIGINT."""
+def init_worker(server_pid: int) -> None:
+    """Prepare a worker process: one OpenCV thread, no SIGINT, and no life after the server."""
     # Ctrl-C reaches the whole process group; the server decides when its workers stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    # A backstop for formats whose header imgserver does not read; OpenCV reads it lazily,
-    # at the first decode, so setting it here (before any decode) takes effect.
-    os.environ["OPENCV_IO_MAX_IMAGE_PIXELS"] = str(max_pixels)
+    threading.Thread(target=_exit_with, args=(server_pid,), name="imgserver-orphan-guard",
+                     daemon=True).start()
     import cv2
 
     cv2.setNumThreads(1)  # one image per process; threads would only fight for the cores
+
+
+def _exit_with(pid: int) -> None:
+    """End this worker when process ``pid`` (the server) ends, even by ``kill -9``.
+
+    A worker waits for tasks on a pipe it also holds the other end of, so it would outlive
+    a killed server for ever, and go on running queued images nobody will collect.
+    """
+    try:
+        fd = os.pidfd_open(pid)
+    except (AttributeError, OSError):  # not Linux 5.3+: poll instead
+        while _running(pid):
+            time.sleep(1.0)
+    else:
+        select.select([fd], [], [])  # readable once the process has ended
+    os._exit(0)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 class LocalPool(Executor):
@@ -46,10 +73,12 @@ class LocalPool(Executor):
     def __init__(self, workers: int, *, max_pixels: int, max_tasks_per_child: int | None = None
                  ) -> None:
         self.workers = workers
-        self._max_pixels = max_pixels
         self._max_tasks_per_child = max_tasks_per_child
         self._lock = threading.Lock()
         self._closed = False
+        # OpenCV reads its own pixel limit (a backstop for formats imgserver does not read
+        # headers of) once, when cv2 is loaded: in the forkserver, which inherits this.
+        os.environ["OPENCV_IO_MAX_IMAGE_PIXELS"] = str(max_pixels)
         self._context = multiprocessing.get_context("forkserver")
         self._context.set_forkserver_preload(_PRELOAD)
         self._pool = self._new_pool()
@@ -57,7 +86,7 @@ class LocalPool(Executor):
     def _new_pool(self) -> ProcessPoolExecutor:
         return ProcessPoolExecutor(
             self.workers, mp_context=self._context, initializer=init_worker,
-            initargs=(self._max_pixels,), max_tasks_per_child=self._max_tasks_per_child)
+            initargs=(os.getpid(),), max_tasks_per_child=self._max_tasks_per_child)
 
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future:
         """Run ``fn(*args, **kwargs)`` in a worker; a broken pool is replaced first."""

@@ -1,8 +1,9 @@
 """Read an image's format and size from its header, and its EXIF orientation.
 
 The size is read before anything is decoded, so that an image too large for the pixel
-limit is refused without allocating it. Only the first bytes of the file are parsed; a
-format not known here is left for OpenCV to judge (the decoder has its own pixel limit).
+limit is refused without allocating it: JPEG, PNG, WebP, BMP, GIF, TIFF (and BigTIFF),
+PNM and PAM. A format not known here is left to OpenCV's own pixel limit
+(``OPENCV_IO_MAX_IMAGE_PIXELS``, which the pool sets to the same value).
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ class Header:
     format: str
     width: int
     height: int
-    orientation: int = 1  # EXIF orientation, read here only for TIFF (the tag is in IFD0)
 
 
 def read_header(data: bytes) -> Header | None:
@@ -27,7 +27,7 @@ def read_header(data: bytes) -> Header | None:
         for magic, reader in _READERS:
             if data.startswith(magic):
                 return reader(data)
-    except (struct.error, IndexError, ValueError):
+    except (struct.error, IndexError, ValueError, KeyError):
         return None
     return None
 
@@ -36,9 +36,14 @@ def _jpeg(data: bytes) -> Header | None:
     pos = 2
     while pos + 4 <= len(data):
         if data[pos] != 0xFF:
-            return None
+            # libjpeg skips bytes between segments ("extraneous bytes before marker"),
+            # so the size must be found past them too.
+            pos = data.find(b"\xff", pos)
+            if pos < 0:
+                return None
+            continue
         marker = data[pos + 1]
-        if marker == 0xFF:  # fill byte
+        if marker == 0xFF or marker == 0x00:  # fill byte, or a stuffed zero
             pos += 1
             continue
         if marker in (0x01, 0xD8) or 0xD0 <= marker <= 0xD7:  # markers without a length
@@ -92,10 +97,45 @@ def _gif(data: bytes) -> Header | None:
 
 
 def _tiff(data: bytes) -> Header | None:
-    tags = tiff_tags(data, (256, 257, 274))
+    tags = tiff_tags(data, (256, 257))
     if 256 not in tags or 257 not in tags:
         return None
-    return Header("tiff", tags[256], tags[257], tags.get(274, 1))
+    return Header("tiff", tags[256], tags[257])
+
+
+def _bigtiff(data: bytes) -> Header | None:
+    order = "<" if data[:2] == b"II" else ">"
+    (ifd,) = struct.unpack(order + "Q", data[8:16])
+    (count,) = struct.unpack(order + "Q", data[ifd:ifd + 8])
+    found: dict[int, int] = {}
+    for index in range(min(count, 1000)):
+        entry = ifd + 8 + 20 * index
+        tag, kind = struct.unpack(order + "HH", data[entry:entry + 4])
+        if tag in (256, 257):
+            fmt = {3: "H", 4: "I", 16: "Q"}.get(kind)
+            if fmt:
+                (found[tag],) = struct.unpack_from(order + fmt, data, entry + 12)
+    if 256 not in found or 257 not in found:
+        return None
+    return Header("tiff", found[256], found[257])
+
+
+def _pnm(data: bytes) -> Header | None:
+    # P1..P6: magic, then width and height as decimal text, with comments after "#".
+    text = data[2:512].decode("latin-1")
+    numbers: list[int] = []
+    for line in text.splitlines():
+        for token in line.split("#", 1)[0].split():
+            numbers.append(int(token))
+            if len(numbers) == 2:
+                return Header("pnm", numbers[0], numbers[1])
+    return None
+
+
+def _pam(data: bytes) -> Header | None:
+    fields = dict(line.split(None, 1) for line in data[3:512].decode("latin-1").splitlines()
+                  if len(line.split(None, 1)) == 2)
+    return Header("pam", int(fields["WIDTH"]), int(fields["HEIGHT"]))
 
 
 def tiff_tags(data: bytes, wanted: tuple[int, ...]) -> dict[int, int]:
@@ -140,4 +180,7 @@ _READERS = (
     (b"GIF89a", _gif),
     (b"II*\x00", _tiff),
     (b"MM\x00*", _tiff),
-)
+    (b"II+\x00", _bigtiff),
+    (b"MM\x00+", _bigtiff),
+    (b"P7\n", _pam),
+) + tuple((b"P" + bytes([digit]), _pnm) for digit in b"123456")

@@ -12,16 +12,20 @@ nothing: a rejected request leaves no trace.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from imgserver.codec import FORMATS
 from imgserver.errors import Problem, RequestError
-from imgserver.operations import Operation, output_suffixes, parse_operation
+from imgserver.operations import Operation, Split, output_suffixes, parse_operation
 from imgserver.paths import OutsideRoot, confine
 
+#: Most files one request may write (each split multiplies an image's files by four).
+MAX_OUTPUTS = 100_000
 _TOP_KEYS = ("images", "operations")
+_MISSING = object()
 _IMAGE_KEYS = ("input", "output")
 
 
@@ -65,12 +69,12 @@ def parse_request(body: bytes, root: Path, limits: RequestLimits) -> Request:
         raise RequestError.single("request", f"expected a JSON object, got {_kind(document)}")
     for key in document:
         if key not in _TOP_KEYS:
-            problems.append(Problem(key, "unknown field (expected images and operations)"))
+            problems.append(Problem(_key(key), "unknown field (expected images and operations)"))
     for key in _TOP_KEYS:
         if key not in document:
             problems.append(Problem(key, "field required"))
-    texts, parsed = _operations(document.get("operations"), problems)
-    images = _images(document.get("images"), root, limits, parsed, problems)
+    texts, parsed = _operations(document.get("operations", _MISSING), problems)
+    images = _images(document.get("images", _MISSING), root, limits, parsed, problems)
     if problems:
         raise RequestError(problems)
     return Request(images=tuple(images), operations=tuple(texts), parsed=parsed)
@@ -82,7 +86,7 @@ def _load_json(body: bytes) -> Any:
         if len(result) < len(pairs):
             seen: set[str] = set()
             twice = next(key for key, _ in pairs if key in seen or seen.add(key))
-            raise RequestError.single(twice, "appears twice in the same object")
+            raise RequestError.single("request", f"key {twice!r} appears twice in one object")
         return result
 
     def no_constants(name: str) -> None:
@@ -100,7 +104,7 @@ def _load_json(body: bytes) -> Any:
 
 
 def _operations(value: Any, problems: list[Problem]) -> tuple[list[str], tuple[Operation, ...]]:
-    if value is None:
+    if value is _MISSING:
         return [], ()
     if not isinstance(value, list):
         problems.append(Problem("operations", f"expected a list of strings, got {_kind(value)}"))
@@ -123,7 +127,7 @@ def _operations(value: Any, problems: list[Problem]) -> tuple[list[str], tuple[O
 
 def _images(value: Any, root: Path, limits: RequestLimits, operations: tuple[Operation, ...],
             problems: list[Problem]) -> list[ImageSpec]:
-    if value is None:
+    if value is _MISSING:
         return []
     if not isinstance(value, list):
         problems.append(Problem("images", f"expected a list of objects, got {_kind(value)}"))
@@ -134,6 +138,12 @@ def _images(value: Any, root: Path, limits: RequestLimits, operations: tuple[Ope
     if len(value) > limits.max_images:
         problems.append(Problem(
             "images", f"lists {len(value)} images, the limit is {limits.max_images} (--max-images)"))
+        return []
+    splits = sum(isinstance(op, Split) for op in operations)
+    if len(value) * 4 ** splits > MAX_OUTPUTS:
+        problems.append(Problem(
+            "operations", f"{splits} splits make {4 ** splits} files of each of {len(value)} "
+                          f"images; a request may write at most {MAX_OUTPUTS} files"))
         return []
     suffixes = output_suffixes(operations)
     specs: list[ImageSpec] = []
@@ -164,11 +174,12 @@ def _image(entry: Any, field: str, root: Path, suffixes: list[str],
     before = len(problems)
     for key in entry:
         if key not in _IMAGE_KEYS:
-            problems.append(Problem(f"{field}.{key}", "unknown field (expected input and output)"))
+            problems.append(Problem(f"{field}.{_key(key)}",
+                                    "unknown field (expected input and output)"))
     paths: dict[str, Path] = {}
     for key in _IMAGE_KEYS:
-        raw = entry.get(key)
-        if raw is None:
+        raw = entry.get(key, _MISSING)
+        if raw is _MISSING:
             problems.append(Problem(f"{field}.{key}", "field required"))
         elif not isinstance(raw, str):
             problems.append(Problem(f"{field}.{key}", f"expected a string, got {_kind(raw)}"))
@@ -177,7 +188,15 @@ def _image(entry: Any, field: str, root: Path, suffixes: list[str],
                 paths[key] = confine(root, raw)
             except OutsideRoot as exc:
                 problems.append(Problem(f"{field}.{key}", str(exc)))
+    outputs: list[Path] = []
     if "output" in paths:
+        # Tiles are named after the output as written (out/cat.png -> out/cat_lt.png), then
+        # each is confined like any path.
+        written = PurePosixPath(entry["output"])
+        try:
+            outputs = _tile_paths(root, written, paths["output"], suffixes)
+        except OutsideRoot as exc:
+            problems.append(Problem(f"{field}.output", str(exc)))
         extension = paths["output"].suffix.lower()
         if extension not in FORMATS:
             problems.append(Problem(
@@ -186,9 +205,31 @@ def _image(entry: Any, field: str, root: Path, suffixes: list[str],
                 f"(expected one of {', '.join(sorted(FORMATS))})"))
     if len(problems) > before:
         return None
-    output = paths["output"]
-    outputs = tuple(output.with_name(output.stem + suffix + output.suffix) for suffix in suffixes)
-    return ImageSpec(entry["input"], entry["output"], paths["input"], output, outputs)
+    return ImageSpec(entry["input"], entry["output"], paths["input"], paths["output"],
+                     tuple(outputs))
+
+
+def _tile_paths(root: Path, written: PurePosixPath, output: Path,
+                suffixes: list[str]) -> list[Path]:
+    """The real path of every file an image writes: ``output``, or its tiles.
+
+    Tiles share the folder of the output as written; only a tile name that exists as a
+    symlink needs resolving on its own (the folder is resolved once).
+    """
+    if suffixes == [""]:
+        return [output]
+    folder = confine(root, str(written.parent))
+    paths = []
+    for suffix in suffixes:
+        name = written.stem + suffix + written.suffix
+        tile = folder / name
+        paths.append(confine(root, str(tile)) if os.path.islink(tile) else tile)
+    return paths
+
+
+def _key(key: str) -> str:
+    """A key as a field name; quoted when it would not read as one (empty, odd characters)."""
+    return key if key.isidentifier() else json.dumps(key)
 
 
 def _kind(value: Any) -> str:

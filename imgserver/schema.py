@@ -7,7 +7,7 @@ of each operation.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -22,14 +22,23 @@ OPERATIONS_HELP = (
 )
 
 
+_NUMBER = r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?"
+#: The operation grammar as a regular expression (ranges are checked by the server).
+OPERATION_PATTERN = (rf"^\s*(?:resize\s*=\s*{_NUMBER}|split(?:\s*=.*)?"
+                     rf"|blur\s*=\s*[+-]?[0-9]+(?:\s*,\s*{_NUMBER})?)\s*$")
+OUTPUT_PATTERN = r"\.(?:[jJ][pP][eE]?[gG]|[pP][nN][gG]|[wW][eE][bB][pP]|[tT][iI][fF][fF]?|[bB][mM][pP])$"
+
+
 class ImageRequest(BaseModel):
     """One image to process."""
 
     model_config = ConfigDict(extra="forbid")
 
-    input: str = Field(description="Input path, relative to the server's root (or absolute "
-                                   "inside it).", examples=["photos/cat.jpg"])
-    output: str = Field(description="Output path inside the root; its extension picks the "
+    input: str = Field(min_length=1, description="Input path, relative to the server's root "
+                                                 "(or absolute inside it).",
+                       examples=["photos/cat.jpg"])
+    output: str = Field(min_length=1, pattern=OUTPUT_PATTERN,
+                        description="Output path inside the root; its extension picks the "
                                     "format: .jpg .jpeg .png .webp .tif .tiff .bmp.",
                         examples=["thumbs/cat.jpg"])
 
@@ -42,8 +51,8 @@ class JobRequest(BaseModel):
         "operations": ["resize=50", "split=True", "blur=5"]}]})
 
     images: list[ImageRequest] = Field(min_length=1, description="One or more images.")
-    operations: list[str] = Field(description=OPERATIONS_HELP,
-                                  examples=[["resize=50", "split=True", "blur=5,1.5"]])
+    operations: list[Annotated[str, Field(pattern=OPERATION_PATTERN)]] = Field(
+        description=OPERATIONS_HELP, examples=[["resize=50", "split=True", "blur=5,1.5"]])
 
 
 State = Literal["queued", "running", "done", "failed"]

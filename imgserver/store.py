@@ -33,6 +33,16 @@ def valid_id(job_id: str) -> bool:
             and all(ord(char) >= 32 and ord(char) != 127 for char in job_id))
 
 
+def job_name(stem: str) -> str | None:
+    """A job id made from a file's stem (``holiday`` for holiday.json); None if none fits.
+
+    Leading dots are dropped (ids are never hidden files) and the name is cut to 200 bytes,
+    so that ``<id>.request.json`` and a ``-<n>`` suffix fit in a file name.
+    """
+    name = stem.lstrip(".").encode()[:200].decode("utf-8", "ignore")
+    return name if valid_id(name) else None
+
+
 class Outbox:
     """The folder of request and status files."""
 
@@ -79,7 +89,7 @@ class Outbox:
             return job_id, None
         return job_id, fd
 
-    def adopt(self, source: Path, name: str) -> str:
+    def adopt(self, source: Path, name: str | None) -> str:
         """Move ``source`` (a file on the same file system) to a new job's request; its id."""
         self.ensure()
         job_id = self._link(source, name)

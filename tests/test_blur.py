@@ -37,13 +37,27 @@ def test_blur_large_kernel_matches_opencv(height: int, width: int, ksize: int) -
     assert mean_abs_diff(result, reference) <= TOLERANCE
 
 
-def test_blur_tiny_image_is_exact() -> None:
+@pytest.mark.parametrize("height, width", [(1, 9), (3, 3), (7, 5), (1, 50), (32, 32), (48, 64)])
+@pytest.mark.parametrize("ksize", [101, 301, 5001])
+def test_blur_small_image_matches_opencv_bit_for_bit(height: int, width: int, ksize: int) -> None:
     # On a few pixels OpenCV's 8-bit path strays from the true Gaussian by more than a grey
-    # level (its kernel is quantised); imgserver returns the true value.
-    image = photo(1, 9)
+    # level (its kernel is quantised to 1/256); imgserver reproduces it exactly.
+    image = photo(height, width)
+    assert np.array_equal(gaussian_blur(image, ksize), cv2.GaussianBlur(image, (ksize, ksize), 0))
+
+
+def test_blur_small_16bit_image_is_the_true_gaussian() -> None:
+    image = photo(7, 5, 3, np.uint16)
     for ksize in (301, 10001):
-        exact = cv2.GaussianBlur(image.astype(np.float32), (ksize, ksize), 0)
-        assert mean_abs_diff(gaussian_blur(image, ksize), exact) <= 0.5
+        exact = cv2.GaussianBlur(image.astype(np.float64), (ksize, ksize), 0)
+        assert np.abs(gaussian_blur(image, ksize) - exact).max() <= 0.5
+
+
+@pytest.mark.parametrize("ksize, sigma", [(51, 1000), (101, 50), (301, 500), (201, 30)])
+def test_blur_wide_sigma_cut_short_by_kernel_matches_opencv(ksize: int, sigma: float) -> None:
+    image = photo(240, 320)
+    reference = cv2.GaussianBlur(image, (ksize, ksize), sigma)
+    assert mean_abs_diff(gaussian_blur(image, ksize, sigma), reference) <= 0.3
 
 
 def test_blur_kernel_larger_than_image_matches_opencv() -> None:

@@ -176,3 +176,60 @@ def test_codec_encode_every_format_round_trips(extension: str, channels: int) ->
         assert np.array_equal(result, reference(image, extension))
         return
     assert np.array_equal(result, image)
+
+
+def tiff_with_orientation(image: np.ndarray, orientation: int) -> bytes:
+    """A baseline uncompressed 8-bit RGB TIFF of ``image`` (BGR) with an Orientation tag."""
+    height, width = image.shape[:2]
+    pixels = np.ascontiguousarray(image[..., ::-1]).tobytes()
+    entries = [(256, 3, 1, width), (257, 3, 1, height), (258, 3, 3, 8 + 8 * 0x10000),
+               (259, 3, 1, 1), (262, 3, 1, 2), (273, 4, 1, 0), (274, 3, 1, orientation),
+               (277, 3, 1, 3), (278, 3, 1, height), (279, 4, 1, len(pixels))]
+    ifd_size = 2 + 12 * len(entries) + 4
+    bits_offset = 8 + ifd_size
+    data_offset = bits_offset + 6
+    body = struct.pack("<H", len(entries))
+    for tag, kind, count, value in entries:
+        if tag == 258:
+            body += struct.pack("<HHII", tag, kind, count, bits_offset)
+        elif tag == 273:
+            body += struct.pack("<HHII", tag, kind, count, data_offset)
+        elif kind == 3:
+            body += struct.pack("<HHIHH", tag, kind, count, value, 0)
+        else:
+            body += struct.pack("<HHII", tag, kind, count, value)
+    body += struct.pack("<I", 0)
+    return b"II*\x00" + struct.pack("<I", 8) + body + struct.pack("<HHH", 8, 8, 8) + pixels
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_codec_decode_applies_tiff_orientation_once(orientation: int) -> None:
+    tiff = tiff_with_orientation(photo(24, 40), orientation)
+    upright = cv2.imdecode(np.frombuffer(tiff, np.uint8), cv2.IMREAD_COLOR)
+    result = decode(tiff, LIMITS)
+    assert result.shape == upright.shape and np.array_equal(result, upright)
+
+
+def test_codec_jpeg_with_junk_is_refused_and_cannot_dodge_the_pixel_limit() -> None:
+    data = encoded(photo(200, 300), ".jpg")
+    dqt = data.find(b"\xff\xdb")
+    junk = data[:dqt] + b"\x00" + data[dqt:]
+    with pytest.raises(ImageError, match="megapixels, the limit is 0.01"):
+        decode(junk, Limits(max_pixels=10_000, max_file_bytes=1 << 20))
+    with pytest.raises(ImageError, match="Corrupt JPEG data"):
+        decode(junk, LIMITS)
+
+
+def test_codec_zeroed_scan_data_is_refused() -> None:
+    data = bytearray(encoded(photo(200, 300), ".jpg"))
+    start = bytes(data).find(b"\xff\xda") + 20
+    middle = (start + len(data)) // 2
+    data[middle:middle + 100] = bytes(100)  # the decoder ends early: bytes left over
+    with pytest.raises(ImageError, match="damaged or truncated"):
+        decode(bytes(data), LIMITS)
+
+
+def test_codec_pnm_over_pixel_limit_is_refused() -> None:
+    data = encoded(photo(300, 400), ".ppm")
+    with pytest.raises(ImageError, match="input is 400x300 = 0.12 megapixels"):
+        decode(data, Limits(max_pixels=100_000, max_file_bytes=1 << 30))

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import threading
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -172,6 +174,8 @@ def test_engine_recovers_unfinished_job_without_redoing_done_images(
                     "outputs": [], "error": None}]}))
     (root / f".todo.png.deadbeef{TEMP_SUFFIX}").write_bytes(b"half an image")
     (root / "outbox" / ".tmp-0123").write_bytes(b"half a status")
+    old = time.time() - 3600
+    os.utime(root / "outbox" / ".tmp-0123", (old, old))
     engine = Engine(settings, pool)
     engine.start()
     try:

@@ -59,6 +59,8 @@ def test_operations_parse_valid(text: str, expected: object) -> None:
     ("blur=5,1,2", "is not a number"),
     ("rotate=90", "unknown operation 'rotate'"),
     ("Resize=50", "unknown operation 'Resize'"),
+    ("resize=\u0665\u0660", "is not a number"),   # Arabic-Indic digits
+    ("blur=\u0665", "is not an integer"),
     ("", "unknown operation ''"),
 ])
 def test_operations_parse_invalid(text: str, message: str) -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from imgserver.paths import OutsideRoot, confine, recheck
+from imgserver.paths import OutsideRoot, confine, open_folder
 
 
 @pytest.fixture
@@ -89,11 +89,22 @@ def test_paths_empty_or_control_characters_are_refused(jail: Path, raw: str) -> 
         confine(jail, raw)
 
 
-def test_paths_recheck_catches_symlink_swapped_in(jail: Path) -> None:
+def test_paths_open_folder_refuses_symlink_swapped_in(jail: Path) -> None:
     target = confine(jail, "photos/cat.jpg")
-    recheck(jail, target)
+    os.close(open_folder(jail, target.parent))
     (jail / "photos").rename(jail / "photos-old")
     (jail / "photos").symlink_to(jail.parent / "secret")
-    (jail.parent / "secret" / "cat.jpg").write_bytes(b"secret")
     with pytest.raises(OutsideRoot, match="changed after validation"):
-        recheck(jail, target)
+        open_folder(jail, target.parent)
+
+
+def test_paths_open_folder_creates_inside_only(jail: Path) -> None:
+    folder = confine(jail, "new/deeper/out.png").parent
+    (jail / "new").symlink_to(jail.parent / "secret")  # swapped in after validation
+    with pytest.raises(OutsideRoot):
+        open_folder(jail, folder, create=True)
+    assert sorted(p.name for p in (jail.parent / "secret").iterdir()) == ["passwd"]
+    (jail / "new").unlink()
+    fd = open_folder(jail, folder, create=True)
+    os.close(fd)
+    assert (jail / "new" / "deeper").is_dir()

@@ -51,3 +51,21 @@ def test_probe_exif_orientation(orientation: int, little_endian: bool) -> None:
 ])
 def test_probe_broken_exif_means_upright(block: bytes) -> None:
     assert exif_orientation(block) == 1
+
+
+def test_probe_jpeg_size_found_past_junk_bytes() -> None:
+    ok, data = cv2.imencode(".jpg", photo(37, 53))
+    data = data.tobytes()
+    dqt = data.find(b"\xff\xdb")
+    junk = data[:dqt] + b"\x00\x00junk" + data[dqt:]  # libjpeg skips these and decodes
+    header = read_header(junk)
+    assert header is not None and (header.width, header.height) == (53, 37)
+
+
+@pytest.mark.parametrize("magic", [b"P5", b"P6"])
+def test_probe_reads_pnm_headers(magic: bytes) -> None:
+    data = magic + b"\n# a comment\n5000 4000\n255\n" + b"\x00" * 10
+    header = read_header(data)
+    assert header is not None and (header.width, header.height) == (5000, 4000)
+    ok, real = cv2.imencode(".ppm", photo(21, 34))
+    assert (read_header(real.tobytes()).width, read_header(real.tobytes()).height) == (34, 21)

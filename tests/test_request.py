@@ -57,6 +57,11 @@ def test_request_empty_operations_is_valid(root: Path) -> None:
     ({"images": [{"input": "a.jpg"}], "operations": []}, "images[0].output", "field required"),
     ({"images": [{"input": 5, "output": "b.jpg"}], "operations": []},
      "images[0].input", "expected a string, got a number"),
+    ({"images": [{"input": None, "output": "b.jpg"}], "operations": []},
+     "images[0].input", "expected a string, got null"),
+    ({"images": None, "operations": []}, "images", "expected a list of objects, got null"),
+    ({"images": [{"input": "a.jpg", "output": "b.jpg"}], "operations": None},
+     "operations", "expected a list of strings, got null"),
     ({"images": ["a.jpg"], "operations": []}, "images[0]", "expected an object"),
     ({"images": [{"input": "a.jpg", "output": "b.jpg"}], "operations": ["resize=50", 5]},
      "operations[1]", "expected a string, got a number"),
@@ -89,6 +94,25 @@ def test_request_outputs_colliding_through_a_symlink_are_refused(root: Path) -> 
     assert "writes 'thumbs/x_lt.png', which images[0].output also writes" in found["images[1].output"]
 
 
+def test_request_tiles_are_named_after_the_output_as_written(root: Path) -> None:
+    (root / "sub").mkdir()
+    (root / "link.png").symlink_to(root / "sub" / "target.png")
+    request = parse_request(body({"images": [{"input": "a.jpg", "output": "link.png"}],
+                                  "operations": ["split"]}), root, LIMITS)
+    assert [p.relative_to(root).as_posix() for p in request.images[0].outputs] == [
+        "link_lt.png", "link_rt.png", "link_lb.png", "link_rb.png"]
+
+
+def test_request_tile_that_is_a_symlink_out_is_refused(root: Path,
+                                                       tmp_path_factory: pytest.TempPathFactory
+                                                       ) -> None:
+    outside = tmp_path_factory.mktemp("outside")
+    (root / "x_rb.png").symlink_to(outside / "evil.png")
+    found = problems(root, body({"images": [{"input": "a.jpg", "output": "x.png"}],
+                                 "operations": ["split"]}))
+    assert "outside the root" in found["images[0].output"]
+
+
 @pytest.mark.parametrize("raw, message", [
     (b"", "not valid JSON"),
     (b"{", "not valid JSON"),
@@ -103,7 +127,7 @@ def test_request_not_a_json_object(root: Path, raw: bytes, message: str) -> None
 
 def test_request_duplicate_key_is_refused(root: Path) -> None:
     raw = b'{"images": [], "images": [], "operations": []}'
-    assert "appears twice" in problems(root, raw)["images"]
+    assert problems(root, raw)["request"] == "key 'images' appears twice in one object"
 
 
 def test_request_limits(root: Path) -> None:
@@ -112,6 +136,14 @@ def test_request_limits(root: Path) -> None:
     assert "lists 5 images, the limit is 4" in found["images"]
     found = problems(root, body({"images": images, "operations": []}), RequestLimits(100, 10))
     assert "the limit is 100 bytes" in found["request"]
+
+
+def test_request_too_many_splits_is_refused_before_naming_tiles(root: Path) -> None:
+    found = problems(root, body({"images": [{"input": "a.jpg", "output": "b.png"}] * 2,
+                                 "operations": ["split"] * 40}))
+    assert "40 splits make" in found["operations"] and "at most 100000 files" in found["operations"]
+    parse_request(body({"images": [{"input": "a.jpg", "output": "b.png"}],
+                        "operations": ["split"] * 8}), root, LIMITS)  # 65536 tiles: allowed
 
 
 def test_request_reports_every_problem(root: Path) -> None:
