@@ -391,7 +391,9 @@ class Engine:
         image.state = RUNNING
         if work.job.job.state == QUEUED:
             work.job.job.start()
-            self._write(work.job)
+            # Written with the next flush: a short job is often done before, and its final
+            # status (written at once) says running's times too.
+            work.job.dirty = True
         future.add_done_callback(self._on_done)
         return True
 

@@ -19,6 +19,7 @@ class Header:
     format: str
     width: int
     height: int
+    channels: int = 0  # known for JPEG (its components); 0 when not read
 
 
 def read_header(data: bytes) -> Header | None:
@@ -53,7 +54,7 @@ def _jpeg(data: bytes) -> Header | None:
         # SOF0..SOF15 carry the frame size, except DHT (C4), JPG (C8) and DAC (CC).
         if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
             height, width = struct.unpack(">HH", data[pos + 5:pos + 9])
-            return Header("jpeg", width, height)
+            return Header("jpeg", width, height, data[pos + 9])
         pos += 2 + length
     return None
 

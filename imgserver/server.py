@@ -100,6 +100,7 @@ def serve(settings: Settings) -> int:
 
 
 def _serve(settings: Settings, executor: LocalPool) -> int:
+    executor.warm()
     engine = Engine(settings, executor)
     engine.start()
     drop_folder = DropFolder(engine, settings.inbox)

@@ -18,13 +18,13 @@ from imgserver.settings import Settings
 
 
 def photo(height: int, width: int, channels: int = 3, dtype: Any = np.uint8,
-          seed: int = 0) -> np.ndarray:
-    """A deterministic photo-like image: smooth gradients, an edge and noise."""
+          seed: int = 0, noise: float = 0.05) -> np.ndarray:
+    """A deterministic photo-like image: smooth gradients, an edge and (heavy) noise."""
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
     planes = [0.5 + 0.4 * np.sin(xx / max(width, 1) * 6.28 * (1 + c))
               * np.cos(yy / max(height, 1) * 3.14 * (2 + c)) for c in range(channels)]
-    image = np.dstack(planes) + rng.normal(0, 0.05, (height, width, channels))
+    image = np.dstack(planes) + rng.normal(0, noise, (height, width, channels))
     image[height // 4:height // 2, width // 3:width // 2] += 0.2
     top = np.iinfo(dtype).max
     image = np.clip(image * top, 0, top).astype(dtype)

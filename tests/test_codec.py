@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from conftest import mean_abs_diff, photo
-from imgserver.codec import FORMATS, Limits, decode, encode
+from imgserver.codec import FORMATS, Limits, decode, decode_resized, encode, shrink_factor
+from imgserver.operations import Resize
 from imgserver.errors import ImageError
 from test_probe import exif_block
 
@@ -233,3 +234,57 @@ def test_codec_pnm_over_pixel_limit_is_refused() -> None:
     data = encoded(photo(300, 400), ".ppm")
     with pytest.raises(ImageError, match="input is 400x300 = 0.12 megapixels"):
         decode(data, Limits(max_pixels=100_000, max_file_bytes=1 << 30))
+
+
+@pytest.mark.parametrize("width, height", [(1200, 904), (1000, 664), (640, 480), (1001, 667),
+                                           (37, 23)])
+@pytest.mark.parametrize("percent", [50, 33, 25, 20, 12.5, 10, 5])
+def test_codec_shrink_on_load_matches_full_decode_and_area_resize(
+        width: int, height: int, percent: float) -> None:
+    jpeg = encoded(photo(height, width, noise=0.01), ".jpg")
+    resize = Resize(percent)
+    fast = decode_resized(jpeg, LIMITS, resize)
+    full = decode(jpeg, LIMITS)
+    exact = cv2.resize(full, resize.size(width, height), interpolation=cv2.INTER_AREA)
+    if fast is None:  # no shrink is exact enough here: decoded in full
+        return
+    assert fast.shape == exact.shape
+    assert mean_abs_diff(fast, exact) <= 1.0 and cv2.PSNR(fast, exact) >= 40
+
+
+def test_codec_shrink_on_load_declines_noise_and_odd_sizes() -> None:
+    noise = np.random.default_rng(1).integers(0, 256, (400, 600, 3), dtype=np.uint8)
+    assert decode_resized(encoded(noise, ".jpg"), LIMITS, Resize(50)) is None
+    odd = encoded(photo(301, 401, noise=0.01), ".jpg")
+    assert decode_resized(odd, LIMITS, Resize(50)) is None
+    assert decode_resized(encoded(photo(400, 600, noise=0.01), ".jpg"), LIMITS,
+                          Resize(50)) is not None
+
+
+@pytest.mark.parametrize("orientation", [3, 6, 8])
+def test_codec_shrink_on_load_keeps_exif_orientation(orientation: int) -> None:
+    jpeg = with_exif(encoded(photo(300, 500, noise=0.01), ".jpg"), exif_block(orientation))
+    fast = decode_resized(jpeg, LIMITS, Resize(25))
+    exact = cv2.resize(decode(jpeg, LIMITS), None, fx=0.25, fy=0.25,
+                       interpolation=cv2.INTER_AREA)
+    assert fast is not None and fast.shape == exact.shape
+    assert mean_abs_diff(fast, exact) <= 1.0
+
+
+def test_codec_shrink_on_load_keeps_grayscale() -> None:
+    jpeg = encoded(photo(400, 600, 1, noise=0.01), ".jpg")
+    fast = decode_resized(jpeg, LIMITS, Resize(25))
+    assert fast is not None and fast.shape == (100, 150)
+
+
+@pytest.mark.parametrize("channels, dtype, extension", [(4, np.uint8, ".png"),
+                                                        (3, np.uint16, ".png"),
+                                                        (3, np.uint8, ".webp")])
+def test_codec_shrink_on_load_only_for_jpeg(channels: int, dtype: type, extension: str) -> None:
+    data = encoded(photo(100, 120, channels, dtype), extension)
+    assert decode_resized(data, LIMITS, Resize(25)) is None  # decoded in full instead
+
+
+def test_codec_shrink_factor_keeps_whole_or_large_steps() -> None:
+    assert [shrink_factor(p) for p in (100, 60, 50, 40, 33, 25, 20, 12.5, 10, 1)] == [
+        1, 1, 2, 1, 2, 4, 2, 8, 4, 8]

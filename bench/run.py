@@ -1,0 +1,380 @@
+"""scripts/bench: every contender on every workload, in one run; a table in docs/benchmarks.md.
+
+Contenders, each with the same number of processes (default: the CPU count):
+  imgserver-http   `imgserver serve` in its own process; the job POSTed with ?wait=true
+  imgserver-drop   the same request dropped into INBOX; timed until its status says done
+  opencv-loop      a hand-written ProcessPoolExecutor loop over cv2 calls (bench/loops.py)
+  pyvips           libvips through pyvips, one thread per process (bench/loops.py)
+Images/s are measured in the same run, so ratios hold even on a noisy machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+sys.path.insert(0, str(HERE))
+from inputs import make_inputs  # noqa: E402
+
+
+@dataclass
+class Workload:
+    """One benchmark job: its inputs and operations."""
+
+    name: str
+    count: int
+    quick: int
+    width: int
+    height: int
+    extension: str
+    operations: list[str]
+    sequential: bool = False
+
+    @property
+    def description(self) -> str:
+        size = (f"{self.width * self.height / 1e6:.0f} MP" if self.width * self.height > 4e6
+                else f"{self.width}×{self.height}")
+        kind = {".jpg": "JPEG", ".png": "PNG"}[self.extension]
+        if self.sequential:
+            return f"1 × {size} {kind}, {self.count} sequential requests"
+        return f"{self.count} × {size} {kind}"
+
+
+WORKLOADS = [
+    Workload("photo-thumb", 100, 10, 4000, 3000, ".jpg", ["resize=25"]),
+    Workload("web-resize", 200, 20, 1920, 1080, ".jpg", ["resize=50", "blur=5"]),
+    Workload("tiles", 100, 10, 1920, 1080, ".png", ["split=True"]),
+    Workload("big-blur", 20, 4, 1920, 1080, ".jpg", ["blur=301"]),
+    Workload("latency", 200, 30, 640, 480, ".jpg", ["resize=50"], sequential=True),
+]
+
+
+@dataclass
+class Result:
+    """What one contender did on one workload."""
+
+    seconds: float
+    images: int
+    latencies_ms: list[float] = field(default_factory=list)
+    peak_mib: float = 0.0
+    agreement: str = ""
+
+    @property
+    def rate(self) -> float:
+        return self.images / self.seconds
+
+    def percentile(self, share: float) -> float:
+        ordered = sorted(self.latencies_ms)
+        return ordered[min(len(ordered) - 1, int(share * len(ordered)))] if ordered else 0.0
+
+
+def loop_ops(operations: list[str]) -> list[tuple[str, float | int | None]]:
+    parsed: list[tuple[str, float | int | None]] = []
+    for text in operations:
+        name, _, value = text.partition("=")
+        parsed.append((name, float(value) if name == "resize" else
+                       int(value) if name == "blur" else None))
+    return parsed
+
+
+# -- the hand-written loops -------------------------------------------------------------
+
+def run_loop(kind: str, work: Path, workload: Workload, inputs: list[Path], processes: int,
+             count: int) -> Result:
+    out = work / "out" / kind / workload.name
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    tasks = [{"input": str(inputs[index % len(inputs)]),
+              "output": str(out / f"{index:03d}{workload.extension}"),
+              "operations": loop_ops(workload.operations)} for index in range(count)]
+    manifest = work / f"manifest-{kind}.json"
+    manifest.write_text(json.dumps({"processes": processes, "tasks": tasks,
+                                    "sequential": workload.sequential}))
+    env = {**os.environ, "VIPS_CONCURRENCY": "1"}
+    done = subprocess.run([sys.executable, str(HERE / "loops.py"), kind, str(manifest)],
+                          capture_output=True, text=True, check=True, env=env)
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    return Result(report["seconds"], count, [s * 1000 for s in report["latencies"]],
+                  report["peak_kib"] / 1024)
+
+
+# -- imgserver ----------------------------------------------------------------------------
+
+class Server:
+    """``imgserver serve`` in its own process, on a free loopback port."""
+
+    def __init__(self, root: Path, processes: int, extra: list[str]) -> None:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            self.port = sock.getsockname()[1]
+        self.root = root
+        self.log = open(root / "server.log", "ab")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "imgserver", "serve", "--root", str(root), "--port",
+             str(self.port), "--workers", str(processes), "--max-images", "10000", *extra],
+            stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if self.request("GET", "/healthz")[0] == 200:
+                    break
+            except OSError:
+                pass
+            if time.monotonic() > deadline or self.process.poll() is not None:
+                raise RuntimeError(f"imgserver did not start; see {root / 'server.log'}")
+            time.sleep(0.05)
+        self.connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=600)
+
+    def request(self, method: str, path: str, body: bytes | None = None) -> tuple[int, bytes]:
+        connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=600)
+        try:
+            connection.request(method, path, body=body)
+            response = connection.getresponse()
+            return response.status, response.read()
+        finally:
+            connection.close()
+
+    def post(self, body: bytes) -> tuple[int, bytes]:
+        """POST /jobs?wait=true on one kept-alive connection (as a client library would)."""
+        self.connection.request("POST", "/jobs?wait=true", body=body,
+                                headers={"Content-Type": "application/json"})
+        response = self.connection.getresponse()
+        return response.status, response.read()
+
+    def peak_mib(self) -> float:
+        pids = [self.process.pid] + _descendants(self.process.pid)
+        return sum(_peak_kib(pid) for pid in pids) / 1024
+
+    def stop(self) -> None:
+        self.connection.close()
+        self.process.send_signal(signal.SIGTERM)
+        self.process.wait(60)
+        self.log.close()
+
+
+def run_imgserver(road: str, server: Server, work: Path, workload: Workload,
+                  inputs: list[Path], count: int) -> Result:
+    out = work / "out" / f"imgserver-{road}" / workload.name
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    pairs = [(inputs[index % len(inputs)].relative_to(work).as_posix(),
+              (out / f"{index:03d}{workload.extension}").relative_to(work).as_posix())
+             for index in range(count)]
+    if workload.sequential:
+        bodies = [_body([pair], workload.operations) for pair in pairs]
+    else:
+        bodies = [_body(pairs, workload.operations)]
+    latencies: list[float] = []
+    started = time.perf_counter()
+    for number, body in enumerate(bodies):
+        begun = time.perf_counter()
+        if road == "http":
+            status, answer = server.post(body)
+            if status != 200 or json.loads(answer)["state"] != "done":
+                raise RuntimeError(f"imgserver answered {status}: {answer[:300]!r}")
+        else:
+            _drop(server.root, f"{workload.name}-{number}-{time.monotonic_ns()}", body)
+        latencies.append((time.perf_counter() - begun) * 1000)
+    seconds = time.perf_counter() - started
+    return Result(seconds, count, latencies if workload.sequential else [], server.peak_mib())
+
+
+def _body(pairs: list[tuple[str, str]], operations: list[str]) -> bytes:
+    return json.dumps({"images": [{"input": i, "output": o} for i, o in pairs],
+                       "operations": operations}).encode()
+
+
+def _drop(root: Path, name: str, body: bytes) -> None:
+    hidden = root / "inbox" / f".{name}.json"
+    hidden.write_bytes(body)
+    status = root / "outbox" / f"{name}.status.json"
+    os.rename(hidden, root / "inbox" / f"{name}.json")
+    while True:
+        try:
+            state = json.loads(status.read_bytes())["state"]
+        except (OSError, ValueError):
+            state = None
+        if state == "done":
+            return
+        if state == "failed":
+            raise RuntimeError(f"dropped job failed: {status.read_text()[:500]}")
+        time.sleep(0.002)
+
+
+def _descendants(pid: int) -> list[int]:
+    found: list[int] = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            children = [int(c) for c in (task / "children").read_text().split()]
+        except OSError:
+            continue
+        for child in children:
+            found += [child] + _descendants(child)
+    return found
+
+
+def _peak_kib(pid: int) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def processing_time(work: Path, source: Path, operations: list[str]) -> float:
+    """p50 of imgserver's own image function on one image, in this process (no server)."""
+    sys.path.insert(0, str(REPO))
+    from imgserver.operations import parse_operations
+    from imgserver.pipeline import ImageTask, process_image
+
+    cv2.setNumThreads(1)  # as in a worker
+    task = ImageTask(root=str(work), input=str(source),
+                     outputs=(str(work / "out" / "processing" / ("x" + source.suffix)),),
+                     operations=parse_operations(operations), max_pixels=10**9,
+                     max_file_bytes=1 << 30)
+    times = []
+    for _ in range(60):
+        begun = time.perf_counter()
+        process_image(task)
+        times.append((time.perf_counter() - begun) * 1000)
+    return statistics.median(times[10:])
+
+
+def exactness(work: Path, source: Path, operations: list[str]) -> tuple[float, float]:
+    """imgserver's result against the plain OpenCV chain, both lossless: worst MAD and PSNR."""
+    sys.path.insert(0, str(REPO))
+    sys.path.insert(0, str(HERE))
+    from imgserver.operations import output_suffixes, parse_operations
+    from imgserver.pipeline import ImageTask, process_image
+    from loops import opencv_image
+
+    folder = work / "out" / "exactness"
+    shutil.rmtree(folder, ignore_errors=True)
+    (folder / "fast").mkdir(parents=True)
+    (folder / "plain").mkdir(parents=True)
+    parsed = parse_operations(operations)
+    task = ImageTask(root=str(work), input=str(source),
+                     outputs=tuple(str(folder / "fast" / f"x{suffix}.png")
+                                   for suffix in output_suffixes(parsed)),
+                     operations=parsed, max_pixels=10**9, max_file_bytes=1 << 31)
+    process_image(task)
+    opencv_image({"input": str(source), "output": str(folder / "plain" / "x.png"),
+                  "operations": loop_ops(operations)})
+    return agreement(folder / "plain", folder / "fast")
+
+
+# -- agreement ----------------------------------------------------------------------------
+
+def agreement(reference: Path, other: Path) -> tuple[float, float]:
+    """Worst mean absolute difference and worst PSNR between matching output files."""
+    worst_mad, worst_psnr = 0.0, float("inf")
+    for ref in sorted(reference.iterdir()):
+        mine = other / ref.name
+        a = cv2.imread(str(ref), cv2.IMREAD_UNCHANGED)
+        b = cv2.imread(str(mine), cv2.IMREAD_UNCHANGED)
+        if b is None or a.shape != b.shape:
+            return float("inf"), 0.0
+        worst_mad = max(worst_mad, float(np.abs(a.astype(np.float64) - b).mean()))
+        worst_psnr = min(worst_psnr, cv2.PSNR(a, b))
+    return worst_mad, worst_psnr
+
+
+# -- the run ------------------------------------------------------------------------------
+
+def machine() -> dict[str, str]:
+    model = "unknown"
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            model = line.split(":", 1)[1].strip()
+            break
+    jpeg = re.search(r"JPEG:\s+(.*)", cv2.getBuildInformation())
+    try:
+        import pyvips
+
+        vips = f"{pyvips.version(0)}.{pyvips.version(1)}.{pyvips.version(2)}"
+    except (ImportError, OSError):
+        vips = "not installed"
+    return {"CPU": model, "cores": str(os.cpu_count()), "Python": platform.python_version(),
+            "OpenCV": cv2.__version__, "libjpeg": jpeg.group(1).strip() if jpeg else "?",
+            "libvips": vips}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="a small run (under a minute)")
+    parser.add_argument("--processes", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--work", type=Path, default=REPO / ".bench",
+                        help="scratch folder (inputs are cached there)")
+    parser.add_argument("--output", type=Path, default=REPO / "docs" / "benchmarks.md")
+    parser.add_argument("--only", nargs="*", help="workload names to run")
+    parser.add_argument("--contenders", nargs="*",
+                        default=["imgserver-http", "imgserver-drop", "opencv-loop", "pyvips"])
+    args = parser.parse_args()
+    work = args.work.resolve()
+    (work / "inbox").mkdir(parents=True, exist_ok=True)
+    results: dict[str, dict[str, Result]] = {}
+    exact: dict[str, tuple[float, float]] = {}
+    processing_ms = None
+    for workload in WORKLOADS:
+        if args.only and workload.name not in args.only:
+            continue
+        count = workload.quick if args.quick else workload.count
+        images = 1 if workload.sequential else min(count, 20)
+        inputs = make_inputs(work / "inputs", f"{workload.width}x{workload.height}", images,
+                             workload.width, workload.height, workload.extension)
+        row: dict[str, Result] = {}
+        print(f"{workload.name}: {count} images", file=sys.stderr)
+        for contender in args.contenders:
+            if contender == "opencv-loop":
+                row[contender] = run_loop("opencv", work, workload, inputs, args.processes, count)
+            elif contender == "pyvips":
+                row[contender] = run_loop("vips", work, workload, inputs, args.processes, count)
+            elif contender.startswith("imgserver-"):
+                server = Server(work, args.processes, [])
+                try:
+                    row[contender] = run_imgserver(contender.split("-", 1)[1], server, work,
+                                                   workload, inputs, count)
+                finally:
+                    server.stop()
+            print(f"  {contender}: {row[contender].rate:.1f} images/s", file=sys.stderr)
+        reference = work / "out" / "opencv" / workload.name
+        for contender, result in row.items():
+            if contender != "opencv-loop" and reference.exists():
+                folder = work / "out" / ("vips" if contender == "pyvips" else contender)
+                mad, psnr = agreement(reference, folder / workload.name)
+                result.agreement = f"MAD {mad:.2f}, PSNR {psnr:.1f} dB"
+        results[workload.name] = row
+        exact[workload.name] = exactness(work, inputs[0], workload.operations)
+        if workload.sequential:
+            processing_ms = processing_time(work, inputs[0], workload.operations)
+    from report import write_report
+
+    write_report(args.output, results, WORKLOADS, machine(), args.processes, args.quick,
+                 processing_ms, exact)
+    print(args.output.read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
