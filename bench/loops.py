@@ -99,7 +99,8 @@ def _warm(kind: str) -> int:
     return os.getpid()
 
 
-def _peak_kib(pid: int) -> int:
+def peak_kib(pid: int) -> int:
+    """The peak resident memory of process ``pid`` in KiB (0 if it is gone)."""
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
             if line.startswith("VmHWM:"):
@@ -124,7 +125,7 @@ def main() -> None:
         else:
             latencies = list(pool.map(function, manifest["tasks"]))
         seconds = time.perf_counter() - started
-        peak = sum(_peak_kib(pid) for pid in pids)
+        peak = sum(peak_kib(pid) for pid in pids)
     print(json.dumps({"seconds": seconds, "latencies": latencies, "peak_kib": peak}))
 
 

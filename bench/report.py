@@ -12,7 +12,8 @@ TARGETS = {"photo-thumb": 2.0, "big-blur": 10.0}  # imgserver over the hand-writ
 def write_report(path: Path, results: dict[str, dict[str, Any]], workloads: list[Any],
                  machine: dict[str, str], processes: int, quick: bool,
                  processing_ms: float | None = None,
-                 exact: dict[str, tuple[float, float]] | None = None) -> None:
+                 exact: dict[str, tuple[float, float]] | None = None,
+                 dask_overhead: tuple[float, float] | None = None) -> None:
     lines = ["# Benchmarks", "",
              f"Measured by `scripts/bench{' --quick' if quick else ''}` on "
              f"{datetime.date.today().isoformat()}; every contender ran in the same run, "
@@ -39,6 +40,20 @@ def write_report(path: Path, results: dict[str, dict[str, Any]], workloads: list
                          f"`{', '.join(workload.operations)}` | {contender} | "
                          f"{result.rate:.1f} | {ratio} | {latency} | {result.peak_mib:.0f} | "
                          f"{result.agreement} |")
+    dask_rows = [(name, row["imgserver-dask"].rate / row["imgserver-http"].rate)
+                 for name, row in results.items()
+                 if "imgserver-dask" in row and "imgserver-http" in row]
+    if dask_rows:
+        lines += ["", "## Dask", "",
+                  "imgserver on a `distributed.LocalCluster` of as many single-threaded worker "
+                  "processes as the local pool has, on the same machine (the scheduler and the "
+                  "nannies share its cores), against the local pool:", ""]
+        lines += [f"- {name}: **{ratio:.2f}×** the local pool" for name, ratio in dask_rows]
+        if dask_overhead:
+            rate, one = dask_overhead
+            lines += [f"- Dask's own cost: {rate:.0f} empty tasks/s through the cluster, and "
+                      f"{one:.2f} ms per task submitted one at a time (the model in "
+                      f"docs/scaling.md starts from these)"]
     lines += ["", "Peak RSS: the server process plus its workers (imgserver), or the pool's "
               "workers (loops). Agreement: worst mean absolute difference and worst PSNR over "
               "all output files against the hand-written OpenCV loop's.", "",

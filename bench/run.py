@@ -3,6 +3,8 @@
 Contenders, each with the same number of processes (default: the CPU count):
   imgserver-http   `imgserver serve` in its own process; the job POSTed with ?wait=true
   imgserver-drop   the same request dropped into INBOX; timed until its status says done
+  imgserver-dask   as imgserver-http, with images run by a distributed.LocalCluster of as
+                   many single-threaded worker processes (--executor dask)
   opencv-loop      a hand-written ProcessPoolExecutor loop over cv2 calls (bench/loops.py)
   pyvips           libvips through pyvips, one thread per process (bench/loops.py)
 Images/s are measured in the same run, so ratios hold even on a noisy machine.
@@ -11,6 +13,7 @@ Images/s are measured in the same run, so ratios hold even on a noisy machine.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import http.client
 import json
 import os
@@ -23,6 +26,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,6 +37,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(HERE))
 from inputs import make_inputs  # noqa: E402
+from loops import peak_kib  # noqa: E402
 
 
 @dataclass
@@ -161,7 +166,7 @@ class Server:
 
     def peak_mib(self) -> float:
         pids = [self.process.pid] + _descendants(self.process.pid)
-        return sum(_peak_kib(pid) for pid in pids) / 1024
+        return sum(peak_kib(pid) for pid in pids) / 1024
 
     def stop(self) -> None:
         self.connection.close()
@@ -186,7 +191,7 @@ def run_imgserver(road: str, server: Server, work: Path, workload: Workload,
     started = time.perf_counter()
     for number, body in enumerate(bodies):
         begun = time.perf_counter()
-        if road == "http":
+        if road in ("http", "dask"):
             status, answer = server.post(body)
             if status != 200 or json.loads(answer)["state"] != "done":
                 raise RuntimeError(f"imgserver answered {status}: {answer[:300]!r}")
@@ -231,16 +236,6 @@ def _descendants(pid: int) -> list[int]:
     return found
 
 
-def _peak_kib(pid: int) -> int:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
-
-
 def processing_time(work: Path, source: Path, operations: list[str]) -> float:
     """p50 of imgserver's own image function on one image, in this process (no server)."""
     sys.path.insert(0, str(REPO))
@@ -281,6 +276,33 @@ def exactness(work: Path, source: Path, operations: list[str]) -> tuple[float, f
     opencv_image({"input": str(source), "output": str(folder / "plain" / "x.png"),
                   "operations": loop_ops(operations)})
     return agreement(folder / "plain", folder / "fast")
+
+
+@contextlib.contextmanager
+def dask_cluster(processes: int) -> Iterator[str]:
+    """A distributed.LocalCluster of ``processes`` single-threaded workers; its address."""
+    import distributed
+
+    with distributed.LocalCluster(n_workers=processes, threads_per_worker=1, processes=True,
+                                  host="127.0.0.1", dashboard_address=None) as cluster:
+        yield cluster.scheduler_address
+
+
+def dask_overhead(processes: int, tasks: int = 2000) -> tuple[float, float]:
+    """Dask's own cost per task: tasks/s for empty tasks, and ms per task one at a time."""
+    import distributed
+
+    with dask_cluster(processes) as address, distributed.Client(address) as client:
+        executor = client.get_executor(pure=False)
+        list(executor.map(abs, range(200)))  # warm
+        started = time.perf_counter()
+        list(executor.map(abs, range(tasks)))
+        rate = tasks / (time.perf_counter() - started)
+        started = time.perf_counter()
+        for number in range(100):
+            executor.submit(abs, number).result()
+        one = (time.perf_counter() - started) * 10
+    return rate, one
 
 
 # -- agreement ----------------------------------------------------------------------------
@@ -329,7 +351,8 @@ def main() -> int:
     parser.add_argument("--output", type=Path, default=REPO / "docs" / "benchmarks.md")
     parser.add_argument("--only", nargs="*", help="workload names to run")
     parser.add_argument("--contenders", nargs="*",
-                        default=["imgserver-http", "imgserver-drop", "opencv-loop", "pyvips"])
+                        default=["imgserver-http", "imgserver-drop", "imgserver-dask",
+                                 "opencv-loop", "pyvips"])
     args = parser.parse_args()
     work = args.work.resolve()
     (work / "inbox").mkdir(parents=True, exist_ok=True)
@@ -350,6 +373,15 @@ def main() -> int:
                 row[contender] = run_loop("opencv", work, workload, inputs, args.processes, count)
             elif contender == "pyvips":
                 row[contender] = run_loop("vips", work, workload, inputs, args.processes, count)
+            elif contender == "imgserver-dask":
+                with dask_cluster(args.processes) as address:
+                    server = Server(work, args.processes, ["--executor", "dask", "--scheduler",
+                                                           address])
+                    try:
+                        row[contender] = run_imgserver("dask", server, work, workload, inputs,
+                                                       count)
+                    finally:
+                        server.stop()
             elif contender.startswith("imgserver-"):
                 server = Server(work, args.processes, [])
                 try:
@@ -370,8 +402,10 @@ def main() -> int:
             processing_ms = processing_time(work, inputs[0], workload.operations)
     from report import write_report
 
+    overhead = (dask_overhead(args.processes) if "imgserver-dask" in args.contenders
+                else None)
     write_report(args.output, results, WORKLOADS, machine(), args.processes, args.quick,
-                 processing_ms, exact)
+                 processing_ms, exact, overhead)
     print(args.output.read_text())
     return 0
 

@@ -104,7 +104,7 @@ class Engine:
         self.settings = settings
         self.outbox = Outbox(settings.outbox)
         self._executor = executor
-        self._concurrency = concurrency or settings.workers
+        self._concurrency = concurrency
         self._lock_jobs = lock_jobs
         self._limits = RequestLimits(settings.max_body_bytes, settings.max_images)
         self._cond = threading.Condition()
@@ -213,6 +213,9 @@ class Engine:
             return "the server is not accepting work (starting or shutting down)"
         if not self._thread.is_alive():
             return "the engine thread has stopped"
+        problem = getattr(self._executor, "problem", None)  # a pool may say what is wrong
+        if problem:
+            return problem
         if not self._healthy:
             return f"the executor refuses work: {self._executor_error}"
         if self._crash_streak >= CRASH_STREAK:
@@ -361,8 +364,15 @@ class Engine:
             return None
         return max(0.0, min(moments) - time.monotonic()) + 0.001
 
+    def _capacity(self) -> int:
+        # A pool may know its size (a Dask cluster's changes); else, as many as workers.
+        return self._concurrency or getattr(self._executor, "capacity", self.settings.workers)
+
     def _dispatch(self) -> None:
         if time.monotonic() < self._retry_at:
+            return
+        if getattr(self._executor, "problem", None):
+            self._retry_at = time.monotonic() + RETRY_DELAY  # the queue waits for the pool
             return
         if any(work.retried for work in self._running.values()):
             return  # an image whose worker died runs alone, so a second death is its own
@@ -370,7 +380,7 @@ class Engine:
             if not self._running:
                 self._hand_over(self._retries.popleft())
             return
-        while self._pending and len(self._running) < self._concurrency:
+        while self._pending and len(self._running) < self._capacity():
             if not self._hand_over(self._pending.popleft()):
                 return
 

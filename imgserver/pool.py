@@ -35,7 +35,7 @@ def init_worker(server_pid: int) -> None:
     """Prepare a worker process: one OpenCV thread, no SIGINT, and no life after the server."""
     # Ctrl-C reaches the whole process group; the server decides when its workers stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    _keep_freed_memory()
+    keep_freed_memory()
     threading.Thread(target=_exit_with, args=(server_pid,), name="imgserver-orphan-guard",
                      daemon=True).start()
     import cv2
@@ -43,7 +43,7 @@ def init_worker(server_pid: int) -> None:
     cv2.setNumThreads(1)  # one image per process; threads would only fight for the cores
 
 
-def _keep_freed_memory() -> None:
+def keep_freed_memory() -> None:
     """Let glibc reuse freed image buffers instead of returning them to the system.
 
     By default every buffer above 128 KiB is a fresh mmap, unmapped when freed, so each
@@ -120,6 +120,11 @@ class LocalPool(Executor):
                 self._pool.shutdown(wait=False)
                 self._pool = self._new_pool()
                 return self._pool.submit(fn, *args, **kwargs)
+
+    @property
+    def capacity(self) -> int:
+        """Images to run at once: one per worker process."""
+        return self.workers
 
     def warm(self) -> None:
         """Start every worker now, so that the first images do not wait for them."""

@@ -1,6 +1,6 @@
 """``imgserver serve``: the one module that wires the pieces together.
 
-    Settings -> executor (LocalPool) -> Engine <- FastAPI app <- uvicorn
+    Settings -> executor (LocalPool or DaskPool) -> Engine <- FastAPI app <- uvicorn
                                               <- DropFolder <- watchdog observer
 
 Shutdown (SIGTERM or Ctrl-C): the engine stops accepting and releases ``wait=true``
@@ -18,6 +18,7 @@ import os
 import signal
 import threading
 from collections.abc import Callable, Iterator
+from concurrent.futures import Executor
 from types import FrameType
 
 import uvicorn
@@ -61,12 +62,19 @@ class _Server(uvicorn.Server):
                 signal.signal(sig, handler)
 
 
-def build_executor(settings: Settings) -> LocalPool:
-    """The executor images run on."""
-    if settings.executor != "local":
-        raise ConfigError(f"executor {settings.executor!r} is not available")
-    return LocalPool(settings.workers, max_pixels=settings.max_pixels,
+def build_executor(settings: Settings) -> Executor:
+    """The executor images run on: the local process pool, or a Dask cluster."""
+    if settings.executor == "dask":
+        from imgserver.cluster import DaskPool  # imports distributed only when asked for
+
+        if not settings.scheduler:
+            raise ConfigError("--executor dask needs --scheduler tcp://HOST:PORT "
+                              "(or IMGSERVER_SCHEDULER)")
+        return DaskPool(settings.scheduler, settings.root, max_pixels=settings.max_pixels)
+    pool = LocalPool(settings.workers, max_pixels=settings.max_pixels,
                      max_tasks_per_child=settings.max_tasks_per_child)
+    pool.warm()
+    return pool
 
 
 @contextlib.contextmanager
@@ -99,8 +107,7 @@ def serve(settings: Settings) -> int:
         return EXIT_CONFIG
 
 
-def _serve(settings: Settings, executor: LocalPool) -> int:
-    executor.warm()
+def _serve(settings: Settings, executor: Executor) -> int:
     engine = Engine(settings, executor)
     engine.start()
     drop_folder = DropFolder(engine, settings.inbox)
