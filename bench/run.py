@@ -131,7 +131,7 @@ class Server:
             sock.bind(("127.0.0.1", 0))
             self.port = sock.getsockname()[1]
         self.root = root
-        self.log = open(root / "server.log", "ab")
+        self.log = open(root / "server.log", "ab")  # noqa: SIM115 (open while it runs)
         self.process = subprocess.Popen(
             [sys.executable, "-m", "imgserver", "serve", "--root", str(root), "--port",
              str(self.port), "--workers", str(processes), "--max-images", "10000", *extra],
@@ -261,6 +261,7 @@ def exactness(work: Path, source: Path, operations: list[str]) -> tuple[float, f
     sys.path.insert(0, str(HERE))
     from imgserver.operations import output_suffixes, parse_operations
     from imgserver.pipeline import ImageTask, process_image
+
     from loops import opencv_image
 
     folder = work / "out" / "exactness"

@@ -202,7 +202,7 @@ def _folded_kernel(radius: int, sigma: float, period: int, half: int) -> np.ndar
     if period == 0:
         return np.ones(1, np.float32)
     if 2 * radius + 1 > MAX_TAPS:
-        weights = np.ones(period)
+        weights: np.ndarray = np.ones(period)
     else:
         taps = np.arange(-radius, radius + 1)
         gauss = np.exp(-(taps * taps) / (2.0 * sigma * sigma))

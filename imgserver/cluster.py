@@ -21,6 +21,7 @@ on the server and on every worker: ``DaskPool`` checks that at start with a mark
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import secrets
@@ -53,7 +54,7 @@ def read_marker(path: str) -> str:
 try:
     from distributed.diagnostics.plugin import WorkerPlugin as _WorkerPlugin
 except ImportError:  # the dask extra is not installed: DaskPool says so when asked for
-    _WorkerPlugin = object
+    _WorkerPlugin = object  # type: ignore[misc, assignment]
 
 
 class WorkerSetup(_WorkerPlugin):  # type: ignore[misc, valid-type]
@@ -225,10 +226,8 @@ class DaskPool(Executor):
             old, self._client = self._client, client
         self._capacity = self._threads()
         logger.info("reconnected to the Dask scheduler at %s", self.scheduler)
-        try:
+        with contextlib.suppress(Exception):
             old.close()
-        except Exception:
-            pass
 
 
 def check_shared_root(client: Any, root: Path) -> None:

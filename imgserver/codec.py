@@ -182,9 +182,10 @@ def _decode(data: bytes, header: Header | None, limits: Limits, flags: int
                              + _detail(text))
         raise ImageError("input is not an image OpenCV can decode" + _detail(text))
     if image.dtype not in (np.uint8, np.uint16):
-        raise ImageError(f"input has {image.dtype} samples; only 8- and 16-bit images are supported")
+        raise ImageError(f"input has {image.dtype} samples; only 8- and 16-bit images are "
+                         f"supported")
     orientation = 1  # OpenCV applies a TIFF's own Orientation tag itself; EXIF it leaves
-    for kind, block in zip(kinds, blocks):
+    for kind, block in zip(kinds, blocks, strict=False):
         if kind == cv2.IMAGE_METADATA_EXIF:
             orientation = exif_orientation(bytes(np.asarray(block).ravel()))
     if orientation in _ORIENT:

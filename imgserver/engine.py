@@ -9,8 +9,13 @@
 
 ``submit`` validates the request (nothing is written for an invalid one), checks that its
 images fit in the queue, stores the request in the outbox and only then accepts it. A
-single engine thread hands images to the executor, no more at once than it has workers,
-so each image starts as soon as it is handed over: that is when its time limit starts.
+single engine thread hands images to the executor, no more at once than its capacity, so
+each image starts as soon as it is handed over: that is when its time limit starts.
+
+The executor is any ``concurrent.futures.Executor``. A pool may also offer ``capacity``
+(images to hand over at once; otherwise one per worker), ``problem`` (why no image can run
+now: /healthz reports it and the queue waits) and ``reset()`` (end the running images: one
+ran over its time limit). ``LocalPool`` and ``DaskPool`` offer all three.
 The same thread collects results, retries images whose worker died, fails images that
 run past their time limit (and resets the pool, which kills their worker), and writes the
 status files. On start, every job whose request is kept and whose status is not final is
@@ -30,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from imgserver.errors import CapacityError, ImageError, JobNotFound, RequestError
-from imgserver.job import DONE, FAILED, FINAL_STATES, QUEUED, RUNNING, ImageStatus, Job, now
+from imgserver.job import DONE, FAILED, FINAL_STATES, QUEUED, RUNNING, ImageStatus, Job
 from imgserver.pipeline import ImageTask, process_image, remove_partial
 from imgserver.request import Request, RequestLimits, parse_request
 from imgserver.settings import Settings
@@ -101,6 +106,11 @@ class Engine:
 
     def __init__(self, settings: Settings, executor: Executor, *, concurrency: int | None = None,
                  lock_jobs: bool = False) -> None:
+        """An engine for ``settings`` on ``executor``; ``concurrency`` overrides its capacity.
+
+        ``lock_jobs``: hold a lock on each job's request file while it runs (``imgserver
+        run``), so that a server starting meanwhile leaves the job to this process.
+        """
         self.settings = settings
         self.outbox = Outbox(settings.outbox)
         self._executor = executor
@@ -272,7 +282,7 @@ class Engine:
     def _register(self, job: Job, request: Request, lock_fd: int | None) -> _Active:
         active = _Active(job, lock_fd)
         self._active[job.id] = active
-        for index, (spec, image) in enumerate(zip(request.images, job.images)):
+        for index, (spec, image) in enumerate(zip(request.images, job.images, strict=False)):
             if image.state in FINAL_STATES:
                 continue
             image.state, image.outputs, image.error = QUEUED, [], None
@@ -308,7 +318,7 @@ class Engine:
             # Accepted, but stopped before its first status file: it was never started.
             job = Job(id=job_id, source="http", operations=list(request.operations),
                       images=[ImageStatus(spec.input, spec.output) for spec in request.images])
-        for spec, image in zip(request.images, job.images):
+        for spec, image in zip(request.images, job.images, strict=False):
             if image.state not in FINAL_STATES:
                 remove_partial(tuple(str(path) for path in spec.outputs))
         if job.state == RUNNING and all(i.state not in FINAL_STATES for i in job.images):
@@ -366,7 +376,9 @@ class Engine:
 
     def _capacity(self) -> int:
         # A pool may know its size (a Dask cluster's changes); else, as many as workers.
-        return self._concurrency or getattr(self._executor, "capacity", self.settings.workers)
+        if self._concurrency:
+            return self._concurrency
+        return int(getattr(self._executor, "capacity", self.settings.workers))
 
     def _dispatch(self) -> None:
         if time.monotonic() < self._retry_at:

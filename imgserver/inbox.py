@@ -17,6 +17,7 @@ not ending in ``.json`` are ignored.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -27,8 +28,14 @@ import time
 from pathlib import Path
 from types import TracebackType
 
-from watchdog.events import (FileClosedEvent, FileCreatedEvent, FileMovedEvent,
-                             FileOpenedEvent, FileSystemEvent, FileSystemEventHandler)
+from watchdog.events import (
+    FileClosedEvent,
+    FileCreatedEvent,
+    FileMovedEvent,
+    FileOpenedEvent,
+    FileSystemEvent,
+    FileSystemEventHandler,
+)
 from watchdog.observers import Observer
 
 from imgserver.engine import Engine, Event
@@ -126,7 +133,7 @@ class DropFolder:
                     self._take(path)
 
     def _handle(self, event: FileSystemEvent | object) -> None:
-        if event is _ROOM:
+        if not isinstance(event, FileSystemEvent):  # _ROOM: the engine has room again
             if self._full:
                 self._full = False
                 self._scan()
@@ -212,10 +219,8 @@ class DropFolder:
         logger.info("took %s as job %s (%s)", path.name, document["id"], document["state"])
 
     def _reject(self, path: Path, error: RequestError) -> None:
-        try:
+        with contextlib.suppress(FileNotFoundError):
             self.engine.reject(path, name=job_name(path.stem), source="inbox", error=error)
-        except FileNotFoundError:
-            pass
         self._forget(path)
 
     def _on_engine_event(self, event: Event) -> None:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
-from typing import Union
 
 import cv2
 import numpy as np
@@ -49,13 +48,13 @@ class Split:
 
 @dataclass(frozen=True)
 class Blur:
-    """Gaussian blur with a ``ksize`` x ``ksize`` kernel (odd, or 0) and ``sigma`` (0: from ksize)."""
+    """Gaussian blur, ``ksize`` x ``ksize`` (odd, or 0: from sigma), ``sigma`` (0: from ksize)."""
 
     ksize: int
     sigma: float = 0.0
 
 
-Operation = Union[Resize, Split, Blur]
+Operation = Resize | Split | Blur
 
 
 def parse_operation(text: str) -> Operation | None:
@@ -149,9 +148,10 @@ def apply(images: list[tuple[str, np.ndarray]],
         if isinstance(op, Split):
             images = [(suffix + tile_suffix, tile)
                       for suffix, image in images
-                      for tile_suffix, tile in zip(TILE_SUFFIXES, split_tiles(image))]
+                      for tile_suffix, tile in zip(TILE_SUFFIXES, split_tiles(image), strict=False)]
         elif isinstance(op, Resize):
             images = [(suffix, resize(image, op)) for suffix, image in images]
         else:
-            images = [(suffix, gaussian_blur(image, op.ksize, op.sigma)) for suffix, image in images]
+            images = [(suffix, gaussian_blur(image, op.ksize, op.sigma))
+                      for suffix, image in images]
     return images

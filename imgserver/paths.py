@@ -9,6 +9,7 @@ swapped in after validation cannot lead it out either.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import stat
@@ -52,10 +53,8 @@ def open_folder(root: Path, folder: Path, *, create: bool = False) -> int:
             except FileNotFoundError:
                 if not create:
                     raise
-                try:
+                with contextlib.suppress(FileExistsError):  # made meanwhile by another worker
                     os.mkdir(part, 0o777, dir_fd=fd)
-                except FileExistsError:
-                    pass  # made meanwhile by another worker
                 child = _open_child(part, fd)
             os.close(fd)
             fd = child

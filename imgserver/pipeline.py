@@ -17,6 +17,7 @@ image leaves nothing behind.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import secrets
@@ -66,7 +67,7 @@ def process_image(task: ImageTask) -> list[str]:
             operations = operations[1:]
         tiles = apply([("", image)], operations)
         encoded = [(Path(path), encode(pixels, Path(path).suffix))
-                   for path, (_, pixels) in zip(task.outputs, tiles)]
+                   for path, (_, pixels) in zip(task.outputs, tiles, strict=False)]
         del image, tiles
         written = write_outputs(root, encoded)
     except ImageError:
@@ -175,10 +176,8 @@ def _glob_escape(name: str) -> str:
 
 
 def _unlink(path: Path | str, folder: int | None = None) -> None:
-    try:
+    with contextlib.suppress(FileNotFoundError):
         os.unlink(path, dir_fd=folder)
-    except FileNotFoundError:
-        pass
 
 
 def _reason(exc: OSError) -> str:
@@ -195,4 +194,4 @@ def _reason(exc: OSError) -> str:
         errno.ELOOP: "is a symlink (it changed after validation)",
         errno.ENAMETOOLONG: "name too long",
     }
-    return reasons.get(exc.errno, exc.strerror or str(exc))
+    return reasons.get(exc.errno or 0, exc.strerror or str(exc))

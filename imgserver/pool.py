@@ -14,6 +14,7 @@ worker starts in a fraction of a second.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import multiprocessing
@@ -153,7 +154,5 @@ def _kill_workers(pool: ProcessPoolExecutor) -> None:
         return
     # Before 3.14 the worker processes are only reachable through this attribute.
     for process in list((getattr(pool, "_processes", None) or {}).values()):
-        try:
+        with contextlib.suppress(OSError, ValueError):
             process.kill()
-        except (OSError, ValueError):
-            pass

@@ -82,11 +82,11 @@ def parse_request(body: bytes, root: Path, limits: RequestLimits) -> Request:
 
 def _load_json(body: bytes) -> Any:
     def no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-        result = dict(pairs)
-        if len(result) < len(pairs):
-            seen: set[str] = set()
-            twice = next(key for key, _ in pairs if key in seen or seen.add(key))
-            raise RequestError.single("request", f"key {twice!r} appears twice in one object")
+        result: dict[str, Any] = {}
+        for key, value in pairs:
+            if key in result:
+                raise RequestError.single("request", f"key {key!r} appears twice in one object")
+            result[key] = value
         return result
 
     def no_constants(name: str) -> None:
@@ -99,7 +99,8 @@ def _load_json(body: bytes) -> Any:
             "request", f"not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"
         ) from None
     except (UnicodeDecodeError, RecursionError) as exc:
-        reason = "is not UTF-8 text" if isinstance(exc, UnicodeDecodeError) else "is nested too deeply"
+        reason = ("is not UTF-8 text" if isinstance(exc, UnicodeDecodeError)
+                  else "is nested too deeply")
         raise RequestError.single("request", reason) from None
 
 
@@ -137,7 +138,8 @@ def _images(value: Any, root: Path, limits: RequestLimits, operations: tuple[Ope
         return []
     if len(value) > limits.max_images:
         problems.append(Problem(
-            "images", f"lists {len(value)} images, the limit is {limits.max_images} (--max-images)"))
+            "images",
+            f"lists {len(value)} images, the limit is {limits.max_images} (--max-images)"))
         return []
     splits = sum(isinstance(op, Split) for op in operations)
     if len(value) * 4 ** splits > MAX_OUTPUTS:
@@ -169,7 +171,8 @@ def _images(value: Any, root: Path, limits: RequestLimits, operations: tuple[Ope
 def _image(entry: Any, field: str, root: Path, suffixes: list[str],
            problems: list[Problem]) -> ImageSpec | None:
     if not isinstance(entry, dict):
-        problems.append(Problem(field, f"expected an object with input and output, got {_kind(entry)}"))
+        problems.append(Problem(
+            field, f"expected an object with input and output, got {_kind(entry)}"))
         return None
     before = len(problems)
     for key in entry:

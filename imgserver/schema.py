@@ -26,7 +26,8 @@ _NUMBER = r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?"
 #: The operation grammar as a regular expression (ranges are checked by the server).
 OPERATION_PATTERN = (rf"^\s*(?:resize\s*=\s*{_NUMBER}|split(?:\s*=.*)?"
                      rf"|blur\s*=\s*[+-]?[0-9]+(?:\s*,\s*{_NUMBER})?)\s*$")
-OUTPUT_PATTERN = r"\.(?:[jJ][pP][eE]?[gG]|[pP][nN][gG]|[wW][eE][bB][pP]|[tT][iI][fF][fF]?|[bB][mM][pP])$"
+OUTPUT_PATTERN = (r"\.(?:[jJ][pP][eE]?[gG]|[pP][nN][gG]|[wW][eE][bB][pP]|[tT][iI][fF][fF]?"
+                  r"|[bB][mM][pP])$")
 
 
 class ImageRequest(BaseModel):

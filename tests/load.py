@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 import time
@@ -74,10 +75,8 @@ def run_load(server: Server, image: str, clients: int, seconds: float) -> LoadRe
     def watch_workers() -> None:
         while time.monotonic() < stop:
             for pid in workers(server.process.pid):
-                try:
+                with contextlib.suppress(OSError):
                     pool_peak[0] = max(pool_peak[0], peak_rss_kib(pid))
-                except OSError:
-                    pass
             time.sleep(0.5)
 
     threads = [threading.Thread(target=client, args=(n,)) for n in range(clients)]

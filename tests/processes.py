@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-
+import contextlib
 from pathlib import Path
 
 
@@ -10,10 +10,8 @@ def children(pid: int) -> list[int]:
     """Direct children of ``pid``."""
     found: list[int] = []
     for task in Path(f"/proc/{pid}/task").glob("*"):
-        try:
+        with contextlib.suppress(OSError):
             found += [int(child) for child in (task / "children").read_text().split()]
-        except OSError:
-            pass
     return found
 
 

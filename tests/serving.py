@@ -74,7 +74,7 @@ def start_server(root: Path, *args: str, env: dict[str, str] | None = None,
     process = subprocess.Popen(
         [sys.executable, "-m", "imgserver", "serve", "--root", str(root), "--port", str(port),
          *args],
-        stdout=open(log, "wb"), stderr=subprocess.STDOUT,
+        stdout=open(log, "wb"), stderr=subprocess.STDOUT,  # noqa: SIM115 (the child keeps it)
         env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
     server = Server(process, port, root, log)
     if wait:

@@ -10,11 +10,12 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from conftest import request_body
 from imgserver.app import create_app
 from imgserver.engine import Engine
 from imgserver.pool import LocalPool
 from imgserver.settings import Settings
+
+from conftest import request_body
 
 
 def client_for(settings: Settings, pool: LocalPool) -> Iterator[TestClient]:

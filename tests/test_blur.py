@@ -6,9 +6,10 @@ import cv2
 import numpy as np
 import pytest
 
-from conftest import mean_abs_diff, photo
 from imgserver.blur import gaussian_blur, kernel_parameters
 from imgserver.operations import parse_operation
+
+from conftest import mean_abs_diff, photo
 
 # What the SPEC allows: one grey level on average. The float reference shows the method's
 # own error; the uint8 reference adds OpenCV's fixed-point rounding.

@@ -10,8 +10,9 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from conftest import request_body
 from imgserver.settings import OPTIONS
+
+from conftest import request_body
 
 
 def run(root: Path, *args: str, stderr: int | None = subprocess.PIPE,
@@ -31,7 +32,8 @@ def test_cli_run_all_done_exits_0(root: Path, make_image: Callable[..., Path]) -
     document = json.loads(result.stdout)
     assert document["id"] == "job" and document["source"] == "cli"
     assert document["state"] == "done"
-    assert document["images"][0]["outputs"] == [f"thumbs/a_{t}.png" for t in ("lt", "rt", "lb", "rb")]
+    tiles = [f"thumbs/a_{tile}.png" for tile in ("lt", "rt", "lb", "rb")]
+    assert document["images"][0]["outputs"] == tiles
     assert json.loads((root / "outbox" / "job.status.json").read_text()) == document
     assert "1/1 photos/a.jpg -> thumbs/a.png: done" in result.stderr
 

@@ -19,10 +19,11 @@ distributed = pytest.importorskip("distributed")
 # A second cluster finds the first one's HTTP port taken and says so; it takes another.
 pytestmark = pytest.mark.filterwarnings("ignore:Port 8787 is already in use")
 
-from conftest import request_body, wait_for  # noqa: E402
 from imgserver.engine import Engine  # noqa: E402
 from imgserver.pool import LocalPool  # noqa: E402
 from imgserver.settings import Settings  # noqa: E402
+
+from conftest import request_body, wait_for  # noqa: E402
 from serving import Server, start_server  # noqa: E402
 
 

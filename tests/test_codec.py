@@ -9,10 +9,11 @@ import cv2
 import numpy as np
 import pytest
 
-from conftest import mean_abs_diff, photo
 from imgserver.codec import FORMATS, Limits, decode, decode_resized, encode, shrink_factor
-from imgserver.operations import Resize
 from imgserver.errors import ImageError
+from imgserver.operations import Resize
+
+from conftest import mean_abs_diff, photo, png_chunk
 from test_probe import exif_block
 
 LIMITS = Limits(max_pixels=200_000_000, max_file_bytes=1 << 30)
@@ -52,10 +53,9 @@ def test_codec_decode_one_bit_png_becomes_8bit_gray() -> None:
 def test_codec_decode_palette_png_becomes_bgr() -> None:
     palette = bytes([255, 0, 0, 0, 255, 0])  # red, green
     raw = b"".join(b"\x00" + bytes([x % 2 for x in range(4)]) for _ in range(3))
-    def chunk(kind: bytes, body: bytes) -> bytes:
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
-    png = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 4, 3, 8, 3, 0, 0, 0))
-           + chunk(b"PLTE", palette) + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+    header = struct.pack(">IIBBBBB", 4, 3, 8, 3, 0, 0, 0)  # 4x3, 8-bit palette
+    png = (b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", header) + png_chunk(b"PLTE", palette)
+           + png_chunk(b"IDAT", zlib.compress(raw)) + png_chunk(b"IEND", b""))
     result = decode(png, LIMITS)
     assert result.shape == (3, 4, 3)
     assert result[0, 0].tolist() == [0, 0, 255] and result[0, 1].tolist() == [0, 255, 0]
@@ -116,10 +116,8 @@ def test_codec_damaged_jpeg_is_one_opencv_accepts() -> None:
 
 
 def test_codec_pixel_limit_checked_from_header() -> None:
-    def chunk(kind: bytes, body: bytes) -> bytes:
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
     header_only = (b"\x89PNG\r\n\x1a\n"
-                   + chunk(b"IHDR", struct.pack(">IIBBBBB", 20000, 20000, 8, 2, 0, 0, 0)))
+                   + png_chunk(b"IHDR", struct.pack(">IIBBBBB", 20000, 20000, 8, 2, 0, 0, 0)))
     with pytest.raises(ImageError, match=r"20000x20000 = 400 megapixels, the limit is 200"):
         decode(header_only, LIMITS)
     small = Limits(max_pixels=1000, max_file_bytes=1 << 20)

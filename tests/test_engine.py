@@ -13,12 +13,13 @@ from pathlib import Path
 import cv2
 import pytest
 
-from conftest import request_body
 from imgserver.engine import Engine, ImageFinished, JobFinished
 from imgserver.errors import CapacityError, JobNotFound, RequestError
 from imgserver.pipeline import TEMP_SUFFIX
 from imgserver.pool import LocalPool
 from imgserver.settings import Settings
+
+from conftest import request_body
 
 
 def status_file(root: Path, job_id: str) -> dict:

@@ -8,7 +8,6 @@ import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
 from hypothesis.errors import Unsatisfiable
-
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 
 from imgserver.app import create_app

@@ -12,11 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from conftest import request_body, wait_for
 from imgserver.engine import Engine
 from imgserver.inbox import DropFolder
 from imgserver.pool import LocalPool
 from imgserver.settings import Settings
+
+from conftest import request_body, wait_for
 
 
 def status(root: Path, job_id: str) -> dict | None:

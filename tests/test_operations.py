@@ -7,8 +7,16 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from imgserver.operations import (Blur, Resize, Split, apply, output_suffixes, parse_operation,
-                                  parse_operations, split_tiles)
+from imgserver.operations import (
+    Blur,
+    Resize,
+    Split,
+    apply,
+    output_suffixes,
+    parse_operation,
+    parse_operations,
+    split_tiles,
+)
 
 
 @pytest.mark.parametrize("text, expected", [

@@ -10,10 +10,11 @@ import cv2
 import numpy as np
 import pytest
 
-from conftest import photo
 from imgserver.errors import ImageError
 from imgserver.operations import parse_operations
 from imgserver.pipeline import TEMP_SUFFIX, ImageTask, process_image, remove_partial
+
+from conftest import photo
 
 
 def task(root: Path, source: str, outputs: list[str], operations: list[str],
@@ -42,7 +43,7 @@ def test_pipeline_split_tiles_are_pixel_exact(root: Path, make_image: Callable[.
     assert process_image(task(root, "a.png", names, ["split"])) == names
     image = photo(7, 9, 4)
     tiles = [image[:4, :5], image[:4, 5:], image[4:, :5], image[4:, 5:]]
-    for name, tile in zip(names, tiles):
+    for name, tile in zip(names, tiles, strict=False):
         assert np.array_equal(cv2.imread(str(root / name), cv2.IMREAD_UNCHANGED), tile)
 
 

@@ -7,8 +7,9 @@ import struct
 import cv2
 import pytest
 
-from conftest import photo
 from imgserver.probe import exif_orientation, read_header
+
+from conftest import photo
 
 
 def exif_block(orientation: int, little_endian: bool = True) -> bytes:

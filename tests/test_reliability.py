@@ -9,7 +9,6 @@ import signal
 import struct
 import subprocess
 import threading
-import time
 import zlib
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
@@ -17,16 +16,16 @@ from pathlib import Path
 from typing import Any
 
 import cv2
-import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from conftest import photo, request_body, wait_for
 from imgserver.app import create_app
 from imgserver.engine import Engine
 from imgserver.pipeline import TEMP_SUFFIX, ImageTask
-from imgserver.pool import LocalPool, init_worker
+from imgserver.pool import LocalPool
 from imgserver.settings import Settings
+
+from conftest import photo, png_chunk, request_body, wait_for
 from processes import alive, workers
 
 
@@ -285,11 +284,9 @@ def test_reliability_symlink_swapped_in_after_validation_is_caught(
 
 def png_claiming(width: int, height: int) -> bytes:
     """A PNG header announcing ``width`` x ``height``, with almost no data."""
-    def chunk(kind: bytes, body: bytes) -> bytes:
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0,
-                                                               0, 0))
-            + chunk(b"IDAT", zlib.compress(b"\x00" * 100)) + chunk(b"IEND", b""))
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", header)
+            + png_chunk(b"IDAT", zlib.compress(b"\x00" * 100)) + png_chunk(b"IEND", b""))
 
 
 def test_reliability_hostile_images_each_fail_alone(root: Path, pool: LocalPool) -> None:

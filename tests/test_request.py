@@ -91,7 +91,8 @@ def test_request_outputs_colliding_through_a_symlink_are_refused(root: Path) -> 
     document = {"images": [{"input": "a.jpg", "output": "thumbs/x.png"},
                            {"input": "b.jpg", "output": "alias/x.png"}], "operations": ["split"]}
     found = problems(root, body(document))
-    assert "writes 'thumbs/x_lt.png', which images[0].output also writes" in found["images[1].output"]
+    message = found["images[1].output"]
+    assert "writes 'thumbs/x_lt.png', which images[0].output also writes" in message
 
 
 def test_request_tiles_are_named_after_the_output_as_written(root: Path) -> None:

@@ -15,8 +15,9 @@ from pathlib import Path
 import cv2
 import pytest
 
-from conftest import request_body, wait_for
 from imgserver.pipeline import TEMP_SUFFIX
+
+from conftest import request_body, wait_for
 from serving import Server, start_server, wait_state
 
 
