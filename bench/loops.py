@@ -5,8 +5,9 @@ starts a pool of N processes, warms every worker, then times the images through 
 prints a JSON line: wall seconds, per-task latencies, peak memory of the workers.
 
 The OpenCV loop is what a user writes by hand: cv2.imread, cv2.resize(INTER_AREA),
-cv2.GaussianBlur, slicing, cv2.imwrite, one image per task. The pyvips loop uses libvips'
-best calls for each job (thumbnail with shrink-on-load, gaussblur), one thread per process.
+cv2.GaussianBlur, slicing, cv2.imwrite, one image per task, one OpenCV thread per process.
+The pyvips loop uses libvips' best calls for each job (thumbnail with shrink-on-load,
+gaussblur), one thread per process.
 """
 
 from __future__ import annotations
@@ -90,13 +91,21 @@ def _vips_split(image):  # noqa: ANN001, ANN202
 
 
 def _warm(kind: str) -> int:
+    return os.getpid()
+
+
+def _init(kind: str) -> None:
+    """One thread per process for every contender, as in imgserver's workers: with as many
+    processes as cores, more threads only fight over them (OpenCV's own default would make
+    its large blurs a third slower here)."""
     if kind == "vips":
         import pyvips
 
         pyvips.cache_set_max(0)
     else:
-        import cv2  # noqa: F401
-    return os.getpid()
+        import cv2
+
+        cv2.setNumThreads(1)
 
 
 def peak_kib(pid: int) -> int:
@@ -115,7 +124,7 @@ def main() -> None:
     if kind == "vips":
         os.environ["VIPS_CONCURRENCY"] = "1"  # one thread per process, like the others
     function = vips_image if kind == "vips" else opencv_image
-    with ProcessPoolExecutor(manifest["processes"]) as pool:
+    with ProcessPoolExecutor(manifest["processes"], initializer=_init, initargs=(kind,)) as pool:
         pids = set(pool.map(_warm, [kind] * manifest["processes"] * 4))
         latencies: list[float] = []
         started = time.perf_counter()

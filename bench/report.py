@@ -25,7 +25,7 @@ def write_report(path: Path, results: dict[str, dict[str, Any]], workloads: list
     lines += ["## Targets", ""] + _targets(results, processing_ms, exact or {}) + [""]
     lines += ["## Results", "",
               "| workload | does | contender | images/s | imgserver-http ÷ it | "
-              "p50 / p99 ms | peak RSS MiB | agreement with opencv-loop |",
+              "p50 / p99 ms (see below) | peak RSS MiB | agreement with opencv-loop |",
               "|---|---|---|---:|---:|---|---:|---|"]
     for workload in workloads:
         row = results.get(workload.name)
@@ -54,9 +54,12 @@ def write_report(path: Path, results: dict[str, dict[str, Any]], workloads: list
             lines += [f"- Dask's own cost: {rate:.0f} empty tasks/s through the cluster, and "
                       f"{one:.2f} ms per task submitted one at a time (the model in "
                       f"docs/scaling.md starts from these)"]
-    lines += ["", "Peak RSS: the server process plus its workers (imgserver), or the pool's "
+    lines += ["", "p50 / p99: for imgserver, one request from sending to the answer (or the "
+              "status file); for the loops, one image inside its worker. Peak RSS: the server "
+              "process plus its workers (imgserver, Dask workers included), or the pool's "
               "workers (loops). Agreement: worst mean absolute difference and worst PSNR over "
-              "all output files against the hand-written OpenCV loop's.", "",
+              "all output files against the hand-written OpenCV loop's (JPEG outputs differ "
+              "by their own encoding noise too; the lossless check is in Targets).", "",
               "## Machine", ""]
     lines += [f"- {key}: {value}" for key, value in machine.items()]
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -126,7 +126,9 @@ def run_loop(kind: str, work: Path, workload: Workload, inputs: list[Path], proc
 class Server:
     """``imgserver serve`` in its own process, on a free loopback port."""
 
-    def __init__(self, root: Path, processes: int, extra: list[str]) -> None:
+    def __init__(self, root: Path, processes: int, extra: list[str],
+                 workers: list[int] | None = None) -> None:
+        self.workers = workers or []  # processes outside the server's tree (Dask workers)
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", 0))
             self.port = sock.getsockname()[1]
@@ -165,7 +167,7 @@ class Server:
         return response.status, response.read()
 
     def peak_mib(self) -> float:
-        pids = [self.process.pid] + _descendants(self.process.pid)
+        pids = [self.process.pid] + _descendants(self.process.pid) + self.workers
         return sum(peak_kib(pid) for pid in pids) / 1024
 
     def stop(self) -> None:
@@ -280,20 +282,22 @@ def exactness(work: Path, source: Path, operations: list[str]) -> tuple[float, f
 
 
 @contextlib.contextmanager
-def dask_cluster(processes: int) -> Iterator[str]:
-    """A distributed.LocalCluster of ``processes`` single-threaded workers; its address."""
+def dask_cluster(processes: int) -> Iterator[tuple[str, list[int]]]:
+    """A distributed.LocalCluster of ``processes`` single-threaded workers: its address and
+    its worker processes."""
     import distributed
 
     with distributed.LocalCluster(n_workers=processes, threads_per_worker=1, processes=True,
-                                  host="127.0.0.1", dashboard_address=None) as cluster:
-        yield cluster.scheduler_address
+                                  host="127.0.0.1", dashboard_address=None) as cluster, \
+            distributed.Client(cluster.scheduler_address) as client:
+        yield cluster.scheduler_address, list(client.run(os.getpid).values())
 
 
 def dask_overhead(processes: int, tasks: int = 2000) -> tuple[float, float]:
     """Dask's own cost per task: tasks/s for empty tasks, and ms per task one at a time."""
     import distributed
 
-    with dask_cluster(processes) as address, distributed.Client(address) as client:
+    with dask_cluster(processes) as (address, _), distributed.Client(address) as client:
         executor = client.get_executor(pure=False)
         list(executor.map(abs, range(200)))  # warm
         started = time.perf_counter()
@@ -375,9 +379,9 @@ def main() -> int:
             elif contender == "pyvips":
                 row[contender] = run_loop("vips", work, workload, inputs, args.processes, count)
             elif contender == "imgserver-dask":
-                with dask_cluster(args.processes) as address:
+                with dask_cluster(args.processes) as (address, dask_workers):
                     server = Server(work, args.processes, ["--executor", "dask", "--scheduler",
-                                                           address])
+                                                           address], dask_workers)
                     try:
                         row[contender] = run_imgserver("dask", server, work, workload, inputs,
                                                        count)
@@ -408,7 +412,30 @@ def main() -> int:
     write_report(args.output, results, WORKLOADS, machine(), args.processes, args.quick,
                  processing_ms, exact, overhead)
     print(args.output.read_text())
-    return 0
+    return 0 if outputs_agree(results, exact) else 1
+
+
+def outputs_agree(results: dict[str, dict[str, Result]],
+                  exact: dict[str, tuple[float, float]]) -> bool:
+    """Whether imgserver's outputs agree with the plain OpenCV results (else the run fails).
+
+    Lossless, one image per workload: mean difference at most 1, PSNR at least 40 dB. All
+    outputs of every imgserver contender against the loop's (JPEG noise included): at
+    most 2 and at least 35 dB.
+    """
+    agree = True
+    for name, (mad, psnr) in exact.items():
+        if mad > 1 or psnr < 40:
+            print(f"DISAGREE {name}: lossless MAD {mad:.2f}, PSNR {psnr:.1f}", file=sys.stderr)
+            agree = False
+    for name, row in results.items():
+        for contender, result in row.items():
+            if contender.startswith("imgserver") and result.agreement:
+                mad, psnr = (float(x) for x in re.findall(r"[\d.]+|inf", result.agreement)[:2])
+                if mad > 2 or psnr < 35:
+                    print(f"DISAGREE {name} {contender}: {result.agreement}", file=sys.stderr)
+                    agree = False
+    return agree
 
 
 if __name__ == "__main__":

@@ -6,11 +6,11 @@ the image and interpolated back without visible loss. The subtle part is the bor
 OpenCV reflects the image about its first and last pixel centres (``BORDER_REFLECT_101``),
 and a kernel wider than the image sees many reflections. Both are kept exact here:
 
-    image --(2x2 mean: samples between pixel centres)--> the area between the two
-          mirror lines, [centre 0, centre n-1]
-          --(area resize to s cells)--> small image whose edges are the mirror lines
+    image --(integral image, read at the cell corners)--> the mean of each cell, where the
+          cells exactly tile the area between the two mirror lines [centre 0, centre n-1]
           --(Gaussian, sigma / cell, BORDER_REFLECT, kernel folded onto one period)-->
-          --(bilinear, cell edges back on the pixel centres)--> blurred image
+          --(bilinear, cell edges on the outer pixel centres; via a coarse grid and an
+             exact integer resize)--> blurred image
 
 A kernel longer than the reflected period is folded onto it (the reflected image is
 periodic), so its cost is bounded by the image size, not by K. Three regimes:
@@ -84,27 +84,67 @@ def gaussian_blur(image: np.ndarray, ksize: int, sigma: float = 0.0) -> np.ndarr
     scale = sigma if radius >= 3 * sigma else radius / 10
     x_axis = _Axis.plan(width, sigma, radius, scale)
     y_axis = _Axis.plan(height, sigma, radius, scale)
-    work = image
+    one = np.ones(1, np.float32)
     if x_axis.reduced or y_axis.reduced:
-        # Means of 2x2 neighbours: samples on the area between the mirror lines.
-        box = (2 if x_axis.reduced else 1, 2 if y_axis.reduced else 1)
-        work = cv2.boxFilter(image, cv2.CV_32F, box, anchor=(0, 0),
-                             borderType=cv2.BORDER_REPLICATE)
-        work = work[:height - (box[1] - 1), :width - (box[0] - 1)]
-        work = cv2.resize(work, (x_axis.cells, y_axis.cells), interpolation=cv2.INTER_AREA)
+        work = _cell_means(image, x_axis, y_axis)
     else:
         work = image.astype(np.float32)
-    one = np.ones(1, np.float32)
     work = cv2.sepFilter2D(work, -1, x_axis.kernel, one, borderType=x_axis.border)
     work = cv2.sepFilter2D(work, -1, one, y_axis.kernel, borderType=y_axis.border)
     if x_axis.reduced or y_axis.reduced:
-        # Output pixel i lies at cell coordinate i / cell - 0.5 (cell edges on pixel centres).
-        matrix = np.array([[x_axis.scale, 0, x_axis.offset],
-                           [0, y_axis.scale, y_axis.offset]], np.float32)
-        work = cv2.warpAffine(work, matrix, (width, height),
-                              flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
-                              borderMode=cv2.BORDER_REFLECT)
+        work = _upsample(work, x_axis, y_axis, width, height)
     return _to_dtype(work, image.dtype).reshape(image.shape)
+
+
+def _cell_means(image: np.ndarray, x_axis: _Axis, y_axis: _Axis) -> np.ndarray:
+    """The mean of the image over each cell (float32), exactly, from its integral image.
+
+    The integral of pixels that are constant over their squares is bilinear inside each
+    pixel, so interpolating the integral image at a cell's corners gives the exact sum
+    over the cell, wherever its edges fall. Cells of a reduced axis start at the first pixel
+    centre and end at the last (the mirror lines); cells of a full axis are the pixels.
+    """
+    height, width = image.shape[:2]
+    exact_in_int32 = image.dtype == np.uint8 and height * width < (2**31 - 1) // 255
+    sums = cv2.integral(image, sdepth=cv2.CV_32S if exact_in_int32 else cv2.CV_64F)
+    if sums.ndim == 2:
+        sums = sums[..., None]
+    corners = _interpolate(_interpolate(sums, x_axis.edges(width), 1), y_axis.edges(height), 0)
+    means = np.diff(np.diff(corners, axis=0), axis=1) / (x_axis.cell * y_axis.cell)
+    means = means.astype(np.float32)
+    return means[..., 0] if image.ndim == 2 else means
+
+
+def _interpolate(values: np.ndarray, positions: np.ndarray, axis: int) -> np.ndarray:
+    """``values`` linearly interpolated at fractional ``positions`` along ``axis``."""
+    low = np.clip(np.floor(positions).astype(np.int64), 0, values.shape[axis] - 2)
+    weight = positions - low
+    shape = [1] * values.ndim
+    shape[axis] = len(positions)
+    weight = weight.reshape(shape)
+    below = np.take(values, low, axis=axis).astype(np.float64)
+    above = np.take(values, low + 1, axis=axis).astype(np.float64)
+    return below + (above - below) * weight
+
+
+def _upsample(small: np.ndarray, x_axis: _Axis, y_axis: _Axis, width: int,
+              height: int) -> np.ndarray:
+    """Cells back to pixels, bilinearly, cell edges on the outer pixel centres.
+
+    In two steps, since cv2.warpAffine is slow on a whole image: an exact affine warp to
+    an intermediate grid ``step`` times coarser than the pixels, then cv2.resize by exactly
+    ``step`` (edge-aligned, which puts that grid's samples right on the pixels'), cropped.
+    """
+    steps = (x_axis.step, y_axis.step)
+    size = (-(-width // steps[0]), -(-height // steps[1]))
+    matrix = np.array([[x_axis.warp_scale, 0, x_axis.warp_offset],
+                       [0, y_axis.warp_scale, y_axis.warp_offset]], np.float32)
+    middle = cv2.warpAffine(small, matrix, size, flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
+                            borderMode=cv2.BORDER_REFLECT)
+    if steps == (1, 1):
+        return middle
+    full = cv2.resize(middle, None, fx=steps[0], fy=steps[1], interpolation=cv2.INTER_LINEAR)
+    return full[:height, :width]
 
 
 class _Axis:
@@ -118,12 +158,27 @@ class _Axis:
         return self.cell != 1.0
 
     @property
-    def scale(self) -> float:
-        return 1.0 / self.cell if self.reduced else 1.0
+    def step(self) -> int:
+        """Pixels per sample of the intermediate grid of the upsampling (1: none)."""
+        return max(1, int(self.cell // 2)) if self.reduced else 1
 
     @property
-    def offset(self) -> float:
-        return -0.5 if self.reduced else 0.0
+    def warp_scale(self) -> float:
+        return self.step / self.cell if self.reduced else 1.0
+
+    @property
+    def warp_offset(self) -> float:
+        # Intermediate sample m sits on pixel (m + 0.5) * step - 0.5; pixel x on cell
+        # coordinate x / cell - 0.5 (cell edges on the outer pixel centres).
+        if not self.reduced:
+            return 0.0
+        return (0.5 * self.step - 0.5) / self.cell - 0.5
+
+    def edges(self, length: int) -> np.ndarray:
+        """Where the cells begin and end, in pixel edge coordinates (pixel i spans [i, i+1))."""
+        if not self.reduced:
+            return np.arange(length + 1, dtype=np.float64)
+        return 0.5 + np.arange(self.cells + 1, dtype=np.float64) * self.cell
 
     @classmethod
     def plan(cls, length: int, sigma: float, radius: int, scale: float) -> _Axis:
@@ -133,9 +188,11 @@ class _Axis:
             return cls(length, 1.0, kernel, cv2.BORDER_REFLECT_101)
         cells = round((length - 1) / factor)
         cell = (length - 1) / cells
-        # The 2x2 mean, the area cells and the bilinear return each widen the blur a little;
-        # take their variance off (measured best: a quarter of a cell squared in all).
-        cell_sigma = math.sqrt(max(sigma * sigma - 0.25 - 0.25 * cell * cell, 1e-6)) / cell
+        # Averaging over cells and interpolating back (cells to the grid, grid to pixels)
+        # each widen the blur a little: take their variance off.
+        step = max(1, int(cell // 2))
+        widening = cell * cell / 12 + cell * cell / 6 + step * step / 6
+        cell_sigma = math.sqrt(max(sigma * sigma - widening, 1e-6)) / cell
         kernel = _folded_kernel(int(radius / cell), cell_sigma, 2 * cells, cells)
         return cls(cells, cell, kernel, cv2.BORDER_REFLECT)
 

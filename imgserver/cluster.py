@@ -8,12 +8,15 @@
 submits the very function the local pool runs, with plain data, and gets plain futures
 back. What differs is translated at this seam, so the engine does not branch on it:
 
-- a task Dask gave up on (its workers kept dying: ``KilledWorker``) or dropped (the
-  scheduler connection was lost) ends with ``BrokenExecutor``, as a dead local worker does;
-- ``capacity`` is the cluster's worker threads, read again as workers come and go;
+- a task Dask gave up on (its workers kept dying: ``KilledWorker``) ends with
+  ``BrokenExecutor``, as a dead local worker does; one dropped because the scheduler
+  connection broke ends with ``LostWork``, and is simply run again;
+- ``capacity`` is the threads of the workers that see ROOT, read again as workers come
+  and go (a worker that joins later is checked too, and logged if it cannot see ROOT:
+  Dask may still hand it images, which then fail with "no such file");
 - ``problem`` says why no work can run (no scheduler, no workers), for /healthz and for the
   engine to hold its queue instead of failing it;
-- ``reset`` restarts the workers (an image over its time limit), in the background.
+- ``reset`` restarts the workers running images over their time limit, in the background.
 
 Workers read inputs and write outputs under ROOT themselves, so ROOT must be the same path
 on the server and on every worker: ``DaskPool`` checks that at start with a marker file.
@@ -27,18 +30,16 @@ import os
 import secrets
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import BrokenExecutor, Executor, Future
 from pathlib import Path
 from typing import Any
 
-from imgserver.errors import ConfigError
+from imgserver.errors import ConfigError, LostWork
 
 logger = logging.getLogger("imgserver.cluster")
 
 INSTALL_HINT = "install it with: pip install 'imgserver[dask]' (it brings distributed)"
-#: Images handed to each Dask worker thread at once (one running, the rest waiting there).
-PIPELINE = 2
 #: How often the connection to the scheduler is checked, and re-made once lost (seconds).
 WATCH_INTERVAL = 1.0
 
@@ -97,8 +98,9 @@ class DaskPool(Executor):
         self._pending: dict[Future, Any] = {}   # ours -> Dask's (kept, or Dask forgets it)
         self._closed = False
         self._client = self._connect()
+        self._good = check_shared_root(self._client, root)  # workers known to see the root
+        self._seen = set(self._good)
         self._capacity = self._threads()
-        check_shared_root(self._client, root)
         self._watcher = threading.Thread(target=self._watch, name="imgserver-dask-watch",
                                          daemon=True)
         self._watcher.start()
@@ -107,7 +109,7 @@ class DaskPool(Executor):
         try:
             client = self._distributed.Client(self.scheduler, timeout=self._timeout,
                                               set_as_default=False)
-        except (OSError, TimeoutError) as exc:
+        except (OSError, TimeoutError, ValueError) as exc:
             raise ConfigError(f"cannot reach the Dask scheduler at {self.scheduler}: "
                               f"{exc}") from None
         client.register_plugin(WorkerSetup(self._max_pixels), name=WorkerSetup.name)
@@ -141,9 +143,9 @@ class DaskPool(Executor):
             error = theirs.exception() if theirs.status == "error" else None
         except Exception as exc:  # the result could not be fetched: the worker is gone
             error = BrokenExecutor(f"the Dask cluster lost this image's result: {exc}")
-        if error is None:
-            ours.set_exception(BrokenExecutor(f"the Dask cluster dropped this image "
-                                              f"({theirs.status})"))
+        if error is None:  # cancelled: the scheduler connection broke, or a reset
+            ours.set_exception(LostWork(f"the Dask cluster dropped this image "
+                                        f"({theirs.status})"))
         elif isinstance(error, self._distributed.KilledWorker):
             ours.set_exception(BrokenExecutor(f"Dask workers died running this image: {error}"))
         else:
@@ -162,13 +164,12 @@ class DaskPool(Executor):
 
     @property
     def capacity(self) -> int:
-        """Images handed over at once: two per worker thread.
+        """Images handed over at once: one per thread of the workers that see the root.
 
-        A task's trip through the scheduler takes milliseconds; with a second image already
-        waiting on each worker, the worker never sits idle for it. (An image's time limit
-        therefore includes up to one image's wait.)
+        (Handing over more would hide the scheduler's round trip, but an image's time limit
+        would then count its wait behind another.)
         """
-        return max(1, self._capacity * PIPELINE)
+        return max(1, self._capacity)
 
     @property
     def problem(self) -> str | None:
@@ -176,26 +177,44 @@ class DaskPool(Executor):
         if self._client.status != "running":
             return f"the Dask scheduler at {self.scheduler} is unreachable ({self._client.status})"
         if self._capacity == 0:
-            return f"the Dask cluster at {self.scheduler} has no workers"
+            return f"the Dask cluster at {self.scheduler} has no worker that sees the root"
         return None
 
-    def reset(self) -> None:
-        """Restart the cluster's workers (an image ran over its time limit), in the background."""
-        threading.Thread(target=self._restart, name="imgserver-dask-restart", daemon=True).start()
+    def reset(self, futures: Sequence[Future] = ()) -> None:
+        """Restart the workers running these futures' images (over their time limit).
 
-    def _restart(self) -> None:
+        Only those workers: a cluster may be shared. It happens in the background.
+        """
+        with self._lock:
+            keys = {self._pending[ours].key for ours in futures if ours in self._pending}
+        threading.Thread(target=self._restart, args=(keys,), name="imgserver-dask-restart",
+                         daemon=True).start()
+
+    def _restart(self, keys: set[str]) -> None:
         try:
-            self._client.restart(wait_for_workers=False)
-        except Exception as exc:  # the next submit or the watcher will see the state
-            logger.error("restarting the Dask workers failed: %s", exc)
+            processing = self._client.processing()
+            workers = [worker for worker, running in processing.items() if keys & set(running)]
+            if workers:
+                self._client.restart_workers(workers)
+        except Exception as exc:  # the watcher sees the state that follows
+            logger.error("restarting Dask workers failed: %s", exc)
 
     # -- watching the connection --------------------------------------------------------
 
     def _threads(self) -> int:
+        """Threads of the workers that see the root; checks workers that joined since."""
         try:
-            return sum(self._client.nthreads().values())
+            threads = self._client.nthreads()
         except Exception:
             return 0
+        new = [worker for worker in threads if worker not in self._seen]
+        if new:
+            self._seen.update(new)
+            try:
+                self._good.update(shared_root_workers(self._client, self.root, new))
+            except Exception as exc:
+                logger.error("cannot check the new Dask workers %s: %s", new, exc)
+        return sum(count for worker, count in threads.items() if worker in self._good)
 
     def _watch(self) -> None:
         while not self._closed:
@@ -213,37 +232,58 @@ class DaskPool(Executor):
         with self._lock:
             pending, self._pending = self._pending, {}
         for ours in pending:
-            ours.set_exception(BrokenExecutor(reason))
+            ours.set_exception(LostWork(reason))
 
     def _reconnect(self) -> None:
         try:
             client = self._connect()
-            check_shared_root(client, self.root)
-        except ConfigError as exc:
+            good = set(shared_root_workers(client, self.root))
+        except (ConfigError, OSError) as exc:
             logger.warning("%s; trying again", exc)
             return
         with self._lock:
             old, self._client = self._client, client
+            self._good, self._seen = good, set(client.nthreads())
         self._capacity = self._threads()
         logger.info("reconnected to the Dask scheduler at %s", self.scheduler)
         with contextlib.suppress(Exception):
             old.close()
 
 
-def check_shared_root(client: Any, root: Path) -> None:
-    """Refuse a cluster where some worker does not see ``root`` as the server does."""
+def check_shared_root(client: Any, root: Path) -> set[str]:
+    """The workers, all of which see ``root`` as this server does; ConfigError otherwise."""
+    seen = _read_markers(client, root, None)
+    if not seen:
+        raise ConfigError("the Dask cluster has no workers")
+    for worker, found in sorted(seen.items()):
+        if found is not True:
+            raise ConfigError(
+                f"Dask worker {worker} does not see the root {root} as this server does "
+                f"({found}); every worker must mount the root at the same path (shared "
+                f"storage)")
+    return set(seen)
+
+
+def shared_root_workers(client: Any, root: Path, workers: list[str] | None = None) -> list[str]:
+    """Of ``workers`` (all when None), those that see ``root``; the others are logged."""
+    good = []
+    for worker, found in sorted(_read_markers(client, root, workers).items()):
+        if found is True:
+            good.append(worker)
+        else:
+            logger.error("Dask worker %s does not see the root %s (%s); images it runs "
+                         "will fail: give it the shared storage, or stop it", worker, root, found)
+    return good
+
+
+def _read_markers(client: Any, root: Path, workers: list[str] | None) -> dict[str, Any]:
     token = secrets.token_hex(16)
     marker = root / f".imgserver-shared-{token}"
     marker.write_text(token)
     try:
-        seen = client.run(read_marker, str(marker))
+        seen = client.run(read_marker, str(marker), workers=workers)
     finally:
         marker.unlink()
-    if not seen:
-        raise ConfigError("the Dask cluster has no workers")
-    for worker, found in sorted(seen.items()):
-        if found != token:
-            raise ConfigError(
-                f"Dask worker {worker} does not see the root {root} as this server does "
-                f"({found if found.startswith('cannot') else 'it holds other files'}); every "
-                f"worker must mount the root at the same path (shared storage)")
+    return {worker: True if found == token else
+            (found if found.startswith("cannot") else "it holds other files")
+            for worker, found in seen.items()}

@@ -17,6 +17,7 @@ import os
 import re
 import sys
 import tempfile
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -274,9 +275,22 @@ def _captured_stderr() -> Iterator[_Captured]:
     """Capture what C libraries write to file descriptor 2 while the block runs.
 
     libjpeg reports damaged data only as a warning printed to stderr; reading it is the only
-    way to learn of it. A worker process runs one image at a time, so nothing else of its
-    own writes to fd 2 meanwhile.
+    way to learn of it. File descriptor 2 belongs to the whole process, so captures take
+    turns (a Dask worker may decode in several threads), and what was captured is written
+    on to the real stderr afterwards: another thread's messages are not lost.
     """
+    with _CAPTURE_LOCK:
+        with _capture_fd2() as captured:
+            yield captured
+        if captured.text:
+            os.write(2, captured.text.encode("utf-8", "replace"))
+
+
+_CAPTURE_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _capture_fd2() -> Iterator[_Captured]:
     sys.stderr.flush()
     captured = _Captured()
     buffer = os.memfd_create("imgserver-stderr") if hasattr(os, "memfd_create") else None

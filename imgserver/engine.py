@@ -14,8 +14,10 @@ each image starts as soon as it is handed over: that is when its time limit star
 
 The executor is any ``concurrent.futures.Executor``. A pool may also offer ``capacity``
 (images to hand over at once; otherwise one per worker), ``problem`` (why no image can run
-now: /healthz reports it and the queue waits) and ``reset()`` (end the running images: one
-ran over its time limit). ``LocalPool`` and ``DaskPool`` offer all three.
+now: /healthz reports it and the queue waits) and ``reset(futures)`` (end the images of
+these futures: they ran over their time limit). ``LocalPool`` and ``DaskPool`` offer all
+three.
+
 The same thread collects results, retries images whose worker died, fails images that
 run past their time limit (and resets the pool, which kills their worker), and writes the
 status files. On start, every job whose request is kept and whose status is not final is
@@ -34,9 +36,9 @@ from concurrent.futures import BrokenExecutor, Executor, Future
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from imgserver.errors import CapacityError, ImageError, JobNotFound, RequestError
+from imgserver.errors import CapacityError, ImageError, JobNotFound, LostWork, RequestError
 from imgserver.job import DONE, FAILED, FINAL_STATES, QUEUED, RUNNING, ImageStatus, Job
-from imgserver.pipeline import ImageTask, process_image, remove_partial
+from imgserver.pipeline import ImageTask, ping, process_image, remove_partial
 from imgserver.request import Request, RequestLimits, parse_request
 from imgserver.settings import Settings
 from imgserver.store import Outbox
@@ -45,8 +47,10 @@ logger = logging.getLogger("imgserver.engine")
 
 #: A running job's status file is rewritten at most this often (and at every state change).
 STATUS_INTERVAL = 0.5
-#: Temporary files in the outbox older than this (seconds) are left over from a crash.
+#: Temporary files in the outbox older than this (seconds) are left over from a crash;
+#: they are looked for at start and then this often.
 STALE_TEMP = 60.0
+SWEEP_INTERVAL = 300.0
 #: After the executor refused work, try again after this many seconds.
 RETRY_DELAY = 1.0
 #: Workers dying this many times in a row, without an image finishing, make the engine
@@ -128,7 +132,10 @@ class Engine:
         self._closing = False
         self._healthy = True
         self._executor_error = ""
+        self._storage_error: str | None = None
         self._crash_streak = 0
+        self._probing: Future | None = None
+        self._swept_at = time.monotonic()
         self._retry_at = 0.0
         self._listeners: list[Listener] = []
         self._thread = threading.Thread(target=self._loop, name="imgserver-engine", daemon=True)
@@ -137,8 +144,8 @@ class Engine:
 
     def start(self, *, recover: bool = True) -> None:
         """Queue the jobs left unfinished by an earlier run, then start taking work."""
+        self._remove_stale_temps()
         if recover:
-            self._remove_stale_temps()
             for job_id in self.outbox.unfinished():
                 self._recover(job_id)
         with self._cond:
@@ -149,27 +156,20 @@ class Engine:
         """Call ``listener`` (on the engine thread) for every finished image and job."""
         self._listeners.append(listener)
 
-    def submit(self, body: bytes, *, source: str, name: str | None = None,
-               claim: Path | None = None) -> dict:
+    def submit(self, body: bytes, *, source: str, name: str | None = None) -> dict:
         """Accept a request; return its job's status document.
 
-        ``claim`` is the drop-folder file ``body`` was read from: it is moved into the
-        outbox as the job's request, and an invalid request still becomes a failed job
-        (nobody is there to answer). Without ``claim``, an invalid request raises
-        RequestError and leaves no trace. CapacityError when the queue is full.
+        An invalid request raises RequestError and leaves no trace; CapacityError when the
+        queue is full or the request cannot be stored.
         """
-        try:
-            request = parse_request(body, self.settings.root, self._limits)
-        except RequestError as error:
-            if claim is None:
-                raise
-            return self.reject(claim, name=name, source=source, error=error)
+        request = parse_request(body, self.settings.root, self._limits)
         with self._cond:
             self._admit(len(request.images))
-            if claim is not None:
-                job_id, lock_fd = self.outbox.adopt(claim, name), None
-            else:
+            try:
                 job_id, lock_fd = self.outbox.create(body, name, lock=self._lock_jobs)
+            except OSError as exc:
+                raise self._storage_failed(exc) from None
+            self._storage_error = None
             job = Job(id=job_id, source=source, operations=list(request.operations),
                       images=[ImageStatus(spec.input, spec.output) for spec in request.images])
             active = self._register(job, request, lock_fd)
@@ -177,14 +177,59 @@ class Engine:
             self._cond.notify_all()
             return job.to_document()
 
-    def reject(self, claim: Path, *, name: str | None, source: str, error: RequestError) -> dict:
-        """Record the invalid request file ``claim`` as a failed job (moving it to the outbox)."""
+    def take(self, path: Path, *, name: str | None, peek: bytes, source: str = "inbox") -> dict:
+        """Take the drop-folder file ``path`` as a job; return its status document.
+
+        ``peek`` is the file's content as read a moment ago: it decides whether the queue has
+        room (CapacityError leaves the file where it is). The file is then moved into the
+        outbox as the job's request (a rename: exactly that file, once, even if it was
+        replaced meanwhile) and what was moved is what is validated and run. An invalid
+        request becomes a failed job, since nobody is there to answer.
+        """
+        try:
+            count = len(parse_request(peek, self.settings.root, self._limits).images)
+        except RequestError:
+            count = 0  # it will be recorded as failed once taken
         with self._cond:
-            job_id = self.outbox.adopt(claim, name)
-            job = Job(id=job_id, source=source, operations=[], images=[])
-            job.reject(str(error))
-            self.outbox.write_status(job.to_document())
-        return job.to_document()
+            if not self._accepting:
+                raise CapacityError("the server is shutting down", retry_after=5)
+            if count:
+                self._admit(min(count, self.settings.max_queue))
+            placeholder = Job(id="", source=source, operations=[], images=[])
+
+            def reserved(job_id: str) -> None:
+                # Says where the job came from, should the server stop before it is written.
+                placeholder.id = job_id
+                self.outbox.write_status(placeholder.to_document())
+
+            try:
+                job_id, body, size = self.outbox.claim(path, name, reserved,
+                                                       self.settings.max_body_bytes)
+            except FileNotFoundError:
+                raise
+            except OSError as exc:
+                raise self._storage_failed(exc) from None
+            self._storage_error = None
+            try:
+                request = parse_request(body, self.settings.root, self._limits, size=size)
+                if len(request.images) > self.settings.max_queue:
+                    raise RequestError.single("images", _never_fits(len(request.images),
+                                                                    self.settings.max_queue))
+            except RequestError as error:
+                placeholder.reject(str(error))
+                self.outbox.write_status(placeholder.to_document())
+                return placeholder.to_document()
+            job = Job(id=job_id, source=source, operations=list(request.operations),
+                      images=[ImageStatus(spec.input, spec.output) for spec in request.images])
+            active = self._register(job, request, None)
+            self._write(active)
+            self._cond.notify_all()
+            return job.to_document()
+
+    def _storage_failed(self, exc: OSError) -> CapacityError:
+        self._storage_error = f"the outbox {self.outbox.path} cannot store requests: " \
+                              f"{exc.strerror or exc}"
+        return CapacityError(self._storage_error, retry_after=30)
 
     def status(self, job_id: str) -> dict:
         """The status document of ``job_id``; JobNotFound if there is no such job."""
@@ -226,6 +271,8 @@ class Engine:
         problem = getattr(self._executor, "problem", None)  # a pool may say what is wrong
         if problem:
             return problem
+        if self._storage_error:
+            return self._storage_error
         if not self._healthy:
             return f"the executor refuses work: {self._executor_error}"
         if self._crash_streak >= CRASH_STREAK:
@@ -272,8 +319,7 @@ class Engine:
             raise CapacityError("the server is shutting down", retry_after=5)
         limit = self.settings.max_queue
         if count > limit:
-            raise RequestError.single(
-                "images", f"lists {count} images, more than the queue holds ({limit}, --max-queue)")
+            raise RequestError.single("images", _never_fits(count, limit))
         if self._open_images + count > limit:
             raise CapacityError(
                 f"the queue is full: {self._open_images} images are waiting or running, "
@@ -303,6 +349,10 @@ class Engine:
             logger.error("cannot read the request of job %s: %s", job_id, exc)
             return
         document = self.outbox.read_status(job_id)
+        if not body and document is not None and not document.get("images"):
+            # An id reserved for a drop-folder file that was never moved in: no job.
+            self.outbox.discard(job_id)
+            return
         try:
             job = Job.from_document(document) if document else None
         except (KeyError, TypeError):
@@ -310,13 +360,13 @@ class Engine:
         try:
             request = parse_request(body, self.settings.root, self._limits)
         except RequestError as error:
-            job = job or Job(id=job_id, source="http", operations=[], images=[])
+            job = job or Job(id=job_id, source=_source(document), operations=[], images=[])
             job.reject(str(error))
             self.outbox.write_status(job.to_document())
             return
         if job is None or len(job.images) != len(request.images):
-            # Accepted, but stopped before its first status file: it was never started.
-            job = Job(id=job_id, source="http", operations=list(request.operations),
+            # Accepted, but stopped before its first full status file: it never started.
+            job = Job(id=job_id, source=_source(document), operations=list(request.operations),
                       images=[ImageStatus(spec.input, spec.output) for spec in request.images])
         for spec, image in zip(request.images, job.images, strict=False):
             if image.state not in FINAL_STATES:
@@ -351,22 +401,66 @@ class Engine:
     def _loop(self) -> None:
         with self._cond:
             while True:
-                self._collect()
-                self._enforce_deadlines()
-                if self._closing and not self._running:
-                    break
-                if self._accepting and not self._closing:
-                    self._dispatch()  # once stopping, images not started stay queued
-                self._flush()
-                self._cond.wait(self._next_wakeup())
+                try:
+                    if self._step():
+                        break
+                except Exception:  # a bug must not stop every job: log it and go on
+                    logger.exception("the engine loop failed; going on")
+                    self._cond.wait(RETRY_DELAY)
             self._flush(force=True)
             for active in self._active.values():
                 if active.lock_fd is not None:
                     os.close(active.lock_fd)
                     active.lock_fd = None
 
+    def _step(self) -> bool:
+        """One turn of the engine thread; True once it is closing and nothing runs."""
+        self._collect()
+        self._enforce_deadlines()
+        self._probe()
+        self._sweep()
+        if self._closing and not self._running:
+            return True
+        if self._accepting and not self._closing:
+            self._dispatch()  # once stopping, images not started stay queued
+        self._flush()
+        self._cond.wait(self._next_wakeup())
+        return False
+
+    def _probe(self) -> None:
+        """After workers kept dying, check with an empty task that the pool runs again.
+
+        Without it, /healthz would stay 503 until the next image happened to succeed.
+        """
+        if (self._crash_streak < CRASH_STREAK or self._running or self._probing is not None
+                or time.monotonic() < self._retry_at):
+            return
+        try:
+            self._probing = self._executor.submit(ping)
+        except (BrokenExecutor, RuntimeError, OSError):
+            self._retry_at = time.monotonic() + RETRY_DELAY
+            return
+        self._probing.add_done_callback(self._probed)
+
+    def _probed(self, future: Future) -> None:
+        with self._cond:
+            if future.exception() is None:
+                self._crash_streak = 0
+            else:
+                self._retry_at = time.monotonic() + RETRY_DELAY
+            self._probing = None
+            self._cond.notify_all()
+
+    def _sweep(self) -> None:
+        if time.monotonic() >= self._swept_at + SWEEP_INTERVAL:
+            self._swept_at = time.monotonic()
+            self._remove_stale_temps()
+
     def _next_wakeup(self) -> float | None:
         moments = [work.deadline for work in self._running.values() if not work.abandoned]
+        if self._crash_streak >= CRASH_STREAK and self._probing is None:
+            moments.append(self._retry_at)
+        moments.append(self._swept_at + SWEEP_INTERVAL)
         moments += [a.written_at + STATUS_INTERVAL for a in self._active.values() if a.dirty]
         if self._pending or self._retries:
             moments.append(self._retry_at)
@@ -439,6 +533,8 @@ class Engine:
             elif isinstance(error, ImageError):
                 self._crash_streak = 0
                 self._settle(work, FAILED, error=str(error))
+            elif isinstance(error, LostWork):
+                self._pending.appendleft(work)  # not the image's fault: run it again
             elif isinstance(error, BrokenExecutor):
                 remove_partial(work.task.outputs)
                 self._worker_died(work)
@@ -480,7 +576,7 @@ class Engine:
                 work.bystander = True
         reset = getattr(self._executor, "reset", None)
         if reset is not None:
-            reset()
+            reset([future for future, work in self._running.items() if work in expired])
 
     def _settle(self, work: _Work, state: str, *, outputs: list[str] | None = None,
                 error: str | None = None) -> None:
@@ -528,3 +624,15 @@ class Engine:
                 listener(event)
             except Exception:  # a listener's bug must not stop the engine
                 logger.exception("an event listener failed")
+
+
+def _source(document: dict | None) -> str:
+    """Where a job came from, by its status file; a job without one came over HTTP (a
+    drop-folder job has a status before its request is moved in, a command-line job is
+    held by its own process)."""
+    source = (document or {}).get("source")
+    return source if source in ("http", "inbox", "cli") else "http"
+
+
+def _never_fits(count: int, limit: int) -> str:
+    return f"lists {count} images, more than the queue holds ({limit}, --max-queue)"

@@ -9,10 +9,14 @@ line) turn them into status codes, status-file errors or exit codes.
      +-- CapacityError     the queue is full; try again later
      +-- JobNotFound       no job has that id
      +-- ConfigError       the server cannot start with these settings
+
+    concurrent.futures.BrokenExecutor
+     +-- LostWork          an executor dropped a task through no fault of its image
 """
 
 from __future__ import annotations
 
+from concurrent.futures import BrokenExecutor
 from dataclasses import dataclass
 
 
@@ -62,3 +66,8 @@ class JobNotFound(ImgserverError):
 
 class ConfigError(ImgserverError):
     """The settings are unusable (a missing folder, a bad value, a missing extra)."""
+
+
+class LostWork(BrokenExecutor):
+    """The executor lost a task, not because of its image (the connection to a cluster's
+    scheduler broke): the image is run again, and nothing is held against it."""

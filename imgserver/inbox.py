@@ -17,7 +17,6 @@ not ending in ``.json`` are ignored.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -39,7 +38,7 @@ from watchdog.events import (
 from watchdog.observers import Observer
 
 from imgserver.engine import Engine, Event
-from imgserver.errors import CapacityError, RequestError
+from imgserver.errors import CapacityError
 from imgserver.store import job_name
 
 logger = logging.getLogger("imgserver.inbox")
@@ -52,6 +51,8 @@ GRACE = 0.3
 RESCAN = 2.0
 #: The thread wakes at least this often to look at its timers.
 TICK = 0.1
+#: A file that could not be taken for an unexpected reason is tried again after this.
+RETRY = 10.0
 
 
 def is_request_name(name: str) -> bool:
@@ -178,6 +179,13 @@ class DropFolder:
 
     def _take(self, path: Path) -> None:
         """Submit the request file at ``path`` if it is complete; leave it otherwise."""
+        try:
+            self._try_take(path)
+        except Exception:  # one odd file must not stop the drop folder: log, try later
+            logger.exception("cannot take %s; trying again in %g s", path, RETRY)
+            self._waiting[path] = time.monotonic() + RETRY
+
+    def _try_take(self, path: Path) -> None:
         if path.parent != self.inbox or not is_request_name(path.name):
             return
         try:
@@ -189,27 +197,20 @@ class DropFolder:
                 self._ignored.add(path)
                 logger.warning("ignoring %s: not a regular file", path)
             return
-        limit = self.engine.settings.max_body_bytes
-        if info.st_size > limit:
-            self._reject(path, RequestError.single(
-                "request", f"file is {info.st_size} bytes, the limit is {limit} bytes "
-                           f"(--max-body-bytes)"))
+        if self.engine.outbox.taken(info):
+            os.unlink(path)  # taken by a server stopped before it could remove the name
             return
         try:
-            with open(path, "rb") as file:
-                body = file.read(limit + 1)
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
         except FileNotFoundError:
             return
-        except OSError as exc:
-            logger.error("cannot read %s: %s", path, exc)
-            self._waiting[path] = time.monotonic() + SETTLE
-            return
-        if not _is_json(body) and _age(path) < SETTLE:
+        with open(fd, "rb") as file:
+            peek = file.read(self.engine.settings.max_body_bytes + 1)
+        if not _is_json(peek) and _age(path) < SETTLE:
             self._waiting[path] = time.monotonic() + SETTLE  # perhaps still being written
             return
         try:
-            document = self.engine.submit(body, source="inbox", name=job_name(path.stem),
-                                          claim=path)
+            document = self.engine.take(path, name=job_name(path.stem), peek=peek)
         except CapacityError:
             self._full = True  # the file waits in INBOX; the next scan tries it again
             return
@@ -217,11 +218,6 @@ class DropFolder:
             return  # taken between our read and the claim (a second event): nothing to do
         self._forget(path)
         logger.info("took %s as job %s (%s)", path.name, document["id"], document["state"])
-
-    def _reject(self, path: Path, error: RequestError) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            self.engine.reject(path, name=job_name(path.stem), source="inbox", error=error)
-        self._forget(path)
 
     def _on_engine_event(self, event: Event) -> None:
         # Room in the queue: files waiting for it may go now. (Runs on the engine thread.)

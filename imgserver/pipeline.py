@@ -83,6 +83,11 @@ def process_image(task: ImageTask) -> list[str]:
     return [relative(root, path) for path in written]
 
 
+def ping() -> int:
+    """A task that does no work: it proves a worker can run tasks (its pid)."""
+    return os.getpid()
+
+
 def read_input(root: Path, path: Path, max_bytes: int) -> bytes:
     """The bytes of the input file, a regular file reached inside the root."""
     try:

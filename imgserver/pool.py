@@ -23,7 +23,7 @@ import select
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import BrokenExecutor, Executor, Future, ProcessPoolExecutor
 from typing import Any
 
@@ -128,12 +128,23 @@ class LocalPool(Executor):
         return self.workers
 
     def warm(self) -> None:
-        """Start every worker now, so that the first images do not wait for them."""
-        for future in [self.submit(os.getpid) for _ in range(self.workers * 2)]:
-            future.result()
+        """Start every worker now, so that the first images do not wait for them.
 
-    def reset(self) -> None:
-        """Kill every worker now: their running tasks end with BrokenExecutor."""
+        Workers that cannot start are reported, not raised: the server runs, its images
+        fail with the reason and /healthz says it.
+        """
+        try:
+            for future in [self.submit(os.getpid) for _ in range(self.workers * 2)]:
+                future.result()
+        except BrokenExecutor as exc:
+            logger.error("the worker processes cannot start: %s", exc)
+
+    def reset(self, futures: Sequence[Future] = ()) -> None:
+        """Kill every worker now: their running tasks end with BrokenExecutor.
+
+        A process pool cannot tell which worker runs which task, so ``futures`` (the
+        tasks to end) does not narrow it: the others come back and are run again.
+        """
         with self._lock:
             pool, self._pool = self._pool, self._new_pool()
         _kill_workers(pool)

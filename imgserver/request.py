@@ -57,11 +57,16 @@ class RequestLimits:
     max_images: int
 
 
-def parse_request(body: bytes, root: Path, limits: RequestLimits) -> Request:
-    """Parse and validate ``body``; raise RequestError listing every problem."""
-    if len(body) > limits.max_body_bytes:
+def parse_request(body: bytes, root: Path, limits: RequestLimits,
+                  size: int | None = None) -> Request:
+    """Parse and validate ``body``; raise RequestError listing every problem.
+
+    ``size`` is the size of the file ``body`` was read from, when that may be cut short.
+    """
+    size = len(body) if size is None else size
+    if size > limits.max_body_bytes:
         raise RequestError.single(
-            "request", f"is {len(body)} bytes, the limit is {limits.max_body_bytes} bytes "
+            "request", f"is {size} bytes, the limit is {limits.max_body_bytes} bytes "
                        f"(--max-body-bytes)")
     document = _load_json(body)
     problems: list[Problem] = []

@@ -48,6 +48,14 @@ def _port(text: str) -> int:
     return value
 
 
+def _scheduler(text: str) -> str:
+    scheme, _, rest = text.partition("://")
+    if not rest or scheme not in ("tcp", "tls", "ws", "wss", "inproc", "ucx"):
+        raise ValueError(f"expected a Dask scheduler address such as tcp://host:8786, "
+                         f"got {text!r}")
+    return text
+
+
 def _executor(text: str) -> str:
     if text not in ("local", "dask"):
         raise ValueError(f"must be 'local' or 'dask', got {text!r}")
@@ -97,7 +105,8 @@ OPTIONS: tuple[Option, ...] = (
            "images a worker process handles before it is replaced"),
     Option("executor", _executor, "local", "where images run: 'local' process pool or 'dask'",
            ("serve",)),
-    Option("scheduler", str, None, "Dask scheduler address, e.g. tcp://host:8786", ("serve",)),
+    Option("scheduler", _scheduler, None, "Dask scheduler address, e.g. tcp://host:8786",
+           ("serve",)),
 )
 
 

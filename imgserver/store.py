@@ -12,12 +12,14 @@ id is claimed, by any number of producers at once.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import os
 import secrets
+import shutil
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +41,8 @@ def job_name(stem: str) -> str | None:
     Leading dots are dropped (ids are never hidden files) and the name is cut to 200 bytes,
     so that ``<id>.request.json`` and a ``-<n>`` suffix fit in a file name.
     """
-    name = stem.lstrip(".").encode()[:200].decode("utf-8", "ignore")
+    # A file name that is not UTF-8 reaches us with surrogates: keep what can be encoded.
+    name = stem.lstrip(".").encode("utf-8", "replace")[:200].decode("utf-8", "ignore")
     return name if valid_id(name) else None
 
 
@@ -89,13 +92,96 @@ class Outbox:
             return job_id, None
         return job_id, fd
 
-    def adopt(self, source: Path, name: str | None) -> str:
-        """Move ``source`` (a file on the same file system) to a new job's request; its id."""
+    def claim(self, source: Path, name: str | None, reserved: Callable[[str], None],
+              max_bytes: int) -> tuple[str, bytes, int]:
+        """Move the file ``source`` in as a new job's request; its id, content and size.
+
+        The id is reserved first (an empty request file made exclusively, then
+        ``reserved(id)``). The file is then hard-linked over the reservation, and its name
+        in INBOX removed if it still is that file: what the job keeps and runs is exactly
+        the file taken, even if a new one was renamed over the name meanwhile (that one is
+        left for later). A link, not a rename: a rename out of the watched folder would
+        hold up the watcher's next events (it waits to pair moves). Where a link is refused
+        (the file belongs to another user and hard links are protected) it is renamed
+        instead; from another file system it is copied, then removed. A server stopped
+        between the link and the removal leaves the file linked twice; ``taken`` tells.
+        At most ``max_bytes + 1`` bytes are read back.
+        """
         self.ensure()
-        job_id = self._link(source, name)
-        os.unlink(source)
+        job_id = self._reserve(name)
+        target = self.request_path(job_id)
+        try:
+            reserved(job_id)
+            self._move_in(source, target)
+        except BaseException:
+            self.discard(job_id)
+            raise
         self._sync_folder()
-        return job_id
+        with open(target, "rb") as file:
+            return job_id, file.read(max_bytes + 1), os.fstat(file.fileno()).st_size
+
+    def _reserve(self, name: str | None) -> str:
+        for job_id in self._candidates(name):
+            if self.status_path(job_id).exists():
+                continue
+            try:
+                fd = os.open(self.request_path(job_id),
+                             os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+            except FileExistsError:
+                continue
+            os.close(fd)
+            return job_id
+        raise AssertionError("unreachable: candidate ids are endless")
+
+    def _move_in(self, source: Path, target: Path) -> None:
+        temp = self._temp()
+        try:
+            os.link(source, temp, follow_symlinks=False)
+        except OSError as exc:
+            if exc.errno == errno.EXDEV:
+                self._copy_in(source, target)
+            elif exc.errno in (errno.EPERM, errno.EACCES):
+                os.rename(source, target)
+            else:
+                raise
+            return
+        try:
+            os.replace(temp, target)
+        finally:
+            _unlink(temp)
+        taken = os.stat(target)
+        with contextlib.suppress(FileNotFoundError):
+            now = os.stat(source, follow_symlinks=False)
+            if (now.st_dev, now.st_ino) == (taken.st_dev, taken.st_ino):
+                os.unlink(source)
+
+    def taken(self, info: os.stat_result) -> bool:
+        """Whether a file with this ``os.stat`` result is already a job's request."""
+        if info.st_nlink < 2:
+            return False
+        for request in self.path.glob("*" + REQUEST_SUFFIX):
+            with contextlib.suppress(OSError):
+                found = request.stat()
+                if (found.st_dev, found.st_ino) == (info.st_dev, info.st_ino):
+                    return True
+        return False
+
+    def _copy_in(self, source: Path, target: Path) -> None:
+        temp = self._temp()
+        try:
+            with open(source, "rb") as file, open(temp, "wb") as copy:
+                shutil.copyfileobj(file, copy)
+                copy.flush()
+                os.fsync(copy.fileno())
+            os.replace(temp, target)
+        finally:
+            _unlink(temp)
+        os.unlink(source)
+
+    def discard(self, job_id: str) -> None:
+        """Remove the files of a job that never was (an id reserved, then not used)."""
+        _unlink(self.request_path(job_id))
+        _unlink(self.status_path(job_id))
 
     def _link(self, source: Path, name: str | None) -> str:
         for job_id in self._candidates(name):

@@ -170,3 +170,28 @@ def test_cluster_lost_scheduler_makes_health_503_and_keeps_jobs(
         assert server.stop() == 0
     saved = json.loads((root / "outbox" / f"{reply.json()['id']}.status.json").read_text())
     assert saved["state"] == "queued"  # kept for the next start, not failed
+
+
+def test_cluster_image_over_time_limit_fails_and_the_rest_runs(
+        root: Path, make_image: Callable[..., Path]) -> None:
+    make_image("huge.png", 6000, 4000)
+    make_image("small.png", 40, 30)
+    with local_cluster(workers=1) as one:
+        server = start_server(root, "--executor", "dask", "--scheduler", one.scheduler_address,
+                              "--image-timeout", "1")
+        try:
+            body = request_body([("huge.png", "out/huge.png"), ("small.png", "out/1.png"),
+                                 ("small.png", "out/2.png")], ["blur=61,9"])
+            reply = server.request("POST", "/jobs?wait=true", body, timeout=120)
+        finally:
+            server.stop()
+    huge, first, second = reply.json()["images"]
+    assert huge["state"] == "failed" and "--image-timeout" in huge["error"]
+    assert first["state"] == "done" and second["state"] == "done"  # their wait is not counted
+
+
+def test_cluster_bad_scheduler_address_is_refused(root: Path) -> None:
+    result = subprocess.run([sys.executable, "-m", "imgserver", "serve", "--root", str(root),
+                             "--executor", "dask", "--scheduler", "127.0.0.1"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "expected a Dask scheduler address" in result.stderr

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import struct
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 
 import cv2
 import numpy as np
@@ -286,3 +287,21 @@ def test_codec_shrink_on_load_only_for_jpeg(channels: int, dtype: type, extensio
 def test_codec_shrink_factor_keeps_whole_or_large_steps() -> None:
     assert [shrink_factor(p) for p in (100, 60, 50, 40, 33, 25, 20, 12.5, 10, 1)] == [
         1, 1, 2, 1, 2, 4, 2, 8, 4, 8]
+
+
+def test_codec_decodes_in_threads_keep_their_own_warnings() -> None:
+    # A Dask worker may decode in several threads; fd 2 is one per process.
+    good = encoded(photo(200, 300), ".jpg")
+    damaged = damaged_jpeg()
+    inputs = [good, damaged] * 20
+
+    def outcome(data: bytes) -> str:
+        try:
+            decode(data, LIMITS)
+        except ImageError:
+            return "failed"
+        return "done"
+
+    with ThreadPoolExecutor(4) as threads:
+        results = list(threads.map(outcome, inputs))
+    assert results == ["done", "failed"] * 20

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -147,7 +148,7 @@ def test_inbox_oversized_request_fails(root: Path, pool: LocalPool) -> None:
             document = wait_for(lambda: finished(root, "huge"))
     finally:
         engine.close()
-    assert "file is 102 bytes, the limit is 50 bytes" in document["error"]
+    assert "request: is 102 bytes, the limit is 50 bytes" in document["error"]
 
 
 def test_inbox_ignored_files_stay_untouched(drop: DropFolder, root: Path) -> None:
@@ -195,3 +196,110 @@ def test_inbox_waits_in_inbox_while_queue_is_full(root: Path,
         release.set()
         engine.close()
         executor.shutdown()
+
+
+def test_inbox_request_larger_than_the_queue_fails_and_the_folder_goes_on(
+        root: Path, pool: LocalPool, make_image: Callable[..., Path]) -> None:
+    make_image("a.png")
+    settings = Settings.build({"root": str(root), "max_queue": 2}, environ={})
+    engine = Engine(settings, pool)
+    engine.start()
+    try:
+        with DropFolder(engine, root / "inbox"):
+            (root / "inbox" / "big.json").write_bytes(
+                request_body([("a.png", f"{i}.png") for i in range(3)]))
+            document = wait_for(lambda: finished(root, "big"))
+            assert "more than the queue holds (2, --max-queue)" in document["error"]
+            (root / "inbox" / "next.json").write_bytes(request_body([("a.png", "next.png")]))
+            assert wait_for(lambda: finished(root, "next"))["state"] == "done"
+    finally:
+        engine.close()
+
+
+def test_inbox_file_replaced_again_and_again_runs_what_it_records(
+        drop: DropFolder, root: Path, make_image: Callable[..., Path]) -> None:
+    make_image("a.png", 8, 8)
+    for version in range(15):  # each version renamed over the last, as an atomic drop does
+        staged = root / "inbox" / ".same.json"
+        staged.write_bytes(request_body([("a.png", f"out/v{version}.png")]))
+        staged.rename(root / "inbox" / "same.json")
+        time.sleep(0.03)
+    wait_for(lambda: not (root / "inbox" / "same.json").exists())
+    time.sleep(1.0)
+    statuses = sorted((root / "outbox").glob("same*.status.json"))
+    assert statuses
+    for status_path in statuses:
+        job_id = status_path.name[:-len(".status.json")]
+        document = wait_for(lambda job_id=job_id: finished(root, job_id))
+        kept = json.loads((root / "outbox" / f"{job_id}.request.json").read_bytes())
+        assert [i["output"] for i in document["images"]] == [
+            i["output"] for i in kept["images"]]
+        assert document["images"][0]["outputs"] == [kept["images"][0]["output"]]
+
+
+def test_inbox_non_utf8_file_name_is_taken(drop: DropFolder, root: Path,
+                                           make_image: Callable[..., Path]) -> None:
+    make_image("a.png")
+    name = os.fsencode(root / "inbox") + b"/caf\xe9.json"
+    with open(name, "wb") as file:
+        file.write(request_body([("a.png", "cafe.png")]))
+    wait_for(lambda: (root / "cafe.png").exists())
+    assert os.listdir(root / "inbox") == []
+
+
+def test_inbox_on_another_file_system_is_copied_in(
+        root: Path, engine: Engine, make_image: Callable[..., Path],
+        tmp_path_factory: pytest.TempPathFactory) -> None:
+    inbox = tmp_path_factory.mktemp("other-fs")
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(inbox)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+    try:
+        make_image("a.png")
+        with DropFolder(engine, inbox):
+            (inbox / "far.json").write_bytes(request_body([("a.png", "far.png")]))
+            assert wait_for(lambda: finished(root, "far"))["state"] == "done"
+        assert list(inbox.iterdir()) == []
+    finally:
+        subprocess.run(["umount", "-l", str(inbox)], capture_output=True)
+
+
+def test_inbox_id_reserved_by_a_killed_server_is_released(
+        root: Path, settings: Settings, pool: LocalPool, make_image: Callable[..., Path]) -> None:
+    make_image("a.png")
+    # What a kill -9 between reserving an id and moving the file in leaves behind:
+    (root / "outbox" / "late.request.json").write_bytes(b"")
+    (root / "outbox" / "late.status.json").write_text(json.dumps({
+        "id": "late", "state": "queued", "source": "inbox", "created_at": "2026-01-01T00:00:00Z",
+        "started_at": None, "finished_at": None, "operations": [],
+        "progress": {"done": 0, "total": 0}, "error": None, "images": []}))
+    (root / "inbox" / "late.json").write_bytes(request_body([("a.png", "late.png")]))
+    engine = Engine(settings, pool)
+    engine.start()
+    try:
+        with DropFolder(engine, root / "inbox"):
+            document = wait_for(lambda: finished(root, "late"))
+    finally:
+        engine.close()
+    assert document["state"] == "done" and document["source"] == "inbox"
+    assert not (root / "outbox" / "late-2.status.json").exists()
+
+
+def test_inbox_file_taken_by_a_killed_server_is_not_run_twice(
+        root: Path, settings: Settings, pool: LocalPool, make_image: Callable[..., Path]) -> None:
+    make_image("a.png")
+    # What a kill -9 between linking the file into the outbox and removing its INBOX name
+    # leaves behind: the same file under both names, and no status yet.
+    (root / "inbox" / "twice.json").write_bytes(request_body([("a.png", "twice.png")]))
+    os.link(root / "inbox" / "twice.json", root / "outbox" / "twice.request.json")
+    engine = Engine(settings, pool)
+    engine.start()
+    try:
+        with DropFolder(engine, root / "inbox"):
+            assert wait_for(lambda: finished(root, "twice"))["state"] == "done"
+            wait_for(lambda: not (root / "inbox" / "twice.json").exists())
+            time.sleep(2.5)
+    finally:
+        engine.close()
+    assert not (root / "outbox" / "twice-2.request.json").exists()

@@ -38,7 +38,8 @@ class PoisonPool(LocalPool):
     """A real process pool whose worker dies on any image named ``poison*``."""
 
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future:
-        if Path(args[0].input).name.startswith("poison"):
+        if args and isinstance(args[0], ImageTask) and Path(args[0].input).name.startswith(
+                "poison"):
             return super().submit(exit_worker, *args)
         return super().submit(fn, *args, **kwargs)
 
@@ -330,3 +331,48 @@ def test_reliability_hostile_images_each_fail_alone(root: Path, pool: LocalPool)
     assert health
     assert sorted(p.name for p in (root / "out").iterdir()) == [
         "good.png.png", "near-limit.png.png", "png-named.jpg.png"]
+
+
+def test_reliability_health_recovers_without_new_work(
+        settings: Settings, root: Path, make_image: Callable[..., Path]) -> None:
+    make_image("poison-1.png")
+    make_image("poison-2.png")
+    pool = PoisonPool(1, max_pixels=10**9)
+    engine = started(settings, pool)
+    try:
+        body = request_body([("poison-1.png", "1.png"), ("poison-2.png", "2.png")])
+        engine.wait(engine.submit(body, source="http")["id"]).result(60)
+        assert wait_for(lambda: engine.healthy, timeout=15)  # an empty task proved the pool
+    finally:
+        engine.close()
+        pool.shutdown()
+
+
+def test_reliability_full_outbox_refuses_requests_with_503(
+        root: Path, pool: LocalPool, make_image: Callable[..., Path],
+        mount: Callable[..., Path]) -> None:
+    make_image("a.png")
+    (root / "outbox").rmdir()
+    outbox = mount("outbox", "size=16k")
+    settings = Settings.build({"root": str(root)}, environ={})
+    engine = started(settings, pool)
+    try:
+        with TestClient(create_app(engine, settings)) as client:
+            fd = os.open(outbox / "filler", os.O_WRONLY | os.O_CREAT)
+            try:
+                while True:
+                    os.write(fd, b"x" * 4096)
+            except OSError:  # the tmpfs is full
+                pass
+            finally:
+                os.close(fd)
+            reply = client.post("/jobs", content=request_body([("a.png", "b.png")]))
+            assert reply.status_code == 503 and "cannot store requests" in reply.json()["detail"]
+            health = client.get("/healthz")
+            assert health.status_code == 503 and "outbox" in health.json()["reason"]
+            (outbox / "filler").unlink()
+            assert client.post("/jobs", content=request_body([("a.png", "b.png")])).status_code \
+                == 202
+            assert client.get("/healthz").status_code == 200
+    finally:
+        engine.close()

@@ -76,3 +76,10 @@ def test_service_exposure_is_at_most_2(tmp_path: Path) -> None:
     score = re.search(r"Overall exposure level for \S+: ([\d.]+)", result.stdout)
     assert score, result.stdout + result.stderr
     assert float(score.group(1)) <= 2.0
+
+
+def test_service_keeps_a_venv_under_home_reachable(tmp_path: Path) -> None:
+    venv = Path(sys.executable).parent.parent
+    text = subprocess.run([str(INSTALL), "--print", "--venv", "/home/me/venv"],
+                          capture_output=True, text=True, check=True).stdout
+    assert "ProtectHome=read-only" in text and f"{venv}" not in text
