@@ -80,8 +80,9 @@ def create_app(engine: Engine, settings: Settings) -> FastAPI:
                   413: {"model": ErrorResponse, "description": "The body is over the limit."},
                   422: {"model": ErrorResponse, "description": "The request is invalid; "
                         "nothing was read or written."},
-                  503: {"model": ErrorResponse, "description": "The queue is full or the "
-                        "server is stopping; nothing was accepted. See Retry-After."},
+                  503: {"model": ErrorResponse, "description": "The queue is full, the "
+                        "server is stopping, or the outbox cannot store the request; nothing "
+                        "was accepted. See Retry-After."},
                   **errors},
               openapi_extra={"requestBody": {"required": True, "content": {"application/json": {
                   "schema": {"$ref": "#/components/schemas/JobRequest"}}}}})

@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from imgserver.errors import CapacityError, ImageError, JobNotFound, LostWork, RequestError
-from imgserver.job import DONE, FAILED, FINAL_STATES, QUEUED, RUNNING, ImageStatus, Job
+from imgserver.job import DONE, FAILED, FINAL_STATES, QUEUED, RUNNING, SOURCES, ImageStatus, Job
 from imgserver.pipeline import ImageTask, ping, process_image, remove_partial
 from imgserver.request import Request, RequestLimits, parse_request
 from imgserver.settings import Settings
@@ -170,26 +170,22 @@ class Engine:
             except OSError as exc:
                 raise self._storage_failed(exc) from None
             self._storage_error = None
-            job = Job(id=job_id, source=source, operations=list(request.operations),
-                      images=[ImageStatus(spec.input, spec.output) for spec in request.images])
-            active = self._register(job, request, lock_fd)
-            self._write(active)
-            self._cond.notify_all()
-            return job.to_document()
+            return self._accept(job_id, source, request, lock_fd)
 
     def take(self, path: Path, *, name: str | None, peek: bytes, source: str = "inbox") -> dict:
         """Take the drop-folder file ``path`` as a job; return its status document.
 
         ``peek`` is the file's content as read a moment ago: it decides whether the queue has
         room (CapacityError leaves the file where it is). The file is then moved into the
-        outbox as the job's request (a rename: exactly that file, once, even if it was
-        replaced meanwhile) and what was moved is what is validated and run. An invalid
+        outbox as the job's request (``Outbox.claim``: exactly that file, once, even if it
+        was replaced meanwhile) and what was moved is what is validated and run. An invalid
         request becomes a failed job, since nobody is there to answer.
         """
         try:
-            count = len(parse_request(peek, self.settings.root, self._limits).images)
+            peeked: Request | None = parse_request(peek, self.settings.root, self._limits)
         except RequestError:
-            count = 0  # it will be recorded as failed once taken
+            peeked = None  # it will be recorded as failed once taken
+        count = len(peeked.images) if peeked else 0
         with self._cond:
             if not self._accepting:
                 raise CapacityError("the server is shutting down", retry_after=5)
@@ -206,12 +202,13 @@ class Engine:
                 job_id, body, size = self.outbox.claim(path, name, reserved,
                                                        self.settings.max_body_bytes)
             except FileNotFoundError:
-                raise
+                raise  # taken already: not a storage problem
             except OSError as exc:
                 raise self._storage_failed(exc) from None
             self._storage_error = None
             try:
-                request = parse_request(body, self.settings.root, self._limits, size=size)
+                request = (peeked if peeked is not None and body == peek else
+                           parse_request(body, self.settings.root, self._limits, size=size))
                 if len(request.images) > self.settings.max_queue:
                     raise RequestError.single("images", _never_fits(len(request.images),
                                                                     self.settings.max_queue))
@@ -219,12 +216,16 @@ class Engine:
                 placeholder.reject(str(error))
                 self.outbox.write_status(placeholder.to_document())
                 return placeholder.to_document()
-            job = Job(id=job_id, source=source, operations=list(request.operations),
-                      images=[ImageStatus(spec.input, spec.output) for spec in request.images])
-            active = self._register(job, request, None)
-            self._write(active)
-            self._cond.notify_all()
-            return job.to_document()
+            return self._accept(job_id, source, request, None)
+
+    def _accept(self, job_id: str, source: str, request: Request, lock_fd: int | None) -> dict:
+        """Register a stored, valid request as a queued job; its status document."""
+        job = Job(id=job_id, source=source, operations=list(request.operations),
+                  images=[ImageStatus(spec.input, spec.output) for spec in request.images])
+        active = self._register(job, request, lock_fd)
+        self._write(active)
+        self._cond.notify_all()
+        return job.to_document()
 
     def _storage_failed(self, exc: OSError) -> CapacityError:
         self._storage_error = f"the outbox {self.outbox.path} cannot store requests: " \
@@ -631,7 +632,7 @@ def _source(document: dict | None) -> str:
     drop-folder job has a status before its request is moved in, a command-line job is
     held by its own process)."""
     source = (document or {}).get("source")
-    return source if source in ("http", "inbox", "cli") else "http"
+    return source if source in SOURCES else "http"
 
 
 def _never_fits(count: int, limit: int) -> str:

@@ -121,17 +121,8 @@ class Outbox:
             return job_id, file.read(max_bytes + 1), os.fstat(file.fileno()).st_size
 
     def _reserve(self, name: str | None) -> str:
-        for job_id in self._candidates(name):
-            if self.status_path(job_id).exists():
-                continue
-            try:
-                fd = os.open(self.request_path(job_id),
-                             os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
-            except FileExistsError:
-                continue
-            os.close(fd)
-            return job_id
-        raise AssertionError("unreachable: candidate ids are endless")
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+        return self._allocate(name, lambda target: os.close(os.open(target, flags, 0o644)))
 
     def _move_in(self, source: Path, target: Path) -> None:
         temp = self._temp()
@@ -184,14 +175,20 @@ class Outbox:
         _unlink(self.status_path(job_id))
 
     def _link(self, source: Path, name: str | None) -> str:
+        job_id = self._allocate(name, lambda target: os.link(source, target))
+        self._sync_folder()
+        return job_id
+
+    def _allocate(self, name: str | None, make: Callable[[Path], None]) -> str:
+        """The first free id for ``name``: ``make(request path)`` claims it or raises
+        FileExistsError (taken meanwhile, by another producer)."""
         for job_id in self._candidates(name):
             if self.status_path(job_id).exists():
                 continue
             try:
-                os.link(source, self.request_path(job_id))
+                make(self.request_path(job_id))
             except FileExistsError:
                 continue
-            self._sync_folder()
             return job_id
         raise AssertionError("unreachable: candidate ids are endless")
 
