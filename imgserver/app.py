@@ -1,12 +1,16 @@
 """The HTTP API (FastAPI): a thin edge over the job engine.
 
-    POST /jobs[?wait=true]   202 + status document + Location (200 with wait=true)
+    POST /jobs[?wait=true]   202 + status document + Location (200 with wait=true);
+                             with Idempotency-Key, a repeat answers 200 with the first job
+    GET  /jobs               200 a page of job summaries, newest first, and the next cursor
     GET  /jobs/{id}          200 status document, 404 unknown
+    POST /jobs/{id}/cancel   202 cancelled now, 200 cancelled before, 409 finished, 404
     GET  /healthz            200 {"status": "ok"} while the server can take work, else 503
     GET  /docs, /openapi.json  the API's documentation, served without internet
 
 The engine's errors become status codes here and nowhere else: RequestError 422,
-CapacityError 503 with Retry-After, JobNotFound 404; a body over the limit is 413. Engine
+CapacityError 503 with Retry-After, JobNotFound 404, JobConflict 409 (with the job's
+document); a body over the limit is 413. Engine
 calls that touch the disk run in a worker thread, and ``wait=true`` awaits the engine's
 future: the event loop never blocks.
 """
@@ -20,7 +24,7 @@ from typing import Any
 from urllib.parse import quote
 
 import fastapi_offline
-from fastapi import Depends, FastAPI, Query, Request
+from fastapi import Depends, FastAPI, Header, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.openapi.utils import get_openapi
@@ -30,8 +34,10 @@ from starlette.concurrency import run_in_threadpool
 
 from imgserver import __version__
 from imgserver.engine import Engine
-from imgserver.errors import CapacityError, JobNotFound, Problem, RequestError
-from imgserver.schema import ErrorResponse, Health, JobRequest, StatusDocument
+from imgserver.errors import CapacityError, JobConflict, JobNotFound, Problem, RequestError
+from imgserver.job import SOURCES, STATES
+from imgserver.keys import HEADER as IDEMPOTENCY_KEY
+from imgserver.schema import ErrorResponse, Health, JobList, JobRequest, StatusDocument
 from imgserver.settings import Settings
 
 #: Swagger UI 5 (renders OpenAPI 3.1) as shipped by the fastapi-offline package.
@@ -76,10 +82,12 @@ def create_app(engine: Engine, settings: Settings) -> FastAPI:
                   202: {"model": StatusDocument, "description": "Accepted; the job is queued. "
                         "The Location header points at its status."},
                   200: {"model": StatusDocument, "description": "With wait=true: the job's "
-                        "final status."},
+                        "final status. With an Idempotency-Key used before: the status of the "
+                        "job that key created (nothing new is created)."},
                   413: {"model": ErrorResponse, "description": "The body is over the limit."},
-                  422: {"model": ErrorResponse, "description": "The request is invalid; "
-                        "nothing was read or written."},
+                  422: {"model": ErrorResponse, "description": "The request is invalid, or "
+                        "its Idempotency-Key was used for another request; nothing was read "
+                        "or written."},
                   503: {"model": ErrorResponse, "description": "The queue is full, the "
                         "server is stopping, or the outbox cannot store the request; nothing "
                         "was accepted. See Retry-After."},
@@ -88,20 +96,73 @@ def create_app(engine: Engine, settings: Settings) -> FastAPI:
                   "schema": {"$ref": "#/components/schemas/JobRequest"}}}}})
     async def submit_job(request: Request, wait: bool = Query(
             False, description="Wait for the job to finish and answer 200 with its final "
-                               "status.")) -> JSONResponse:
+                               "status."),
+            idempotency_key: str | None = Header(
+                None, alias=IDEMPOTENCY_KEY, description=(
+                    "1 to 255 visible ASCII characters. A request repeated with the same key "
+                    "within 24 hours is answered with the job the first one created (200) "
+                    "instead of creating another; the same key with another body is 422. "
+                    "Makes a POST whose answer was lost safe to retry."))) -> JSONResponse:
         body = await _read_body(request, settings.max_body_bytes)
-        document = await run_in_threadpool(engine.submit, body, source="http")
+        created = True
+        if idempotency_key is None:
+            document = await run_in_threadpool(engine.submit, body, source="http")
+        else:
+            document, created = await run_in_threadpool(engine.submit_once, body,
+                                                        idempotency_key, source="http")
         location = f"/jobs/{quote(document['id'])}"
         if not wait:
-            return JSONResponse(document, status_code=202, headers={"Location": location})
+            return JSONResponse(document, status_code=202 if created else 200,
+                                headers={"Location": location})
         document = await asyncio.wrap_future(engine.wait(document["id"]))
         return JSONResponse(document, status_code=200, headers={"Location": location})
+
+    @app.get("/jobs", dependencies=[Depends(authorized)], summary="List jobs, newest first",
+             responses={200: {"model": JobList},
+                        422: {"model": ErrorResponse, "description": "A parameter is invalid."},
+                        503: {"model": ErrorResponse, "description": "The job index is being "
+                              "rebuilt (after it was lost or damaged). See Retry-After."},
+                        **errors})
+    async def list_jobs(
+            state: str | None = Query(None, description="Only jobs in these states, "
+                                      "comma-separated: " + ", ".join(STATES) + "."),
+            source: str | None = Query(None, description="Only jobs from this source: "
+                                       + ", ".join(SOURCES) + "."),
+            limit: int = Query(50, ge=1, le=1000, description="Jobs per page."),
+            cursor: str | None = Query(None, description="The `next` of the previous page.")
+    ) -> JSONResponse:
+        states = _states(state)
+        if source is not None and source not in SOURCES:
+            raise RequestError.single("source", f"{source!r} is not a source (expected one of "
+                                                f"{', '.join(SOURCES)})")
+        jobs, after = await run_in_threadpool(engine.jobs, states=states, source=source,
+                                              limit=limit, cursor=cursor)
+        return JSONResponse({"jobs": jobs, "next": after})
 
     @app.get("/jobs/{job_id}", dependencies=[Depends(authorized)], summary="A job's status",
              responses={200: {"model": StatusDocument},
                         404: {"model": ErrorResponse, "description": "No such job."}, **errors})
     async def get_job(job_id: str) -> JSONResponse:
         return JSONResponse(await run_in_threadpool(engine.status, job_id))
+
+    @app.post("/jobs/{job_id}/cancel", status_code=202, dependencies=[Depends(authorized)],
+              summary="Cancel a job",
+              description="Images of the job that have not started never start; running "
+                          "images finish and keep their outputs; then the job is `cancelled`. "
+                          "The cancel is on disk before the answer: a restart does not resume "
+                          "the job.",
+              responses={
+                  202: {"model": StatusDocument, "description": "Cancelled. The job is "
+                        "`cancelled`, or still `running` until its running images finish."},
+                  200: {"model": StatusDocument, "description": "The job was cancelled "
+                        "before."},
+                  404: {"model": ErrorResponse, "description": "No such job."},
+                  409: {"model": StatusDocument, "description": "The job is done or failed "
+                        "(or run by an 'imgserver run' process): its document."},
+                  **errors})
+    async def cancel_job(job_id: str) -> JSONResponse:
+        document, before = await run_in_threadpool(engine.cancel, job_id)
+        return JSONResponse(document, status_code=200 if before else 202)
 
     @app.get("/healthz", summary="Whether the server can take work",
              responses={200: {"model": Health}, 503: {"model": Health}})
@@ -114,6 +175,19 @@ def create_app(engine: Engine, settings: Settings) -> FastAPI:
     _add_docs(app)
     _add_error_handlers(app)
     return app
+
+
+def _states(text: str | None) -> list[str]:
+    """The states a ``state`` parameter names; RequestError naming it for a wrong one."""
+    if text is None:
+        return []
+    states = [part.strip() for part in text.split(",")]
+    wrong = [part for part in states if part not in STATES]
+    if wrong:
+        raise RequestError.single("state", f"{', '.join(map(repr, wrong))}: not a state "
+                                           f"(expected one or more of {', '.join(STATES)}, "
+                                           f"comma-separated)")
+    return states
 
 
 async def _read_body(request: Request, limit: int) -> bytes:
@@ -151,6 +225,10 @@ def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(JobNotFound)
     async def not_found(request: Request, exc: JobNotFound) -> JSONResponse:
         return JSONResponse({"detail": str(exc)}, status_code=404)
+
+    @app.exception_handler(JobConflict)
+    async def conflict(request: Request, exc: JobConflict) -> JSONResponse:
+        return JSONResponse(exc.document, status_code=409)
 
     @app.exception_handler(_BodyTooLarge)
     async def too_large(request: Request, exc: _BodyTooLarge) -> JSONResponse:

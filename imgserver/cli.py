@@ -45,8 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
                 sub.add_argument(option.flag, dest=option.name, type=_checked(option.parse),
                                  default=None,
                                  metavar=option.name.upper(),
-                                 help=f"{option.help} "
-                                      f"[env {option.env}; default: {option.default}]")
+                                 help=f"{option.help} [env {option.env}; "
+                                      f"default: {option.shown or option.default}]")
     return parser
 
 

@@ -1,45 +1,52 @@
-"""The job engine: one queue of images, fed by every road, run on one executor.
+"""The job engine: every road's requests become jobs here, and only here is it decided
+what happens to a job.
 
-    HTTP API --+                                   +--> executor (process pool / Dask)
-    drop folder+--> submit: validate -> admit ->   |      process_image(ImageTask)
-    imgserver run  persist request -> queue ------>+             |
-                                                   |   done / failed / worker died
-    GET /jobs, wait <--- status documents <--------+<------------+
-                         (OUTBOX/<id>.status.json)
+    HTTP API ---+                                           +--> Runner --> executor
+    drop folder +--> submit / take: validate -> admit ->    |    (a fair queue of images,
+    imgserver run    store the request -> queue ----------->+     retries, time limits)
+                                                            |
+    GET /jobs, wait, cancel <-- status documents <----------+<-- outcomes
+                                (the outbox: files + index)  --> subscribers (events)
 
 ``submit`` validates the request (nothing is written for an invalid one), checks that its
-images fit in the queue, stores the request in the outbox and only then accepts it. A
-single engine thread hands images to the executor, no more at once than its capacity, so
-each image starts as soon as it is handed over: that is when its time limit starts.
-
-The executor is any ``concurrent.futures.Executor``. A pool may also offer ``capacity``
-(images to hand over at once; otherwise one per worker), ``problem`` (why no image can run
-now: /healthz reports it and the queue waits) and ``reset(futures)`` (end the images of
-these futures: they ran over their time limit). ``LocalPool`` and ``DaskPool`` offer all
-three.
-
-The same thread collects results, retries images whose worker died, fails images that
-run past their time limit (and resets the pool, which kills their worker), and writes the
-status files. On start, every job whose request is kept and whose status is not final is
-queued again: an accepted job is never lost.
+images fit in the queue, stores the request in the outbox and only then accepts it. One
+engine thread hands images to the executor through the ``Runner`` (round-robin between
+jobs), settles what becomes of them, and writes the status files. On start, every job
+whose request is kept and whose status is not final is queued again: an accepted job is
+never lost. A cancelled job's images that have not started never start; a restart does not
+resume it either.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import threading
 import time
-from collections import deque
-from collections.abc import Callable
-from concurrent.futures import BrokenExecutor, Executor, Future
+import uuid
+from collections.abc import Sequence
+from concurrent.futures import Executor, Future
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from imgserver.errors import CapacityError, ImageError, JobNotFound, LostWork, RequestError
-from imgserver.job import DONE, FAILED, FINAL_STATES, QUEUED, RUNNING, SOURCES, ImageStatus, Job
-from imgserver.pipeline import ImageTask, ping, process_image, remove_partial
+from imgserver.errors import CapacityError, JobConflict, JobNotFound, RequestError
+from imgserver.events import Event, ImageFinished, JobFinished, Listener
+from imgserver.job import (
+    CANCELLED,
+    FINAL_STATES,
+    QUEUED,
+    RUNNING,
+    SOURCES,
+    ImageStatus,
+    Job,
+    expires_at,
+    summary,
+)
+from imgserver.keys import check_key
+from imgserver.pipeline import ImageTask, remove_partial
 from imgserver.request import Request, RequestLimits, parse_request
+from imgserver.runner import Outcome, Runner, Work
 from imgserver.settings import Settings
 from imgserver.store import Outbox
 
@@ -47,51 +54,6 @@ logger = logging.getLogger("imgserver.engine")
 
 #: A running job's status file is rewritten at most this often (and at every state change).
 STATUS_INTERVAL = 0.5
-#: Temporary files in the outbox older than this (seconds) are left over from a crash;
-#: they are looked for at start and then this often.
-STALE_TEMP = 60.0
-SWEEP_INTERVAL = 300.0
-#: After the executor refused work, try again after this many seconds.
-RETRY_DELAY = 1.0
-#: Workers dying this many times in a row, without an image finishing, make the engine
-#: unhealthy (and slow down its dispatch, so a broken pool does not burn through the queue).
-CRASH_STREAK = 3
-
-
-@dataclass(frozen=True)
-class ImageFinished:
-    """An image of a job is finished (done or failed)."""
-
-    job_id: str
-    index: int
-    image: ImageStatus
-    done: int
-    total: int
-
-
-@dataclass(frozen=True)
-class JobFinished:
-    """A job reached its final state."""
-
-    job_id: str
-    document: dict
-
-
-Event = ImageFinished | JobFinished
-Listener = Callable[[Event], None]
-
-
-@dataclass(eq=False)
-class _Work:
-    """One image on its way through the executor."""
-
-    job: _Active
-    index: int
-    task: ImageTask
-    retried: bool = False      # its worker died once: it now runs alone
-    deadline: float = 0.0
-    abandoned: bool = False    # already failed (timed out); waiting for its worker to end
-    bystander: bool = False    # was running when the pool was reset on purpose
 
 
 @dataclass(eq=False)
@@ -117,37 +79,37 @@ class Engine:
         """
         self.settings = settings
         self.outbox = Outbox(settings.outbox)
-        self._executor = executor
-        self._concurrency = concurrency
         self._lock_jobs = lock_jobs
         self._limits = RequestLimits(settings.max_body_bytes, settings.max_images)
         self._cond = threading.Condition()
+        self._runner = Runner(executor, self._cond, image_timeout=settings.image_timeout,
+                              capacity=concurrency or (0 if hasattr(executor, "capacity")
+                                                       else settings.workers))
         self._active: dict[str, _Active] = {}
-        self._pending: deque[_Work] = deque()
-        self._retries: deque[_Work] = deque()
-        self._running: dict[Future, _Work] = {}
-        self._completed: list[Future] = []
         self._open_images = 0
         self._accepting = False
         self._closing = False
-        self._healthy = True
-        self._executor_error = ""
         self._storage_error: str | None = None
-        self._crash_streak = 0
-        self._probing: Future | None = None
-        self._swept_at = time.monotonic()
-        self._retry_at = 0.0
         self._listeners: list[Listener] = []
         self._thread = threading.Thread(target=self._loop, name="imgserver-engine", daemon=True)
+        self._scanner = threading.Thread(target=self._scan, name="imgserver-index-scan",
+                                         daemon=True)
 
     # -- public interface -------------------------------------------------------------
 
     def start(self, *, recover: bool = True) -> None:
-        """Queue the jobs left unfinished by an earlier run, then start taking work."""
-        self._remove_stale_temps()
+        """Queue the jobs an earlier run left unfinished, then start taking work.
+
+        Jobs the index does not know (it is new, or was damaged) are found by a scan of the
+        outbox in the background: until it ends, listing jobs answers CapacityError.
+        """
         if recover:
+            self.outbox.open()
+            self.outbox.remove_stale_temps()
             for job_id in self.outbox.unfinished():
-                self._recover(job_id)
+                self.resume(job_id)
+            if self.outbox.index.needs_scan:
+                self._scanner.start()
         with self._cond:
             self._accepting = True
         self._thread.start()
@@ -164,13 +126,45 @@ class Engine:
         """
         request = parse_request(body, self.settings.root, self._limits)
         with self._cond:
+            return self._create(body, request, source=source, name=name)
+
+    def submit_once(self, body: bytes, key: str, *, source: str) -> tuple[dict, bool]:
+        """``submit`` with an idempotency key: the document, and whether a job was created.
+
+        A key used in the last 24 hours answers with that key's job (its current status)
+        and creates nothing; RequestError if that job's request differs from ``body``.
+        """
+        check_key(key)
+        with self._cond:
+            earlier = self._replay(key, body)
+        if earlier is not None:
+            return earlier, False
+        request = parse_request(body, self.settings.root, self._limits)
+        with self._cond:
+            earlier = self._replay(key, body)  # the same key sent twice at once
+            if earlier is not None:
+                return earlier, False
             self._admit(len(request.images))
-            try:
-                job_id, lock_fd = self.outbox.create(body, name, lock=self._lock_jobs)
-            except OSError as exc:
-                raise self._storage_failed(exc) from None
-            self._storage_error = None
-            return self._accept(job_id, source, request, lock_fd)
+            job_id = uuid.uuid4().hex
+            # Bound before the job exists: a crash in between leaves a key to nothing.
+            self.outbox.keys.bind(key, job_id)
+            return self._create(body, request, source=source, name=job_id), True
+
+    def _replay(self, key: str, body: bytes) -> dict | None:
+        """The status of the job ``key`` created, if it exists; RequestError if that job's
+        request is not ``body``."""
+        job_id = self.outbox.keys.lookup(key)
+        if job_id is None:
+            return None
+        try:
+            earlier = self.outbox.read_request(job_id)
+        except OSError:
+            return None  # never stored (a crash), or removed since: the key is free
+        if earlier != body:
+            raise RequestError.single("Idempotency-Key", (
+                f"was used for another request (job {job_id}) in the last 24 hours; "
+                f"use a new key for a new request"))
+        return self.status(job_id)
 
     def take(self, path: Path, *, name: str | None, peek: bytes, source: str = "inbox") -> dict:
         """Take the drop-folder file ``path`` as a job; return its status document.
@@ -200,7 +194,8 @@ class Engine:
 
             try:
                 job_id, body, size = self.outbox.claim(path, name, reserved,
-                                                       self.settings.max_body_bytes)
+                                                       self.settings.max_body_bytes,
+                                                       source=source)
             except FileNotFoundError:
                 raise  # taken already: not a storage problem
             except OSError as exc:
@@ -213,24 +208,12 @@ class Engine:
                     raise RequestError.single("images", _never_fits(len(request.images),
                                                                     self.settings.max_queue))
             except RequestError as error:
-                placeholder.reject(str(error))
+                placeholder.reject(str(error), self.settings.keep_finished)
                 self.outbox.write_status(placeholder.to_document())
                 return placeholder.to_document()
-            return self._accept(job_id, source, request, None)
-
-    def _accept(self, job_id: str, source: str, request: Request, lock_fd: int | None) -> dict:
-        """Register a stored, valid request as a queued job; its status document."""
-        job = Job(id=job_id, source=source, operations=list(request.operations),
-                  images=[ImageStatus(spec.input, spec.output) for spec in request.images])
-        active = self._register(job, request, lock_fd)
-        self._write(active)
-        self._cond.notify_all()
-        return job.to_document()
-
-    def _storage_failed(self, exc: OSError) -> CapacityError:
-        self._storage_error = f"the outbox {self.outbox.path} cannot store requests: " \
-                              f"{exc.strerror or exc}"
-        return CapacityError(self._storage_error, retry_after=30)
+            job = _new_job(job_id, source, request)
+            job.created_at = placeholder.created_at
+            return self._accept(job, request, None, write=True)
 
     def status(self, job_id: str) -> dict:
         """The status document of ``job_id``; JobNotFound if there is no such job."""
@@ -241,7 +224,21 @@ class Engine:
         document = self.outbox.read_status(job_id)
         if document is None:
             raise JobNotFound(f"no job with id {job_id!r}")
-        return document
+        return self._served(document)
+
+    def jobs(self, *, states: Sequence[str] = (), source: str | None = None, limit: int = 50,
+             cursor: str | None = None) -> tuple[list[dict], str | None]:
+        """Summaries of jobs (documents without images), newest first, and the cursor of the
+        next page (None on the last). CapacityError while the index is being rebuilt."""
+        if self.outbox.index.needs_scan:
+            raise CapacityError("the job index is being rebuilt from the status files; "
+                                "listing is back when it is done", retry_after=5)
+        summaries, after = self.outbox.index.page(states=states, source=source, limit=limit,
+                                                  cursor=cursor)
+        with self._cond:  # a running job's row lags its status by up to STATUS_INTERVAL
+            summaries = [self._active[s["id"]].job.summary() if s["id"] in self._active
+                         else self._served(s) for s in summaries]
+        return [s for s in summaries if not states or s["state"] in states], after
 
     def wait(self, job_id: str) -> Future:
         """A future that resolves to the job's final status document."""
@@ -257,6 +254,53 @@ class Engine:
         future.set_result(self.status(job_id))
         return future
 
+    def cancel(self, job_id: str) -> tuple[dict, bool]:
+        """Cancel a job: its images not started never start, running ones finish.
+
+        Returns the status document and whether the job was cancelled before (False: by
+        this call). JobNotFound for no such job, JobConflict for a job already done or
+        failed. The cancel is on disk before this returns.
+        """
+        with self._cond:
+            active = self._active.get(job_id)
+            if active is None:
+                document = self.status(job_id)
+                if document["state"] == CANCELLED:
+                    return document, True
+                if document["state"] in FINAL_STATES:
+                    raise JobConflict(f"job {job_id} is already {document['state']}; only an "
+                                      f"unfinished job can be cancelled", document)
+                raise JobConflict(f"job {job_id} is run by another process ('imgserver run'); "
+                                  f"stop that process to stop it", document)
+            job = active.job
+            if not job.cancelling:
+                self.outbox.request_cancel(job_id)
+                withdrawn = self._runner.withdraw(job_id)
+                self._open_images -= len(withdrawn)
+                job.cancel([work.index for work in withdrawn])
+                if job.finish_if_complete(self.settings.keep_finished):
+                    self._finish(active)
+                else:
+                    self._write(active)
+                    self._cond.notify_all()
+            return job.to_document(), False
+
+    def resume(self, job_id: str) -> None:
+        """Queue the unfinished job ``job_id`` found in the outbox (an earlier run's)."""
+        with self._cond:
+            if job_id in self._active:
+                return
+            recovered = self._recover(job_id)
+            if recovered is None:
+                return
+            job, request = recovered
+            active = self._register(job, request, None)
+            if not job.finished:
+                self._write(active)
+            self._cond.notify_all()
+        logger.info("resuming job %s (%d of %d images left)", job_id,
+                    sum(i.state not in FINAL_STATES for i in job.images), len(job.images))
+
     @property
     def healthy(self) -> bool:
         """Whether the engine can run work: its thread is alive and the executor takes tasks."""
@@ -269,17 +313,7 @@ class Engine:
             return "the server is not accepting work (starting or shutting down)"
         if not self._thread.is_alive():
             return "the engine thread has stopped"
-        problem = getattr(self._executor, "problem", None)  # a pool may say what is wrong
-        if problem:
-            return problem
-        if self._storage_error:
-            return self._storage_error
-        if not self._healthy:
-            return f"the executor refuses work: {self._executor_error}"
-        if self._crash_streak >= CRASH_STREAK:
-            return (f"worker processes keep dying: {self._crash_streak} in a row without "
-                    f"finishing an image")
-        return None
+        return self._storage_error or self._runner.problem
 
     @property
     def active_jobs(self) -> int:
@@ -312,6 +346,9 @@ class Engine:
             self._cond.notify_all()
         if self._thread.is_alive():
             self._thread.join()
+        if self._scanner.is_alive():
+            self._scanner.join()
+        self.outbox.close()
 
     # -- admission and bookkeeping ------------------------------------------------------
 
@@ -326,6 +363,38 @@ class Engine:
                 f"the queue is full: {self._open_images} images are waiting or running, "
                 f"this request adds {count}, the limit is {limit} (--max-queue)")
 
+    def _create(self, body: bytes, request: Request, *, source: str, name: str | None) -> dict:
+        """Store a valid request and accept it as a queued job (holding the condition)."""
+        self._admit(len(request.images))
+        job = _new_job("", source, request)
+
+        def reserved(job_id: str) -> None:
+            job.id = job_id  # the first status is written before the request is in place
+            self.outbox.write_status(job.to_document())
+
+        try:
+            _, lock_fd = self.outbox.create(body, name, source=source, reserved=reserved,
+                                            lock=self._lock_jobs)
+        except OSError as exc:
+            raise self._storage_failed(exc) from None
+        self._storage_error = None
+        return self._accept(job, request, lock_fd, write=False)
+
+    def _accept(self, job: Job, request: Request, lock_fd: int | None, *, write: bool) -> dict:
+        """Register a stored, valid request as a queued job; its status document."""
+        active = self._register(job, request, lock_fd)
+        if write:
+            self._write(active)
+        else:
+            active.written_at = time.monotonic()
+        self._cond.notify_all()
+        return job.to_document()
+
+    def _storage_failed(self, exc: OSError) -> CapacityError:
+        self._storage_error = f"the outbox {self.outbox.path} cannot store requests: " \
+                              f"{exc.strerror or exc}"
+        return CapacityError(self._storage_error, retry_after=30)
+
     def _register(self, job: Job, request: Request, lock_fd: int | None) -> _Active:
         active = _Active(job, lock_fd)
         self._active[job.id] = active
@@ -337,23 +406,30 @@ class Engine:
                 root=str(self.settings.root), input=str(spec.input_path),
                 outputs=tuple(str(path) for path in spec.outputs), operations=request.parsed,
                 max_pixels=self.settings.max_pixels, max_file_bytes=self.settings.max_file_bytes)
-            self._pending.append(_Work(active, index, task))
+            self._runner.queue.push(job.id, Work(job.id, index, task))
             self._open_images += 1
-        if job.finish_if_complete():
+        if job.finish_if_complete(self.settings.keep_finished):
             self._finish(active)
         return active
 
-    def _recover(self, job_id: str) -> None:
+    def _recover(self, job_id: str) -> tuple[Job, Request] | None:
+        """The job and request of an unfinished job on disk, to run again; None if there is
+        nothing to run (its status file then says why)."""
+        document = self.outbox.read_status(job_id)
         try:
             body = self.outbox.read_request(job_id)
+        except FileNotFoundError:
+            body = b""
         except OSError as exc:
             logger.error("cannot read the request of job %s: %s", job_id, exc)
-            return
-        document = self.outbox.read_status(job_id)
-        if not body and document is not None and not document.get("images"):
-            # An id reserved for a drop-folder file that was never moved in: no job.
+            return None
+        if document is not None and document.get("state") in FINAL_STATES:
+            self.outbox.index.put(summary(document))  # the index had not caught up
+            return None
+        if not body:
+            # An id reserved for a request that never arrived (a crash in between): no job.
             self.outbox.discard(job_id)
-            return
+            return None
         try:
             job = Job.from_document(document) if document else None
         except (KeyError, TypeError):
@@ -362,40 +438,47 @@ class Engine:
             request = parse_request(body, self.settings.root, self._limits)
         except RequestError as error:
             job = job or Job(id=job_id, source=_source(document), operations=[], images=[])
-            job.reject(str(error))
+            job.reject(str(error), self.settings.keep_finished)
             self.outbox.write_status(job.to_document())
-            return
+            return None
         if job is None or len(job.images) != len(request.images):
             # Accepted, but stopped before its first full status file: it never started.
-            job = Job(id=job_id, source=_source(document), operations=list(request.operations),
-                      images=[ImageStatus(spec.input, spec.output) for spec in request.images])
+            job = _new_job(job_id, _source(document), request)
+            if document and isinstance(document.get("created_at"), str):
+                job.created_at = document["created_at"]
         for spec, image in zip(request.images, job.images, strict=False):
             if image.state not in FINAL_STATES:
                 remove_partial(tuple(str(path) for path in spec.outputs))
-        if job.state == RUNNING and all(i.state not in FINAL_STATES for i in job.images):
+        if self.outbox.cancel_requested(job_id):
+            job.cancel([i for i, image in enumerate(job.images) if image.state not in FINAL_STATES])
+        elif job.state == RUNNING and all(i.state not in FINAL_STATES for i in job.images):
             job.state = QUEUED
-        with self._cond:
-            active = self._register(job, request, None)
-            if not job.finished:
-                self._write(active)
-        logger.info("resuming job %s (%d of %d images left)", job_id,
-                    sum(i.state not in FINAL_STATES for i in job.images), len(job.images))
+        return job, request
 
-    def _remove_stale_temps(self) -> None:
-        # Left by a process killed while writing; a live one's are seconds old at most.
-        if not self.outbox.path.is_dir():
+    def _scan(self) -> None:
+        """Give every job on disk a row in the index, resuming the unfinished ones."""
+        started = time.monotonic()
+        logger.info("building the job index from the files in %s", self.outbox.path)
+        try:
+            added = self.outbox.scan(self.resume, stopping=lambda: self._closing)
+        except Exception:
+            logger.exception("cannot build the job index; listing jobs stays unavailable")
             return
-        for temp in self.outbox.path.glob(".tmp-*"):
-            try:
-                if time.time() - temp.stat().st_mtime > STALE_TEMP:
-                    temp.unlink()
-            except OSError:
-                pass
+        if not self.outbox.index.needs_scan:
+            logger.info("job index built: %d jobs added in %.1f s", added,
+                        time.monotonic() - started)
 
     @staticmethod
     def _shutting_down(job_id: str) -> CapacityError:
         return CapacityError(f"the server is shutting down; job {job_id} resumes at the next start",
                              retry_after=5)
+
+    def _served(self, document: dict) -> dict:
+        """A stored document as served: its expiry by the current ``--keep-finished``."""
+        if document.get("state") in FINAL_STATES and "finished_at" in document:
+            document["expires_at"] = expires_at(document["finished_at"],
+                                                self.settings.keep_finished)
+        return document
 
     # -- the engine thread --------------------------------------------------------------
 
@@ -407,7 +490,7 @@ class Engine:
                         break
                 except Exception:  # a bug must not stop every job: log it and go on
                     logger.exception("the engine loop failed; going on")
-                    self._cond.wait(RETRY_DELAY)
+                    self._cond.wait(1.0)
             self._flush(force=True)
             for active in self._active.values():
                 if active.lock_fd is not None:
@@ -416,180 +499,48 @@ class Engine:
 
     def _step(self) -> bool:
         """One turn of the engine thread; True once it is closing and nothing runs."""
-        self._collect()
-        self._enforce_deadlines()
-        self._probe()
-        self._sweep()
-        if self._closing and not self._running:
+        for outcome in self._runner.collect() + self._runner.enforce_deadlines():
+            self._settle(outcome)
+        self._runner.probe()
+        if self._closing and self._runner.idle:
             return True
-        if self._accepting and not self._closing:
-            self._dispatch()  # once stopping, images not started stay queued
+        if self._accepting and not self._closing:  # once stopping, images not started wait
+            for work in self._runner.dispatch():
+                self._started(work)
         self._flush()
         self._cond.wait(self._next_wakeup())
         return False
 
-    def _probe(self) -> None:
-        """After workers kept dying, check with an empty task that the pool runs again.
-
-        Without it, /healthz would stay 503 until the next image happened to succeed.
-        """
-        if (self._crash_streak < CRASH_STREAK or self._running or self._probing is not None
-                or time.monotonic() < self._retry_at):
-            return
-        try:
-            self._probing = self._executor.submit(ping)
-        except (BrokenExecutor, RuntimeError, OSError):
-            self._retry_at = time.monotonic() + RETRY_DELAY
-            return
-        self._probing.add_done_callback(self._probed)
-
-    def _probed(self, future: Future) -> None:
-        with self._cond:
-            if future.exception() is None:
-                self._crash_streak = 0
-            else:
-                self._retry_at = time.monotonic() + RETRY_DELAY
-            self._probing = None
-            self._cond.notify_all()
-
-    def _sweep(self) -> None:
-        if time.monotonic() >= self._swept_at + SWEEP_INTERVAL:
-            self._swept_at = time.monotonic()
-            self._remove_stale_temps()
-
     def _next_wakeup(self) -> float | None:
-        moments = [work.deadline for work in self._running.values() if not work.abandoned]
-        if self._crash_streak >= CRASH_STREAK and self._probing is None:
-            moments.append(self._retry_at)
-        moments.append(self._swept_at + SWEEP_INTERVAL)
-        moments += [a.written_at + STATUS_INTERVAL for a in self._active.values() if a.dirty]
-        if self._pending or self._retries:
-            moments.append(self._retry_at)
+        moments = [a.written_at + STATUS_INTERVAL for a in self._active.values() if a.dirty]
+        runner = self._runner.next_wakeup()
+        if runner is not None:
+            moments.append(runner)
         if not moments:
             return None
         return max(0.0, min(moments) - time.monotonic()) + 0.001
 
-    def _capacity(self) -> int:
-        # A pool may know its size (a Dask cluster's changes); else, as many as workers.
-        if self._concurrency:
-            return self._concurrency
-        return int(getattr(self._executor, "capacity", self.settings.workers))
-
-    def _dispatch(self) -> None:
-        if time.monotonic() < self._retry_at:
-            return
-        if getattr(self._executor, "problem", None):
-            self._retry_at = time.monotonic() + RETRY_DELAY  # the queue waits for the pool
-            return
-        if any(work.retried for work in self._running.values()):
-            return  # an image whose worker died runs alone, so a second death is its own
-        if self._retries:
-            if not self._running:
-                self._hand_over(self._retries.popleft())
-            return
-        while self._pending and len(self._running) < self._capacity():
-            if not self._hand_over(self._pending.popleft()):
-                return
-
-    def _hand_over(self, work: _Work) -> bool:
-        try:
-            future = self._executor.submit(process_image, work.task)
-        except (BrokenExecutor, RuntimeError, OSError) as exc:
-            logger.error("the executor refused work: %s", exc)
-            self._executor_error = str(exc) or type(exc).__name__
-            (self._retries if work.retried else self._pending).appendleft(work)
-            self._healthy = False
-            self._retry_at = time.monotonic() + RETRY_DELAY
-            return False
-        self._healthy = True
-        work.deadline = time.monotonic() + self.settings.image_timeout
-        self._running[future] = work
-        image = work.job.job.images[work.index]
-        image.state = RUNNING
-        if work.job.job.state == QUEUED:
-            work.job.job.start()
+    def _started(self, work: Work) -> None:
+        active = self._active[work.job_id]
+        active.job.images[work.index].state = RUNNING
+        if active.job.state == QUEUED:
+            active.job.start()
             # Written with the next flush: a short job is often done before, and its final
             # status (written at once) says running's times too.
-            work.job.dirty = True
-        future.add_done_callback(self._on_done)
-        return True
+            active.dirty = True
 
-    def _on_done(self, future: Future) -> None:
-        with self._cond:
-            self._completed.append(future)
-            self._cond.notify_all()
-
-    def _collect(self) -> None:
-        completed, self._completed = self._completed, []
-        for future in completed:
-            work = self._running.pop(future)
-            error = future.exception()
-            if work.abandoned:
-                if error is not None:
-                    remove_partial(work.task.outputs)
-                continue
-            if error is None:
-                self._crash_streak = 0
-                self._settle(work, DONE, outputs=future.result())
-            elif isinstance(error, ImageError):
-                self._crash_streak = 0
-                self._settle(work, FAILED, error=str(error))
-            elif isinstance(error, LostWork):
-                self._pending.appendleft(work)  # not the image's fault: run it again
-            elif isinstance(error, BrokenExecutor):
-                remove_partial(work.task.outputs)
-                self._worker_died(work)
-            else:
-                logger.error("image %s of job %s failed unexpectedly", work.index,
-                             work.job.job.id, exc_info=error)
-                self._settle(work, FAILED, error=f"internal error: {error!r}")
-
-    def _worker_died(self, work: _Work) -> None:
-        if work.bystander:
-            work.bystander = False
-            self._pending.appendleft(work)  # stopped by a reset meant for another image
-            return
-        self._crash_streak += 1
-        if self._crash_streak >= CRASH_STREAK:
-            self._retry_at = time.monotonic() + RETRY_DELAY
-        if work.retried:
-            self._settle(work, FAILED, error=(
-                "the worker process died while processing this image, twice "
-                "(a crash or the out-of-memory killer); the image was not retried again"))
-        else:
-            logger.warning("a worker died while processing %s; retrying it alone",
-                           work.task.input)
-            work.retried = True
-            self._retries.append(work)
-
-    def _enforce_deadlines(self) -> None:
-        moment = time.monotonic()
-        expired = [w for w in self._running.values() if not w.abandoned and w.deadline <= moment]
-        if not expired:
-            return
-        for work in expired:
-            work.abandoned = True
-            self._settle(work, FAILED, error=(
-                f"processing took longer than the limit of {self.settings.image_timeout:g} s "
-                f"(--image-timeout); its worker was stopped"))
-        for work in self._running.values():
-            if not work.abandoned:
-                work.bystander = True
-        reset = getattr(self._executor, "reset", None)
-        if reset is not None:
-            reset([future for future, work in self._running.items() if work in expired])
-
-    def _settle(self, work: _Work, state: str, *, outputs: list[str] | None = None,
-                error: str | None = None) -> None:
-        active = work.job
+    def _settle(self, outcome: Outcome) -> None:
+        work = outcome.work
+        active = self._active[work.job_id]
         image = active.job.images[work.index]
-        image.state, image.outputs, image.error = state, outputs or [], error
+        image.state, image.outputs, image.error = (outcome.state, list(outcome.outputs),
+                                                   outcome.error)
         self._open_images -= 1
         active.dirty = True
         progress = active.job.progress()
-        self._emit(ImageFinished(active.job.id, work.index, image, progress["done"],
-                                 progress["total"]))
-        if active.job.finish_if_complete():
+        self._emit(ImageFinished(active.job.id, work.index, dataclasses.replace(image),
+                                 progress["done"], progress["total"]))
+        if active.job.finish_if_complete(self.settings.keep_finished):
             self._finish(active)
 
     def _finish(self, active: _Active) -> None:
@@ -625,6 +576,11 @@ class Engine:
                 listener(event)
             except Exception:  # a listener's bug must not stop the engine
                 logger.exception("an event listener failed")
+
+
+def _new_job(job_id: str, source: str, request: Request) -> Job:
+    return Job(id=job_id, source=source, operations=list(request.operations),
+               images=[ImageStatus(spec.input, spec.output) for spec in request.images])
 
 
 def _source(document: dict | None) -> str:

@@ -8,6 +8,7 @@ line) turn them into status codes, status-file errors or exit codes.
      +-- ImageError        one image failed; the rest of its job goes on
      +-- CapacityError     the queue is full; try again later
      +-- JobNotFound       no job has that id
+     +-- JobConflict       the job is not in a state that allows it (cancel a finished job)
      +-- ConfigError       the server cannot start with these settings
 
     concurrent.futures.BrokenExecutor
@@ -62,6 +63,14 @@ class CapacityError(ImgserverError):
 
 class JobNotFound(ImgserverError):
     """No job with the given id exists."""
+
+
+class JobConflict(ImgserverError):
+    """The job's state does not allow what was asked; ``document`` is its status."""
+
+    def __init__(self, message: str, document: dict) -> None:
+        super().__init__(message)
+        self.document = document
 
 
 class ConfigError(ImgserverError):

@@ -37,8 +37,9 @@ from watchdog.events import (
 )
 from watchdog.observers import Observer
 
-from imgserver.engine import Engine, Event
+from imgserver.engine import Engine
 from imgserver.errors import CapacityError
+from imgserver.events import Event
 from imgserver.store import job_name
 
 logger = logging.getLogger("imgserver.inbox")

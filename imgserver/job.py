@@ -1,23 +1,42 @@
 """A job and its status document (the same JSON in HTTP answers and status files).
 
-    queued -> running -> done     every image succeeded
-                      -> failed   the request was invalid, or at least one image failed
+    queued -> running -> done        every image succeeded
+                      -> failed      the request was invalid, or at least one image failed
+       \\---------\\---> cancelled   cancelled: images not started never run
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
-QUEUED, RUNNING, DONE, FAILED = "queued", "running", "done", "failed"
-FINAL_STATES = (DONE, FAILED)
+QUEUED, RUNNING, DONE, FAILED, CANCELLED = "queued", "running", "done", "failed", "cancelled"
+STATES = (QUEUED, RUNNING, DONE, FAILED, CANCELLED)
+#: A job or an image in one of these states never changes again.
+FINAL_STATES = (DONE, FAILED, CANCELLED)
 SOURCES = ("http", "inbox", "cli")
 
 
 def now() -> str:
     """The current time, ISO-8601 in UTC."""
-    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+    return timestamp(datetime.now(timezone.utc))
+
+
+def timestamp(moment: datetime) -> str:
+    """``moment`` as the documents write it: ISO-8601 in UTC, to the millisecond.
+
+    One format everywhere, so that timestamps sort as text in the order of time.
+    """
+    return moment.astimezone(timezone.utc).isoformat(timespec="milliseconds")
+
+
+def expires_at(finished_at: str | None, keep: float) -> str | None:
+    """When a job finished at ``finished_at`` is removed, keeping it ``keep`` seconds (0:
+    for ever); None while it runs."""
+    if finished_at is None or not keep:
+        return None
+    return timestamp(datetime.fromisoformat(finished_at) + timedelta(seconds=keep))
 
 
 @dataclass
@@ -49,6 +68,9 @@ class Job:
     started_at: str | None = None
     finished_at: str | None = None
     error: str | None = None
+    expires_at: str | None = None
+    #: Cancelled by its user: images not started never start; the job ends ``cancelled``.
+    cancelling: bool = False
 
     @property
     def finished(self) -> bool:
@@ -57,7 +79,7 @@ class Job:
 
     def progress(self) -> dict[str, int]:
         """How many images are finished (done or failed), of how many."""
-        done = sum(image.state in FINAL_STATES for image in self.images)
+        done = sum(image.state in (DONE, FAILED) for image in self.images)
         return {"done": done, "total": len(self.images)}
 
     def start(self) -> None:
@@ -66,24 +88,42 @@ class Job:
             self.state = RUNNING
             self.started_at = self.started_at or now()
 
-    def finish_if_complete(self) -> bool:
-        """Move the job to done or failed once every image is finished; True if it moved."""
+    def cancel(self, indexes: list[int]) -> None:
+        """Cancel the job: the images at ``indexes`` (those not started) never run."""
+        self.cancelling = True
+        for index in indexes:
+            self.images[index].state = CANCELLED
+
+    def finish_if_complete(self, keep: float = 0) -> bool:
+        """Move the job to its final state once every image is finished; True if it moved.
+
+        ``keep``: seconds the finished job is kept (its ``expires_at``), 0 for ever.
+        """
         if self.finished or any(image.state not in FINAL_STATES for image in self.images):
             return False
         failed = sum(image.state == FAILED for image in self.images)
-        self.state = FAILED if failed else DONE
-        self.error = f"{failed} of {len(self.images)} images failed" if failed else None
-        self.started_at = self.started_at or now()
-        self.finished_at = now()
+        if self.cancelling:
+            not_run = sum(image.state == CANCELLED for image in self.images)
+            self.state = CANCELLED
+            self.error = f"cancelled: {not_run} of {len(self.images)} images not run"
+        else:
+            self.state = FAILED if failed else DONE
+            self.error = f"{failed} of {len(self.images)} images failed" if failed else None
+            self.started_at = self.started_at or now()
+        self._finished(keep)
         return True
 
-    def reject(self, error: str) -> None:
+    def reject(self, error: str, keep: float = 0) -> None:
         """Fail the whole job before any image ran (an invalid request)."""
         self.state, self.error = FAILED, error
-        self.finished_at = now()
+        self._finished(keep)
 
-    def to_document(self) -> dict[str, Any]:
-        """The status document."""
+    def _finished(self, keep: float) -> None:
+        self.finished_at = now()
+        self.expires_at = expires_at(self.finished_at, keep)
+
+    def summary(self) -> dict[str, Any]:
+        """The status document without its images (what a listing shows)."""
         return {
             "id": self.id,
             "state": self.state,
@@ -91,11 +131,15 @@ class Job:
             "created_at": self.created_at,
             "started_at": self.started_at,
             "finished_at": self.finished_at,
+            "expires_at": self.expires_at,
             "operations": list(self.operations),
             "progress": self.progress(),
             "error": self.error,
-            "images": [image.to_document() for image in self.images],
         }
+
+    def to_document(self) -> dict[str, Any]:
+        """The status document."""
+        return {**self.summary(), "images": [image.to_document() for image in self.images]}
 
     @classmethod
     def from_document(cls, document: dict[str, Any]) -> Job:
@@ -112,4 +156,10 @@ class Job:
             started_at=document["started_at"],
             finished_at=document["finished_at"],
             error=document["error"],
+            expires_at=document.get("expires_at"),
         )
+
+
+def summary(document: dict[str, Any]) -> dict[str, Any]:
+    """A status document without its images."""
+    return {key: value for key, value in document.items() if key != "images"}

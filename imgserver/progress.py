@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from typing import TextIO
 
-from imgserver.engine import Event, ImageFinished
+from imgserver.events import Event, ImageFinished
 
 
 class Progress:

@@ -56,7 +56,8 @@ class JobRequest(BaseModel):
         description=OPERATIONS_HELP, examples=[["resize=50", "split=True", "blur=5,1.5"]])
 
 
-State = Literal["queued", "running", "done", "failed"]
+State = Literal["queued", "running", "done", "failed", "cancelled"]
+Source = Literal["http", "inbox", "cli"]
 
 
 class ImageStatusModel(BaseModel):
@@ -64,7 +65,8 @@ class ImageStatusModel(BaseModel):
 
     input: str
     output: str
-    state: State
+    state: State = Field(description="`cancelled`: the job was cancelled before the image "
+                                     "started; it never runs.")
     outputs: list[str] = Field(description="Files written, relative to the root.")
     error: str | None = Field(description="Why the image failed, or null.")
 
@@ -76,20 +78,41 @@ class Progress(BaseModel):
     total: int
 
 
-class StatusDocument(BaseModel):
-    """A job's status: the same JSON as its status file OUTBOX/<id>.status.json."""
+class JobSummary(BaseModel):
+    """A job's status without its images (what a listing shows)."""
 
     id: str
-    state: State
-    source: Literal["http", "inbox", "cli"]
+    state: State = Field(description="queued -> running -> done (every image succeeded), "
+                                     "failed (the request was invalid, or an image failed) or "
+                                     "cancelled (POST /jobs/{id}/cancel).")
+    source: Source
     created_at: str = Field(description="ISO-8601, UTC.")
     started_at: str | None
     finished_at: str | None
+    expires_at: str | None = Field(description="When the job's request and status files are "
+                                               "removed (--keep-finished); null while it runs "
+                                               "or when finished jobs are kept for ever. "
+                                               "Outputs are never removed.")
     operations: list[str]
-    progress: Progress
-    error: str | None = Field(description="Why the job failed as a whole, or a summary such as "
-                                          "'2 of 10 images failed'; null unless failed.")
+    progress: Progress = Field(description="Images finished (done or failed) of the total; "
+                                           "cancelled images are not counted as finished.")
+    error: str | None = Field(description="Why the job failed as a whole, a summary such as "
+                                          "'2 of 10 images failed', or 'cancelled: 7 of 10 "
+                                          "images not run'; null when done or unfinished.")
+
+
+class StatusDocument(JobSummary):
+    """A job's status: the same JSON as its status file OUTBOX/<id>.status.json."""
+
     images: list[ImageStatusModel]
+
+
+class JobList(BaseModel):
+    """A page of jobs, newest first."""
+
+    jobs: list[JobSummary]
+    next: str | None = Field(description="The cursor of the next page (pass it as `cursor`); "
+                                         "null on the last page.")
 
 
 class FieldProblem(BaseModel):

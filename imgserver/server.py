@@ -2,6 +2,7 @@
 
     Settings -> executor (LocalPool or DaskPool) -> Engine <- FastAPI app <- uvicorn
                                               <- DropFolder <- watchdog observer
+                                              <- Housekeeper (retention, index rebuild)
 
 Shutdown (SIGTERM or Ctrl-C): the engine stops accepting and releases ``wait=true``
 clients, uvicorn closes its connections, the drop folder stops watching, the engine lets
@@ -26,6 +27,7 @@ import uvicorn
 from imgserver.app import create_app
 from imgserver.engine import Engine
 from imgserver.errors import ConfigError
+from imgserver.housekeeping import Housekeeper
 from imgserver.inbox import DropFolder
 from imgserver.pool import LocalPool
 from imgserver.settings import Settings
@@ -111,7 +113,9 @@ def _serve(settings: Settings, executor: Executor) -> int:
     engine = Engine(settings, executor)
     engine.start()
     drop_folder = DropFolder(engine, settings.inbox)
+    housekeeper = Housekeeper(engine)
     try:
+        housekeeper.start()
         drop_folder.start()
         config = uvicorn.Config(create_app(engine, settings), host=settings.host,
                                 port=settings.port, log_level="info",
@@ -127,5 +131,6 @@ def _serve(settings: Settings, executor: Executor) -> int:
             return EXIT_CONFIG
     finally:
         drop_folder.stop()
+        housekeeper.stop()
         engine.close()
     return EXIT_OK

@@ -56,6 +56,23 @@ def _scheduler(text: str) -> str:
     return text
 
 
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def duration(text: str) -> float:
+    """Seconds from a duration such as ``30d``, ``12h``, ``15m``, ``90s`` or ``90``."""
+    number, unit = text.strip(), "s"
+    if number and number[-1] in _UNITS:
+        number, unit = number[:-1], number[-1]
+    try:
+        value = float(number) * _UNITS[unit]
+    except ValueError:
+        value = -1.0
+    if not 0 <= value < float("inf"):
+        raise ValueError(f"expected a duration such as 30d, 12h, 15m, 90s or 0, got {text!r}")
+    return value
+
+
 def _executor(text: str) -> str:
     if text not in ("local", "dask"):
         raise ValueError(f"must be 'local' or 'dask', got {text!r}")
@@ -71,6 +88,7 @@ class Option:
     default: Any
     help: str
     commands: tuple[str, ...] = ("serve", "run")
+    shown: str | None = None  # the default as the help shows it, when not ``str(default)``
 
     @property
     def env(self) -> str:
@@ -103,6 +121,9 @@ OPTIONS: tuple[Option, ...] = (
            "seconds one image may take before it fails and its worker is stopped"),
     Option("max_tasks_per_child", _positive_int, 1000,
            "images a worker process handles before it is replaced"),
+    Option("keep_finished", duration, 30 * 86400.0,
+           "how long a finished job's request and status files are kept: 30d, 12h, 90s; "
+           "0 keeps them for ever (outputs are never removed)", ("serve",), shown="30d"),
     Option("executor", _executor, "local", "where images run: 'local' process pool or 'dask'",
            ("serve",)),
     Option("scheduler", _scheduler, None, "Dask scheduler address, e.g. tcp://host:8786",
@@ -127,6 +148,7 @@ class Settings:
     max_queue: int = 10_000
     image_timeout: float = 300.0
     max_tasks_per_child: int = 1000
+    keep_finished: float = 30 * 86400.0
     executor: str = "local"
     scheduler: str | None = None
     token: str | None = dataclasses.field(default=None, repr=False)

@@ -1,12 +1,18 @@
-"""The outbox: each job's request, kept byte for byte, and its status file.
+"""The outbox: each job's request, kept byte for byte, its status file, and their index.
 
     OUTBOX/<id>.request.json   the job's durable record, written before the job is accepted
     OUTBOX/<id>.status.json    the status document, replaced atomically as the job moves
+    OUTBOX/<id>.cancel         the job was cancelled (until its final status says so)
+    OUTBOX/.jobs.sqlite3       the index: a row per job, for listing (imgserver.index)
+    OUTBOX/.keys/              idempotency keys (imgserver.keys)
+    OUTBOX/.tmp/               files being written
 
-Both are written to a temporary file first and then linked or renamed into place, so a
-reader (or a restart after ``kill -9``) sees either the old or the new file, never half of
-one. A request file is linked into place, which fails if the name is taken: that is how an
-id is claimed, by any number of producers at once.
+Files are written to ``.tmp/`` first and then renamed into place, so a reader (or a restart
+after ``kill -9``) sees either the old or the new file, never half of one. A new job's id is
+claimed in the index and by an empty request file made exclusively (by any number of
+producers at once, in any number of processes), then its first status is written, then its
+request is moved over the empty file: a job whose request is still empty was never
+accepted, and a crash at any point leaves a row for every job on disk.
 """
 
 from __future__ import annotations
@@ -18,17 +24,21 @@ import json
 import os
 import secrets
 import shutil
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from imgserver.job import FINAL_STATES
+from imgserver.index import Index
+from imgserver.job import FINAL_STATES, now, summary
+from imgserver.keys import IdempotencyKeys
 
 REQUEST_SUFFIX = ".request.json"
 STATUS_SUFFIX = ".status.json"
-
-
+CANCEL_SUFFIX = ".cancel"
+#: Temporary files older than this (seconds) are left over from a crash.
+STALE_TEMP = 60.0
 def valid_id(job_id: str) -> bool:
     """Whether ``job_id`` can name a job (a file name that is not hidden)."""
     return (0 < len(job_id) <= 200 and not job_id.startswith(".") and "/" not in job_id
@@ -47,14 +57,26 @@ def job_name(stem: str) -> str | None:
 
 
 class Outbox:
-    """The folder of request and status files."""
+    """The folder of request and status files, and the index over them."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        self.index = Index(path)
+        self.keys = IdempotencyKeys(path / ".keys")
+        self.temps = path / ".tmp"
+
+    def open(self) -> None:
+        """Create the folder if needed and open the index."""
+        self.ensure()
+        self.index.open()
+
+    def close(self) -> None:
+        """Close the index (cleanly: the next start needs no scan)."""
+        self.index.close()
 
     def ensure(self) -> None:
-        """Create the folder if it does not exist."""
-        self.path.mkdir(parents=True, exist_ok=True)
+        """Create the folder (and its folder of temporary files) if they do not exist."""
+        self.temps.mkdir(parents=True, exist_ok=True)
 
     def request_path(self, job_id: str) -> Path:
         """Where the request of ``job_id`` is kept."""
@@ -64,13 +86,21 @@ class Outbox:
         """Where the status document of ``job_id`` is kept."""
         return self.path / (job_id + STATUS_SUFFIX)
 
-    def create(self, body: bytes, name: str | None = None, *, lock: bool = False
-               ) -> tuple[str, int | None]:
+    def cancel_path(self, job_id: str) -> Path:
+        """The marker saying ``job_id`` was cancelled, until its final status is written."""
+        return self.path / (job_id + CANCEL_SUFFIX)
+
+    # -- new jobs -----------------------------------------------------------------------
+
+    def create(self, body: bytes, name: str | None, *, source: str,
+               reserved: Callable[[str], None], lock: bool = False) -> tuple[str, int | None]:
         """Store ``body`` as a new job's request; return its id (and a lock fd if asked).
 
         The id is ``name``, or ``name-2``, ``name-3``... when taken; a random one without a
-        name. With ``lock``, the request file stays locked (flock) until the fd is closed,
-        which tells a starting server that a live process owns the job.
+        name. ``reserved(id)`` is called once the id is claimed and before the request is in
+        place (to write the job's first status). With ``lock``, the request file stays
+        locked (flock) until the fd is closed, which tells a starting server that a live
+        process owns the job.
         """
         self.ensure()
         temp = self._temp()
@@ -81,7 +111,17 @@ class Outbox:
             with open(fd, "wb", closefd=False) as file:
                 file.write(body)
             os.fsync(fd)
-            job_id = self._link(temp, name)
+            job_id, reservation = self._reserve(name, source, lock=lock)
+            try:
+                reserved(job_id)
+                os.replace(temp, self.request_path(job_id))
+            except BaseException:
+                self.discard(job_id)
+                raise
+            finally:
+                if reservation is not None:
+                    os.close(reservation)
+            self._sync_folder()
         except BaseException:
             os.close(fd)
             raise
@@ -92,27 +132,26 @@ class Outbox:
             return job_id, None
         return job_id, fd
 
-    def claim(self, source: Path, name: str | None, reserved: Callable[[str], None],
-              max_bytes: int) -> tuple[str, bytes, int]:
-        """Move the file ``source`` in as a new job's request; its id, content and size.
+    def claim(self, source_path: Path, name: str | None, reserved: Callable[[str], None],
+              max_bytes: int, *, source: str) -> tuple[str, bytes, int]:
+        """Move the file ``source_path`` in as a new job's request; its id, content and size.
 
-        The id is reserved first (an empty request file made exclusively, then
-        ``reserved(id)``). The file is then hard-linked over the reservation, and its name
-        in INBOX removed if it still is that file: what the job keeps and runs is exactly
-        the file taken, even if a new one was renamed over the name meanwhile (that one is
-        left for later). A link, not a rename: a rename out of the watched folder would
-        hold up the watcher's next events (it waits to pair moves). Where a link is refused
-        (the file belongs to another user and hard links are protected) it is renamed
-        instead; from another file system it is copied, then removed. A server stopped
-        between the link and the removal leaves the file linked twice; ``taken`` tells.
-        At most ``max_bytes + 1`` bytes are read back.
+        The id is reserved first, then ``reserved(id)`` is called. The file is then
+        hard-linked over the reservation, and its name in INBOX removed if it still is that
+        file: what the job keeps and runs is exactly the file taken, even if a new one was
+        renamed over the name meanwhile (that one is left for later). A link, not a rename:
+        a rename out of the watched folder would hold up the watcher's next events (it waits
+        to pair moves). Where a link is refused (the file belongs to another user and hard
+        links are protected) it is renamed instead; from another file system it is copied,
+        then removed. A server stopped between the link and the removal leaves the file
+        linked twice; ``taken`` tells. At most ``max_bytes + 1`` bytes are read back.
         """
         self.ensure()
-        job_id = self._reserve(name)
+        job_id, _ = self._reserve(name, source)
         target = self.request_path(job_id)
         try:
             reserved(job_id)
-            self._move_in(source, target)
+            self._move_in(source_path, target)
         except BaseException:
             self.discard(job_id)
             raise
@@ -120,9 +159,33 @@ class Outbox:
         with open(target, "rb") as file:
             return job_id, file.read(max_bytes + 1), os.fstat(file.fileno()).st_size
 
-    def _reserve(self, name: str | None) -> str:
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
-        return self._allocate(name, lambda target: os.close(os.open(target, flags, 0o644)))
+    def _reserve(self, name: str | None, source: str, *, lock: bool = False
+                 ) -> tuple[str, int | None]:
+        """Claim the first free id for ``name``: a row in the index, then an empty request
+        file made exclusively (a job on disk that the index does not know keeps its id).
+
+        With ``lock`` the empty file is locked while it waits for the request (a server
+        starting meanwhile leaves it alone); the lock is released when the request replaces
+        it, which carries its own.
+        """
+        created_at = now()
+        for job_id in _candidates(name):
+            if self.status_path(job_id).exists() or self.request_path(job_id).exists():
+                continue
+            if not self.index.reserve(job_id, source, created_at):
+                continue
+            try:
+                fd = os.open(self.request_path(job_id),
+                             os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+            except FileExistsError:
+                self.index.remove([job_id])
+                continue
+            if not lock:
+                os.close(fd)
+                return job_id, None
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            return job_id, fd
+        raise AssertionError("unreachable: candidate ids are endless")
 
     def _move_in(self, source: Path, target: Path) -> None:
         temp = self._temp()
@@ -142,8 +205,8 @@ class Outbox:
             _unlink(temp)
         taken = os.stat(target)
         with contextlib.suppress(FileNotFoundError):
-            now = os.stat(source, follow_symlinks=False)
-            if (now.st_dev, now.st_ino) == (taken.st_dev, taken.st_ino):
+            current = os.stat(source, follow_symlinks=False)
+            if (current.st_dev, current.st_ino) == (taken.st_dev, taken.st_ino):
                 os.unlink(source)
 
     def taken(self, info: os.stat_result) -> bool:
@@ -169,42 +232,10 @@ class Outbox:
             _unlink(temp)
         os.unlink(source)
 
-    def discard(self, job_id: str) -> None:
-        """Remove the files of a job that never was (an id reserved, then not used)."""
-        _unlink(self.request_path(job_id))
-        _unlink(self.status_path(job_id))
-
-    def _link(self, source: Path, name: str | None) -> str:
-        job_id = self._allocate(name, lambda target: os.link(source, target))
-        self._sync_folder()
-        return job_id
-
-    def _allocate(self, name: str | None, make: Callable[[Path], None]) -> str:
-        """The first free id for ``name``: ``make(request path)`` claims it or raises
-        FileExistsError (taken meanwhile, by another producer)."""
-        for job_id in self._candidates(name):
-            if self.status_path(job_id).exists():
-                continue
-            try:
-                make(self.request_path(job_id))
-            except FileExistsError:
-                continue
-            return job_id
-        raise AssertionError("unreachable: candidate ids are endless")
-
-    @staticmethod
-    def _candidates(name: str | None) -> Iterator[str]:
-        if name is None:
-            while True:
-                yield uuid.uuid4().hex
-        yield name
-        number = 2
-        while True:
-            yield f"{name}-{number}"
-            number += 1
+    # -- status, requests, removal --------------------------------------------------------
 
     def write_status(self, document: dict[str, Any]) -> None:
-        """Replace the status file of ``document['id']`` atomically."""
+        """Replace the status file of ``document['id']`` atomically, then its index row."""
         temp = self._temp()
         try:
             with open(temp, "w", encoding="utf-8") as file:
@@ -213,6 +244,9 @@ class Outbox:
             os.replace(temp, self.status_path(document["id"]))
         finally:
             _unlink(temp)
+        self.index.put(summary(document))
+        if document["state"] in FINAL_STATES:
+            _unlink(self.cancel_path(document["id"]))  # the status says it from now on
 
     def read_status(self, job_id: str) -> dict[str, Any] | None:
         """The status document of ``job_id``, or None if it has none (or the id is invalid)."""
@@ -221,8 +255,6 @@ class Outbox:
         try:
             with open(self.status_path(job_id), encoding="utf-8") as file:
                 return json.load(file)
-        except (FileNotFoundError, NotADirectoryError):
-            return None
         except (OSError, ValueError):
             return None
 
@@ -230,30 +262,99 @@ class Outbox:
         """The request of ``job_id``, byte for byte."""
         return self.request_path(job_id).read_bytes()
 
+    def request_cancel(self, job_id: str) -> None:
+        """Record, durably, that ``job_id`` is cancelled: a restart must not resume it."""
+        fd = os.open(self.cancel_path(job_id), os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        self._sync_folder()
+
+    def cancel_requested(self, job_id: str) -> bool:
+        """Whether ``job_id`` was cancelled before its final status was written."""
+        return self.cancel_path(job_id).exists()
+
+    def discard(self, job_id: str) -> None:
+        """Remove the files of a job that never was (an id reserved, then not used)."""
+        self.remove([job_id])
+
+    def remove(self, job_ids: list[str]) -> None:
+        """Remove the request, status and index row of each job (its outputs stay)."""
+        for job_id in job_ids:
+            for path in (self.status_path(job_id), self.request_path(job_id),
+                         self.cancel_path(job_id)):
+                _unlink(path)
+        self.index.remove(job_ids)
+
+    # -- the index ----------------------------------------------------------------------
+
     def unfinished(self) -> list[str]:
         """Ids of jobs whose request is kept but whose status is not final, oldest first.
 
         A job whose request file is locked belongs to a live ``imgserver run``; it is left
         to that process.
         """
-        if not self.path.is_dir():
-            return []
-        found: list[tuple[float, str]] = []
-        for request in self.path.glob("*" + REQUEST_SUFFIX):
-            job_id = request.name[:-len(REQUEST_SUFFIX)]
-            if not valid_id(job_id):
+        return [job_id for job_id in self.index.unfinished()
+                if not _locked(self.request_path(job_id))]
+
+    def scan(self, unfinished: Callable[[str], None],
+             stopping: Callable[[], bool] = lambda: False) -> int:
+        """Give every job on disk without a row in the index its row; call ``unfinished(id)``
+        for each of those not final. How many rows were added.
+
+        Stops early when ``stopping()`` says so; the index then stays marked incomplete and
+        the next start scans again.
+        """
+        known = self.index.ids()
+        found: list[dict[str, Any]] = []
+        added = 0
+        for job_id in self._ids_on_disk():
+            if stopping():
+                self.index.add(found)
+                return added + len(found)
+            if job_id in known:
                 continue
-            status = self.read_status(job_id)
-            if status is not None and status.get("state") in FINAL_STATES:
+            document = self.read_status(job_id)
+            if document is None or document.get("state") not in FINAL_STATES:
+                if self.request_path(job_id).exists() and not _locked(self.request_path(job_id)):
+                    unfinished(job_id)
                 continue
-            if _locked(request):
-                continue
-            with contextlib.suppress(OSError):
-                found.append((request.stat().st_mtime, job_id))
-        return [job_id for _, job_id in sorted(found)]
+            if _indexable(document):
+                found.append(summary(document) | {"id": job_id})
+            if len(found) >= 500:
+                self.index.add(found)
+                added += len(found)
+                found = []
+        self.index.add(found)
+        self.index.scanned()
+        return added + len(found)
+
+    def _ids_on_disk(self) -> Iterator[str]:
+        seen: set[str] = set()
+        with os.scandir(self.path) as entries:
+            for entry in entries:
+                for suffix in (STATUS_SUFFIX, REQUEST_SUFFIX):
+                    if entry.name.endswith(suffix):
+                        job_id = entry.name[:-len(suffix)]
+                        if job_id not in seen and valid_id(job_id):
+                            seen.add(job_id)
+                            yield job_id
+
+    def remove_stale_temps(self) -> None:
+        """Remove temporary files older than ``STALE_TEMP``: a killed process left them (a
+        live one's are seconds old at most)."""
+        cutoff = time.time() - STALE_TEMP
+        with contextlib.suppress(FileNotFoundError), os.scandir(self.temps) as entries:
+            for entry in entries:
+                with contextlib.suppress(OSError):
+                    if entry.stat(follow_symlinks=False).st_mtime < cutoff:
+                        os.unlink(entry.path)
+
+    # -- plumbing -----------------------------------------------------------------------
 
     def _temp(self) -> Path:
-        return self.path / f".tmp-{secrets.token_hex(8)}"
+        return self.temps / f"tmp-{secrets.token_hex(8)}"
 
     def _sync_folder(self) -> None:
         fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY)
@@ -261,6 +362,21 @@ class Outbox:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def _indexable(document: dict[str, Any]) -> bool:
+    return all(isinstance(document.get(key), str) for key in ("created_at", "state", "source"))
+
+
+def _candidates(name: str | None) -> Iterator[str]:
+    if name is None:
+        while True:
+            yield uuid.uuid4().hex
+    yield name
+    number = 2
+    while True:
+        yield f"{name}-{number}"
+        number += 1
 
 
 def _locked(path: Path) -> bool:

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from imgserver.engine import Engine
+from imgserver.errors import JobNotFound
 from imgserver.pool import LocalPool
 from imgserver.settings import Settings
 
@@ -88,6 +89,24 @@ def png_chunk(kind: bytes, body: bytes) -> bytes:
     """One PNG chunk: length, type, data and CRC."""
     crc = zlib.crc32(kind + body)
     return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", crc)
+
+
+def final_status(engine: Engine, job_id: str, timeout: float = 60.0) -> dict:
+    """Poll the engine until ``job_id`` is finished (a job found by the background scan of
+    the outbox appears only once the scan reaches it); its status document."""
+    def reached() -> dict | None:
+        try:
+            document = engine.status(job_id)
+        except JobNotFound:
+            return None
+        return document if document["state"] in ("done", "failed", "cancelled") else None
+    return wait_for(reached, timeout=timeout)
+
+
+def job_files(outbox: Path) -> list[str]:
+    """The names of the jobs' files in ``outbox``: what requests write (the index, temporary
+    files and the server's lock are hidden and left out)."""
+    return sorted(p.name for p in outbox.iterdir() if not p.name.startswith("."))
 
 
 def wait_for(predicate: Callable[[], Any], timeout: float = 30.0, interval: float = 0.05) -> Any:

@@ -93,7 +93,10 @@ def wait_state(server: Server, job_id: str, states: tuple[str, ...] = ("done", "
                timeout: float = 60.0) -> dict:
     """Poll a job until its state is one of ``states``; its status document."""
     def reached() -> dict | None:
-        document = server.request("GET", f"/jobs/{job_id}").json()
+        reply = server.request("GET", f"/jobs/{job_id}")
+        if reply.status == 404:
+            return None  # not yet: a dropped file not taken yet, a job not resumed yet
+        document = reply.json()
         return document if document["state"] in states else None
     return wait_for(reached, timeout=timeout)
 

@@ -15,7 +15,7 @@ from imgserver.engine import Engine
 from imgserver.pool import LocalPool
 from imgserver.settings import Settings
 
-from conftest import request_body
+from conftest import job_files, request_body
 
 
 def client_for(settings: Settings, pool: LocalPool) -> Iterator[TestClient]:
@@ -82,7 +82,7 @@ def test_app_invalid_request_is_422_and_writes_nothing(client: TestClient, root:
     payload = response.json()
     assert field in [problem["field"] for problem in payload["errors"]]
     assert payload["detail"].startswith(payload["errors"][0]["field"] + ": ")
-    assert list((root / "outbox").iterdir()) == []
+    assert job_files(root / "outbox") == []
 
 
 def test_app_body_over_limit_is_413(root: Path, pool: LocalPool) -> None:
@@ -150,3 +150,18 @@ def test_app_openapi_documents_request_and_status(client: TestClient) -> None:
     assert set(components["StatusDocument"]["properties"]) >= {
         "id", "state", "source", "created_at", "progress", "error", "images"}
     assert {"202", "413", "422", "503"} <= set(post["responses"])
+
+
+def test_app_openapi_documents_listing_cancel_keys_and_states(client: TestClient) -> None:
+    schema = client.get("/openapi.json").json()
+    paths = schema["paths"]
+    assert {"get", "post"} <= set(paths["/jobs"]) and "post" in paths["/jobs/{job_id}/cancel"]
+    parameters = {p["name"] for p in paths["/jobs"]["get"]["parameters"]}
+    assert parameters == {"state", "source", "limit", "cursor"}
+    assert "Idempotency-Key" in {p["name"] for p in paths["/jobs"]["post"]["parameters"]}
+    assert set(paths["/jobs/{job_id}/cancel"]["post"]["responses"]) >= {"200", "202", "404",
+                                                                        "409"}
+    components = schema["components"]["schemas"]
+    assert "cancelled" in components["JobSummary"]["properties"]["state"]["enum"]
+    assert "expires_at" in components["StatusDocument"]["properties"]
+    assert "images" not in components["JobSummary"]["properties"]

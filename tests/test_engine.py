@@ -13,13 +13,14 @@ from pathlib import Path
 import cv2
 import pytest
 
-from imgserver.engine import Engine, ImageFinished, JobFinished
-from imgserver.errors import CapacityError, JobNotFound, RequestError
+from imgserver.engine import Engine
+from imgserver.errors import CapacityError, JobConflict, JobNotFound, RequestError
+from imgserver.events import ImageFinished, JobFinished
 from imgserver.pipeline import TEMP_SUFFIX
 from imgserver.pool import LocalPool
 from imgserver.settings import Settings
 
-from conftest import request_body
+from conftest import final_status, job_files, request_body, wait_for
 
 
 def status_file(root: Path, job_id: str) -> dict:
@@ -65,7 +66,7 @@ def test_engine_bad_image_fails_alone(engine: Engine, root: Path,
 def test_engine_invalid_request_writes_nothing(engine: Engine, root: Path) -> None:
     with pytest.raises(RequestError, match=r"images\[0\].input: '../x.jpg' is outside the root"):
         engine.submit(request_body([("../x.jpg", "y.jpg")]), source="http")
-    assert list((root / "outbox").iterdir()) == []
+    assert job_files(root / "outbox") == []
 
 
 def test_engine_names_jobs_after_the_request(engine: Engine, make_image: Callable[..., Path]
@@ -174,20 +175,22 @@ def test_engine_recovers_unfinished_job_without_redoing_done_images(
                    {"input": "a.png", "output": "todo.png", "state": "running",
                     "outputs": [], "error": None}]}))
     (root / f".todo.png.deadbeef{TEMP_SUFFIX}").write_bytes(b"half an image")
-    (root / "outbox" / ".tmp-0123").write_bytes(b"half a status")
+    (root / "outbox" / ".tmp").mkdir()
+    (root / "outbox" / ".tmp" / "tmp-0123").write_bytes(b"half a status")
     old = time.time() - 3600
-    os.utime(root / "outbox" / ".tmp-0123", (old, old))
+    os.utime(root / "outbox" / ".tmp" / "tmp-0123", (old, old))
     engine = Engine(settings, pool)
     engine.start()
     try:
-        final = engine.wait("old").result(timeout=60)
+        final = final_status(engine, "old")
     finally:
         engine.close()
     assert final["state"] == "done" and final["source"] == "inbox"
     assert final["created_at"] == "2026-01-01T00:00:00Z"
     assert not (root / "done.png").exists()  # it was done before: not redone
     assert (root / "todo.png").exists()
-    assert not list(root.rglob(f"*{TEMP_SUFFIX}")) and not (root / "outbox" / ".tmp-0123").exists()
+    assert not list(root.rglob(f"*{TEMP_SUFFIX}"))
+    assert not (root / "outbox" / ".tmp" / "tmp-0123").exists()
 
 
 def test_engine_recovers_request_without_status(root: Path, settings: Settings, pool: LocalPool,
@@ -198,8 +201,150 @@ def test_engine_recovers_request_without_status(root: Path, settings: Settings, 
     engine = Engine(settings, pool)
     engine.start()
     try:
-        assert engine.wait("early").result(timeout=60)["state"] == "done"
+        assert final_status(engine, "early")["state"] == "done"
     finally:
         engine.close()
     bad = status_file(root, "bad")
     assert bad["state"] == "failed" and "not valid JSON" in bad["error"]
+
+
+def test_engine_small_job_takes_its_turn_behind_a_batch(
+        root: Path, make_image: Callable[..., Path],
+        blocked: tuple[ThreadPoolExecutor, threading.Event]) -> None:
+    executor, release = blocked
+    make_image("a.png")
+    engine = Engine(Settings.build({"root": str(root)}, environ={}), executor, concurrency=1)
+    finished: list[tuple[str, int]] = []
+    engine.subscribe(lambda event: finished.append((event.job_id, event.index))
+                     if isinstance(event, ImageFinished) else None)
+    engine.start()
+    try:
+        batch = engine.submit(request_body([("a.png", f"b/{i}.png") for i in range(20)]),
+                              source="http")["id"]
+        small = engine.submit(request_body([("a.png", "small.png")]), source="inbox")["id"]
+        other = engine.submit(request_body([("a.png", f"o/{i}.png") for i in range(2)]),
+                              source="cli")["id"]
+        release.set()
+        assert engine.wait(small).result(timeout=60)["state"] == "done"
+        engine.wait(batch).result(timeout=60)
+        engine.wait(other).result(timeout=60)
+    finally:
+        engine.close()
+    # The batch's first image was handed over before the others arrived; then turns.
+    assert finished[:6] == [(batch, 0), (batch, 1), (small, 0), (other, 0), (batch, 2),
+                            (other, 1)]
+    assert [index for job, index in finished if job == batch] == list(range(20))
+
+
+def test_engine_cancel_queued_job_runs_nothing(
+        root: Path, make_image: Callable[..., Path],
+        blocked: tuple[ThreadPoolExecutor, threading.Event]) -> None:
+    executor, release = blocked
+    make_image("a.png")
+    engine = Engine(Settings.build({"root": str(root)}, environ={}), executor, concurrency=1)
+    engine.start()
+    try:
+        first = engine.submit(request_body([("a.png", "first.png")]), source="http")["id"]
+        queued = engine.submit(request_body([("a.png", f"q/{i}.png") for i in range(3)]),
+                               source="http")["id"]
+        document, before = engine.cancel(queued)
+        assert not before and document["state"] == "cancelled"
+        assert document["error"] == "cancelled: 3 of 3 images not run"
+        assert document["started_at"] is None and document["finished_at"]
+        assert [image["state"] for image in document["images"]] == ["cancelled"] * 3
+        assert document["progress"] == {"done": 0, "total": 3}
+        assert status_file(root, queued) == document
+        assert not (root / "outbox" / f"{queued}.cancel").exists()
+        assert engine.cancel(queued) == (document, True)  # again: cancelled before
+        assert engine.open_images == 1
+        release.set()
+        assert engine.wait(first).result(timeout=60)["state"] == "done"
+        with pytest.raises(JobConflict) as caught:
+            engine.cancel(first)
+        assert caught.value.document["state"] == "done"
+        with pytest.raises(JobNotFound):
+            engine.cancel("no-such-job")
+    finally:
+        engine.close()
+    assert not (root / "q").exists()
+
+
+def test_engine_cancel_running_job_lets_running_image_finish(
+        root: Path, make_image: Callable[..., Path],
+        blocked: tuple[ThreadPoolExecutor, threading.Event]) -> None:
+    executor, release = blocked
+    make_image("a.png")
+    engine = Engine(Settings.build({"root": str(root)}, environ={}), executor, concurrency=1)
+    engine.start()
+    try:
+        job_id = engine.submit(request_body([("a.png", f"out/{i}.png") for i in range(4)]),
+                               source="http")["id"]
+        wait_for(lambda: engine.status(job_id)["images"][0]["state"] == "running")
+        document, before = engine.cancel(job_id)
+        assert not before and document["state"] == "running"
+        assert [i["state"] for i in document["images"]] == ["running"] + ["cancelled"] * 3
+        assert (root / "outbox" / f"{job_id}.cancel").exists()  # on disk before the answer
+        assert engine.cancel(job_id)[0]["state"] == "running"
+        release.set()
+        final = engine.wait(job_id).result(timeout=60)
+    finally:
+        engine.close()
+    assert final["state"] == "cancelled" and final["error"] == "cancelled: 3 of 4 images not run"
+    assert final["images"][0]["state"] == "done" and final["images"][0]["outputs"] == ["out/0.png"]
+    assert final["progress"] == {"done": 1, "total": 4}
+    assert sorted(p.name for p in (root / "out").iterdir()) == ["0.png"]
+    assert not (root / "outbox" / f"{job_id}.cancel").exists()
+
+
+def test_engine_cancelled_job_is_not_resumed(root: Path, settings: Settings, pool: LocalPool,
+                                             make_image: Callable[..., Path]) -> None:
+    make_image("a.png")
+    # What a server killed right after cancelling leaves: the marker, a running status.
+    body = request_body([("a.png", "x.png"), ("a.png", "y.png")])
+    (root / "outbox" / "gone.request.json").write_bytes(body)
+    (root / "outbox" / "gone.cancel").write_bytes(b"")
+    (root / "outbox" / "gone.status.json").write_text(json.dumps({
+        "id": "gone", "state": "running", "source": "http",
+        "created_at": "2026-01-01T00:00:00.000+00:00", "started_at": None, "finished_at": None,
+        "operations": [], "progress": {"done": 0, "total": 2}, "error": None,
+        "images": [{"input": "a.png", "output": "x.png", "state": "running", "outputs": [],
+                    "error": None},
+                   {"input": "a.png", "output": "y.png", "state": "cancelled", "outputs": [],
+                    "error": None}]}))
+    engine = Engine(settings, pool)
+    engine.start()
+    try:
+        final = final_status(engine, "gone")
+    finally:
+        engine.close()
+    assert final["state"] == "cancelled" and final["error"] == "cancelled: 2 of 2 images not run"
+    assert not (root / "x.png").exists() and not (root / "y.png").exists()
+    assert not (root / "outbox" / "gone.cancel").exists()
+
+
+def test_engine_idempotency_key_makes_one_job(root: Path, settings: Settings, pool: LocalPool,
+                                              make_image: Callable[..., Path]) -> None:
+    make_image("a.png")
+    body = request_body([("a.png", "once.png")])
+    engine = Engine(settings, pool)
+    engine.start()
+    try:
+        first, created = engine.submit_once(body, "order-17", source="http")
+        assert created and first["state"] == "queued"
+        again, created = engine.submit_once(body, "order-17", source="http")
+        assert not created and again["id"] == first["id"]
+        with pytest.raises(RequestError, match="Idempotency-Key: was used for another request"):
+            engine.submit_once(request_body([("a.png", "other.png")]), "order-17", source="http")
+        with pytest.raises(RequestError, match="Idempotency-Key"):
+            engine.submit_once(body, "bad key", source="http")
+        engine.wait(first["id"]).result(timeout=60)
+    finally:
+        engine.close()
+    restarted = Engine(settings, pool)
+    restarted.start()
+    try:
+        again, created = restarted.submit_once(body, "order-17", source="http")
+        assert not created and again["id"] == first["id"] and again["state"] == "done"
+    finally:
+        restarted.close()
+    assert len(list((root / "outbox").glob("*.request.json"))) == 1

@@ -18,7 +18,7 @@ from imgserver.inbox import DropFolder
 from imgserver.pool import LocalPool
 from imgserver.settings import Settings
 
-from conftest import request_body, wait_for
+from conftest import job_files, request_body, wait_for
 
 
 def status(root: Path, job_id: str) -> dict | None:
@@ -61,7 +61,7 @@ def test_inbox_file_written_in_two_pieces_is_taken_once_whole(
         file.write(body[10:])
     assert wait_for(lambda: finished(root, "slow"))["state"] == "done"
     time.sleep(0.5)
-    assert sorted(p.name for p in (root / "outbox").iterdir()) == [
+    assert job_files(root / "outbox") == [
         "slow.request.json", "slow.status.json"]
 
 
@@ -133,7 +133,7 @@ def test_inbox_invalid_request_fails_once(drop: DropFolder, root: Path, content:
     assert document["state"] == "failed" and message in document["error"]
     assert document["images"] == [] and document["source"] == "inbox"
     time.sleep(2.5)  # several rescans later: still one status, nothing retried
-    assert sorted(p.name for p in (root / "outbox").iterdir()) == [
+    assert job_files(root / "outbox") == [
         "bad.request.json", "bad.status.json"]
     assert list((root / "inbox").iterdir()) == []
 
@@ -161,7 +161,7 @@ def test_inbox_ignored_files_stay_untouched(drop: DropFolder, root: Path) -> Non
     time.sleep(3.0)  # more than a rescan
     assert sorted(p.name for p in inbox.iterdir()) == [
         ".hidden.json", "folder.json", "link.json", "notes.txt", "request.JSON.bak"]
-    assert list((root / "outbox").iterdir()) == []
+    assert job_files(root / "outbox") == []
 
 
 def test_inbox_same_name_twice_runs_twice(drop: DropFolder, root: Path,

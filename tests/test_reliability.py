@@ -353,7 +353,7 @@ def test_reliability_full_outbox_refuses_requests_with_503(
         mount: Callable[..., Path]) -> None:
     make_image("a.png")
     (root / "outbox").rmdir()
-    outbox = mount("outbox", "size=16k")
+    outbox = mount("outbox", "size=1m")  # room for the index, then filled
     settings = Settings.build({"root": str(root)}, environ={})
     engine = started(settings, pool)
     try:

@@ -1,0 +1,55 @@
+"""The fair queue: round-robin over jobs, in order within a job."""
+
+from __future__ import annotations
+
+import pytest
+
+from imgserver.fairqueue import FairQueue
+
+
+def drain(queue: FairQueue[str]) -> list[str]:
+    return [queue.pop() for _ in range(len(queue))]
+
+
+def test_fairqueue_takes_turns_between_jobs_in_order_within_each() -> None:
+    queue: FairQueue[str] = FairQueue()
+    for item in ("a1", "a2", "a3", "a4"):
+        queue.push("a", item)
+    queue.push("b", "b1")
+    queue.push("b", "b2")
+    queue.push("c", "c1")
+    assert len(queue) == 7
+    assert drain(queue) == ["a1", "b1", "c1", "a2", "b2", "a3", "a4"]
+    assert not queue
+
+
+def test_fairqueue_small_job_behind_a_batch_waits_one_turn() -> None:
+    queue: FairQueue[str] = FairQueue()
+    for index in range(10_000):
+        queue.push("batch", f"batch{index}")
+    assert queue.pop() == "batch0"  # the batch is running
+    queue.push("small", "small0")
+    assert [queue.pop(), queue.pop()] == ["batch1", "small0"]
+
+
+def test_fairqueue_push_front_runs_first_and_takes_the_next_turn() -> None:
+    queue: FairQueue[str] = FairQueue()
+    queue.push("a", "a1")
+    queue.push("b", "b1")
+    queue.push("b", "b2")
+    queue.push_front("c", "c0")  # a job with nothing waiting: its image runs next
+    queue.push_front("b", "b0")  # a job with images waiting: first of them, same turn
+    assert drain(queue) == ["c0", "a1", "b0", "b1", "b2"]
+
+
+def test_fairqueue_remove_takes_out_one_job() -> None:
+    queue: FairQueue[str] = FairQueue()
+    for key in "abc":
+        queue.push(key, key + "1")
+        queue.push(key, key + "2")
+    assert queue.remove("b") == ["b1", "b2"]
+    assert queue.remove("b") == []
+    assert list(queue.keys()) == ["a", "c"]
+    assert drain(queue) == ["a1", "c1", "a2", "c2"]
+    with pytest.raises(IndexError):
+        queue.pop()
