@@ -127,21 +127,26 @@ class Server:
     """``imgserver serve`` in its own process, on a free loopback port."""
 
     def __init__(self, root: Path, processes: int, extra: list[str],
-                 workers: list[int] | None = None) -> None:
+                 workers: list[int] | None = None, code: Path | None = None,
+                 start_timeout: float = 60.0) -> None:
+        """``code``: a checkout whose imgserver package to run instead of this one's."""
         self.workers = workers or []  # processes outside the server's tree (Dask workers)
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", 0))
             self.port = sock.getsockname()[1]
         self.root = root
         self.log = open(root / "server.log", "ab")  # noqa: SIM115 (open while it runs)
+        begun = time.monotonic()
         self.process = subprocess.Popen(
             [sys.executable, "-m", "imgserver", "serve", "--root", str(root), "--port",
              str(self.port), "--workers", str(processes), "--max-images", "10000", *extra],
-            stdout=self.log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 60
+            stdout=self.log, stderr=subprocess.STDOUT, cwd=code,
+            env={**os.environ, "PYTHONPATH": str(code)} if code else None)
+        deadline = time.monotonic() + start_timeout
         while True:
             try:
                 if self.request("GET", "/healthz")[0] == 200:
+                    self.started_in = time.monotonic() - begun  # seconds to a healthy answer
                     break
             except OSError:
                 pass
