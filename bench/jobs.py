@@ -49,12 +49,15 @@ def checkout(work: Path, revision: str) -> Path:
     return target
 
 
-def fresh_root(work: Path, name: str, inputs: Path) -> Path:
+def fresh_root(work: Path, name: str, inputs: list[Path]) -> Path:
+    """An empty root with the inputs in ``in/`` (hard links: paths must stay inside it)."""
     root = work / name
     shutil.rmtree(root, ignore_errors=True)
     (root / "inbox").mkdir(parents=True)
     (root / "outbox").mkdir()
-    (root / "in").symlink_to(inputs)
+    (root / "in").mkdir()
+    for path in inputs:
+        os.link(path, root / "in" / path.name)
     return root
 
 
@@ -78,7 +81,7 @@ def fairness(work: Path, code: Path | None, batch: int, samples: int,
              processes: int) -> dict[str, float]:
     """Idle and behind-a-batch latency of a one-image job, and one batch image's time."""
     inputs = make_inputs(work / "inputs", "hd", 20, 1920, 1080, ".jpg")
-    root = fresh_root(work, "fairness", inputs[0].parent)
+    root = fresh_root(work, "fairness", inputs)
     server = Server(root, processes, [], code=code)
     try:
         small = body([("in/" + inputs[0].name, "small.jpg")], ["resize=10"])
@@ -188,7 +191,7 @@ def cost(work: Path, baseline: Path, rounds: int, processes: int) -> dict[str, f
     rates: dict[str, list[float]] = {"current": [], "baseline": []}
     for _ in range(rounds):
         for name, code in (("current", None), ("baseline", baseline)):
-            root = fresh_root(work, f"cost-{name}", inputs[0].parent)
+            root = fresh_root(work, f"cost-{name}", inputs)
             server = Server(root, processes, [], code=code)
             try:
                 timed_post(server, body([("in/" + inputs[0].name, "warm.jpg")], ["resize=50"]))
