@@ -5,6 +5,8 @@
     GET  /jobs               200 a page of job summaries, newest first, and the next cursor
     GET  /jobs/{id}          200 status document, 404 unknown
     POST /jobs/{id}/cancel   202 cancelled now, 200 cancelled before, 409 finished, 404
+    GET  /jobs/{id}/events   Server-Sent Events of one job: status, image, state, end
+    GET  /events             Server-Sent Events of every job (and job, when one is accepted)
     GET  /healthz            200 {"status": "ok"} while the server can take work, else 503
     GET  /docs, /openapi.json  the API's documentation, served without internet
 
@@ -19,6 +21,8 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -28,7 +32,8 @@ from fastapi import Depends, FastAPI, Header, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.openapi.utils import get_openapi
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.sse import EventSourceResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 
@@ -39,6 +44,7 @@ from imgserver.job import SOURCES, STATES
 from imgserver.keys import HEADER as IDEMPOTENCY_KEY
 from imgserver.schema import ErrorResponse, Health, JobList, JobRequest, StatusDocument
 from imgserver.settings import Settings
+from imgserver.streams import EventHub
 
 #: Swagger UI 5 (renders OpenAPI 3.1) as shipped by the fastapi-offline package.
 DOCS_ASSETS = Path(fastapi_offline.__file__).parent / "static"
@@ -55,12 +61,23 @@ class _BodyTooLarge(Exception):
 
 
 def create_app(engine: Engine, settings: Settings) -> FastAPI:
-    """The FastAPI application serving ``engine``."""
+    """The FastAPI application serving ``engine``; ``app.state.hub`` streams its events."""
+    hub = EventHub(engine.snapshot, engine.unfinished)
+    engine.subscribe(hub)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        hub.attach(asyncio.get_running_loop())
+        yield
+        hub.close()
+
     app = FastAPI(
         title="imgserver", version=__version__,
-        description="Resize, split and blur images on this machine. Submit a job, then poll "
-                    "its status or wait for it. Paths are resolved against the server's root.",
-        docs_url=None, redoc_url=None)
+        description="Resize, split and blur images on this machine. Submit a job, then follow "
+                    "its events, poll its status or wait for it. Paths are resolved against "
+                    "the server's root.",
+        docs_url=None, redoc_url=None, lifespan=lifespan)
+    app.state.hub = hub
 
     async def authorized(request: Request) -> None:
         if settings.token is None:
@@ -164,6 +181,44 @@ def create_app(engine: Engine, settings: Settings) -> FastAPI:
         document, before = await run_in_threadpool(engine.cancel, job_id)
         return JSONResponse(document, status_code=200 if before else 202)
 
+    last_event_id = Header(None, alias="Last-Event-ID", description=(
+        "The id of the last event received: the stream resumes after it, or starts with a "
+        "fresh status when those events are no longer held."))
+    streams: dict[int | str, dict[str, Any]] = {
+        200: {"description": "Server-Sent Events; each event has an `id`, and an idle stream "
+                             "gets a comment line every 15 s.",
+              "content": {"text/event-stream": {"schema": {"type": "string"}, "example": (
+                  'event: status\nid: 1764602000000001\ndata: {"id":"holiday",...}\n\n'
+                  'event: image\nid: 1764602000000002\ndata: {"index":0,"image":{...},'
+                  '"progress":{"done":1,"total":5}}\n\n')}}},
+        401: _json_error("Missing or wrong bearer token (only when IMGSERVER_TOKEN is set)."),
+    }
+
+    @app.get("/jobs/{job_id}/events", dependencies=[Depends(authorized)],
+             response_class=_EventStream, summary="Follow a job's events",
+             description="`status` (the status document), then `image` when an image "
+                         "finishes (`{index, image, progress}`), `state` when the job's state "
+                         "changes (`{state, progress}`), and `end` (the final document), after "
+                         "which the stream ends. A finished job's stream sends `status` and "
+                         "`end` at once. A client that falls too far behind gets a fresh "
+                         "`status`.",
+             responses={**streams, 404: _json_error("No such job.")})
+    async def job_events(job_id: str, last_event: str | None = last_event_id
+                         ) -> EventSourceResponse:
+        await run_in_threadpool(engine.status, job_id)  # 404 before the stream starts
+        return EventSourceResponse(hub.job_stream(job_id, last_event), headers=_STREAM_HEADERS)
+
+    @app.get("/events", dependencies=[Depends(authorized)], response_class=_EventStream,
+             summary="Follow every job's events",
+             description="The events of every job (`image`, `state`, `end`), each data object "
+                         "carrying `job` (the id), and `job` (the summary) when a job is "
+                         "accepted. Ids increase across the stream. A client that falls too far "
+                         "behind is disconnected; one that resumes after events no longer held "
+                         "gets a `status` event for each unfinished job.",
+             responses=streams)
+    async def all_events(last_event: str | None = last_event_id) -> EventSourceResponse:
+        return EventSourceResponse(hub.all_streams(last_event), headers=_STREAM_HEADERS)
+
     @app.get("/healthz", summary="Whether the server can take work",
              responses={200: {"model": Health}, 503: {"model": Health}})
     async def healthz() -> JSONResponse:
@@ -175,6 +230,24 @@ def create_app(engine: Engine, settings: Settings) -> FastAPI:
     _add_docs(app)
     _add_error_handlers(app)
     return app
+
+
+#: Streams must not be cached or buffered on the way (nginx reads the second header).
+_STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+class _EventStream(Response):
+    """Documents a route's answer as ``text/event-stream``. (Declaring FastAPI's own
+    EventSourceResponse would make FastAPI run the route as a generator of events, one write
+    per event per client; the streams here write what gathered in one go, see streams.py.)"""
+
+    media_type = "text/event-stream"
+
+
+def _json_error(description: str) -> dict[str, Any]:
+    """An error answer of a route whose success is not JSON (a stream): still JSON."""
+    return {"description": description, "content": {"application/json": {"schema": {
+        "$ref": "#/components/schemas/ErrorResponse"}}}}
 
 
 def _states(text: str | None) -> list[str]:

@@ -1,4 +1,5 @@
-"""The command line: ``imgserver serve`` and ``imgserver run``.
+"""The command line: ``imgserver serve`` and ``imgserver run``; the commands that talk to a
+running server (``submit``, ``jobs``, ``cancel``) are in ``imgserver.remote``.
 
 Every option is a flag and an ``IMGSERVER_*`` variable (see ``imgserver.settings.OPTIONS``).
 Exit codes of ``run``: 0 every image done, 1 some image failed, 2 invalid request or
@@ -17,7 +18,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from imgserver import __version__
+from imgserver import __version__, remote
 from imgserver.errors import ConfigError, RequestError
 from imgserver.settings import OPTIONS, Settings
 
@@ -39,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run one request file in the foreground and write its status file. "
                     "Exit 0: all images done; 1: some image failed; 2: invalid request.")
     run.add_argument("request", type=Path, help="the request file (JSON)")
+    remote.add_commands(commands)
     for command, sub in (("serve", serve), ("run", run)):
         for option in OPTIONS:
             if command in option.commands:
@@ -63,6 +65,8 @@ def _checked(parse: Callable[[str], Any]) -> Callable[[str], Any]:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``imgserver`` command; returns the exit code."""
     args = build_parser().parse_args(argv)
+    if args.command not in ("serve", "run"):
+        return remote.main(args)
     values = {k: v for k, v in vars(args).items() if k not in ("command", "request")}
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:

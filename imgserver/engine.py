@@ -31,7 +31,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from imgserver.errors import CapacityError, JobConflict, JobNotFound, RequestError
-from imgserver.events import Event, ImageFinished, JobFinished, Listener
+from imgserver.events import (
+    Event,
+    ImageFinished,
+    JobAccepted,
+    JobEvent,
+    JobFinished,
+    Listener,
+    StateChanged,
+)
 from imgserver.job import (
     CANCELLED,
     FINAL_STATES,
@@ -40,6 +48,7 @@ from imgserver.job import (
     SOURCES,
     ImageStatus,
     Job,
+    Notification,
     expires_at,
     summary,
 )
@@ -49,6 +58,7 @@ from imgserver.request import Request, RequestLimits, parse_request
 from imgserver.runner import Outcome, Runner, Work
 from imgserver.settings import Settings
 from imgserver.store import Outbox
+from imgserver.urls import redacted
 
 logger = logging.getLogger("imgserver.engine")
 
@@ -80,7 +90,8 @@ class Engine:
         self.settings = settings
         self.outbox = Outbox(settings.outbox)
         self._lock_jobs = lock_jobs
-        self._limits = RequestLimits(settings.max_body_bytes, settings.max_images)
+        self._limits = RequestLimits(settings.max_body_bytes, settings.max_images,
+                                     settings.notify_allow)
         self._cond = threading.Condition()
         self._runner = Runner(executor, self._cond, image_timeout=settings.image_timeout,
                               capacity=concurrency or (0 if hasattr(executor, "capacity")
@@ -91,6 +102,8 @@ class Engine:
         self._closing = False
         self._storage_error: str | None = None
         self._listeners: list[Listener] = []
+        # Event numbers start from the clock, so that they keep growing across restarts.
+        self._seq = time.time_ns() // 1000
         self._thread = threading.Thread(target=self._loop, name="imgserver-engine", daemon=True)
         self._scanner = threading.Thread(target=self._scan, name="imgserver-index-scan",
                                          daemon=True)
@@ -115,7 +128,7 @@ class Engine:
         self._thread.start()
 
     def subscribe(self, listener: Listener) -> None:
-        """Call ``listener`` (on the engine thread) for every finished image and job."""
+        """Call ``listener`` for every event (``imgserver.events``), holding the engine's lock."""
         self._listeners.append(listener)
 
     def submit(self, body: bytes, *, source: str, name: str | None = None) -> dict:
@@ -208,10 +221,16 @@ class Engine:
                     raise RequestError.single("images", _never_fits(len(request.images),
                                                                     self.settings.max_queue))
             except RequestError as error:
+                if self.settings.notify_url:
+                    placeholder.notifications = [Notification(redacted(self.settings.notify_url))]
                 placeholder.reject(str(error), self.settings.keep_finished)
-                self.outbox.write_status(placeholder.to_document())
-                return placeholder.to_document()
-            job = _new_job(job_id, source, request)
+                document = placeholder.to_document()
+                self.outbox.write_status(document)
+                self._emit(JobAccepted, job_id, summary(document))
+                self._emit(StateChanged, job_id, placeholder.state, placeholder.progress())
+                self._emit(JobFinished, job_id, document)
+                return document
+            job = self._new_job(job_id, source, request)
             job.created_at = placeholder.created_at
             return self._accept(job, request, None, write=True)
 
@@ -225,6 +244,26 @@ class Engine:
         if document is None:
             raise JobNotFound(f"no job with id {job_id!r}")
         return self._served(document)
+
+    def snapshot(self, job_id: str) -> tuple[dict, int]:
+        """The status document of ``job_id`` and the ``seq`` of the last event it reflects
+        (every later event of the job changes it); JobNotFound if there is no such job."""
+        with self._cond:
+            return self.status(job_id), self._seq
+
+    def unfinished(self) -> tuple[list[dict], int]:
+        """Summaries of the jobs not finished, and the ``seq`` of the last event they reflect."""
+        with self._cond:
+            return [active.job.summary() for active in self._active.values()], self._seq
+
+    def note_delivery(self, job_id: str, index: int, notification: Notification) -> None:
+        """Record how the job's notification ``index`` went (the webhooks' progress)."""
+        with self._cond:
+            document = self.outbox.read_status(job_id)
+            if document is None or index >= len(document.get("notifications", [])):
+                return  # removed meanwhile (--keep-finished)
+            document["notifications"][index] = notification.to_document()
+            self.outbox.write_status(document)
 
     def jobs(self, *, states: Sequence[str] = (), source: str | None = None, limit: int = 50,
              cursor: str | None = None) -> tuple[list[dict], str | None]:
@@ -278,6 +317,8 @@ class Engine:
                 withdrawn = self._runner.withdraw(job_id)
                 self._open_images -= len(withdrawn)
                 job.cancel([work.index for work in withdrawn])
+                for work in sorted(withdrawn, key=lambda work: work.index):
+                    self._image_event(active, work.index)
                 if job.finish_if_complete(self.settings.keep_finished):
                     self._finish(active)
                 else:
@@ -366,7 +407,7 @@ class Engine:
     def _create(self, body: bytes, request: Request, *, source: str, name: str | None) -> dict:
         """Store a valid request and accept it as a queued job (holding the condition)."""
         self._admit(len(request.images))
-        job = _new_job("", source, request)
+        job = self._new_job("", source, request)
 
         def reserved(job_id: str) -> None:
             job.id = job_id  # the first status is written before the request is in place
@@ -387,6 +428,7 @@ class Engine:
             self._write(active)
         else:
             active.written_at = time.monotonic()
+        self._emit(JobAccepted, job.id, job.summary())
         self._cond.notify_all()
         return job.to_document()
 
@@ -443,7 +485,7 @@ class Engine:
             return None
         if job is None or len(job.images) != len(request.images):
             # Accepted, but stopped before its first full status file: it never started.
-            job = _new_job(job_id, _source(document), request)
+            job = self._new_job(job_id, _source(document), request)
             if document and isinstance(document.get("created_at"), str):
                 job.created_at = document["created_at"]
         for spec, image in zip(request.images, job.images, strict=False):
@@ -467,6 +509,12 @@ class Engine:
         if not self.outbox.index.needs_scan:
             logger.info("job index built: %d jobs added in %.1f s", added,
                         time.monotonic() - started)
+
+    def _new_job(self, job_id: str, source: str, request: Request) -> Job:
+        urls = [url for url in (self.settings.notify_url, request.notify) if url]
+        return Job(id=job_id, source=source, operations=list(request.operations),
+                   images=[ImageStatus(spec.input, spec.output) for spec in request.images],
+                   notifications=[Notification(redacted(url)) for url in dict.fromkeys(urls)])
 
     @staticmethod
     def _shutting_down(job_id: str) -> CapacityError:
@@ -525,6 +573,7 @@ class Engine:
         active.job.images[work.index].state = RUNNING
         if active.job.state == QUEUED:
             active.job.start()
+            self._emit(StateChanged, active.job.id, RUNNING, active.job.progress())
             # Written with the next flush: a short job is often done before, and its final
             # status (written at once) says running's times too.
             active.dirty = True
@@ -537,11 +586,15 @@ class Engine:
                                                    outcome.error)
         self._open_images -= 1
         active.dirty = True
-        progress = active.job.progress()
-        self._emit(ImageFinished(active.job.id, work.index, dataclasses.replace(image),
-                                 progress["done"], progress["total"]))
+        self._image_event(active, work.index)
         if active.job.finish_if_complete(self.settings.keep_finished):
             self._finish(active)
+
+    def _image_event(self, active: _Active, index: int) -> None:
+        progress = active.job.progress()
+        self._emit(ImageFinished, active.job.id, index,
+                   dataclasses.replace(active.job.images[index]), progress["done"],
+                   progress["total"])
 
     def _finish(self, active: _Active) -> None:
         self._write(active)
@@ -553,7 +606,8 @@ class Engine:
         if active.lock_fd is not None:
             os.close(active.lock_fd)
             active.lock_fd = None
-        self._emit(JobFinished(active.job.id, document))
+        self._emit(StateChanged, active.job.id, active.job.state, active.job.progress())
+        self._emit(JobFinished, active.job.id, document)
 
     def _flush(self, force: bool = False) -> None:
         moment = time.monotonic()
@@ -570,17 +624,15 @@ class Engine:
         active.dirty = False
         active.written_at = time.monotonic()
 
-    def _emit(self, event: Event) -> None:
+    def _emit(self, kind: type[JobEvent], job_id: str, *fields: object) -> None:
+        """Number an event and hand it to every listener (holding the condition)."""
+        self._seq += 1
+        event: Event = kind(self._seq, job_id, *fields)  # type: ignore[assignment]
         for listener in self._listeners:
             try:
                 listener(event)
             except Exception:  # a listener's bug must not stop the engine
                 logger.exception("an event listener failed")
-
-
-def _new_job(job_id: str, source: str, request: Request) -> Job:
-    return Job(id=job_id, source=source, operations=list(request.operations),
-               images=[ImageStatus(spec.input, spec.output) for spec in request.images])
 
 
 def _source(document: dict | None) -> str:

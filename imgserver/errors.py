@@ -10,6 +10,7 @@ line) turn them into status codes, status-file errors or exit codes.
      +-- JobNotFound       no job has that id
      +-- JobConflict       the job is not in a state that allows it (cancel a finished job)
      +-- ConfigError       the server cannot start with these settings
+     +-- ServerUnavailable a client cannot reach the server, or is refused (not for content)
 
     concurrent.futures.BrokenExecutor
      +-- LostWork          an executor dropped a task through no fault of its image
@@ -75,6 +76,11 @@ class JobConflict(ImgserverError):
 
 class ConfigError(ImgserverError):
     """The settings are unusable (a missing folder, a bad value, a missing extra)."""
+
+
+class ServerUnavailable(ImgserverError):
+    """The server cannot be reached, or refuses a client for a reason other than the
+    request's content (a token, a full queue after retrying)."""
 
 
 class LostWork(BrokenExecutor):

@@ -1,22 +1,53 @@
-"""What the engine tells its subscribers (``Engine.subscribe``), on the engine's thread.
+"""What the engine tells its subscribers (``Engine.subscribe``), as it happens.
 
-Events are small frozen records; a subscriber that needs to do more than note one (write to
-a socket, send a webhook) hands it to its own thread or event loop, and must never block.
+    JobAccepted     a job was accepted (its summary: the status document without images)
+    StateChanged    a job moved: queued -> running -> done | failed | cancelled
+    ImageFinished   an image reached a final state (done, failed or cancelled)
+    JobFinished     a job reached its final state (its final status document)
+
+Every event carries ``seq``: a number that grows with every event the engine emits, across
+restarts too (it starts from the clock), so that a snapshot (``Engine.snapshot``) can say
+which events it already reflects and a client can resume after the last event it saw.
+Listeners are called on the thread that changed the job, holding the engine's lock: a
+listener must only note the event and hand it on (to its own thread or event loop).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from imgserver.job import ImageStatus
 
 
 @dataclass(frozen=True)
-class ImageFinished:
-    """An image of a job is finished (done or failed)."""
+class JobEvent:
+    """Something happened to a job."""
 
+    seq: int
     job_id: str
+
+
+@dataclass(frozen=True)
+class JobAccepted(JobEvent):
+    """A job was accepted; ``summary`` is its status document without images."""
+
+    summary: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class StateChanged(JobEvent):
+    """A job's state changed."""
+
+    state: str
+    progress: dict[str, int]
+
+
+@dataclass(frozen=True)
+class ImageFinished(JobEvent):
+    """An image of a job reached a final state (done, failed or cancelled)."""
+
     index: int
     image: ImageStatus
     done: int
@@ -24,12 +55,11 @@ class ImageFinished:
 
 
 @dataclass(frozen=True)
-class JobFinished:
+class JobFinished(JobEvent):
     """A job reached its final state; ``document`` is its final status document."""
 
-    job_id: str
-    document: dict
+    document: dict[str, Any]
 
 
-Event = ImageFinished | JobFinished
+Event = JobAccepted | StateChanged | ImageFinished | JobFinished
 Listener = Callable[[Event], None]

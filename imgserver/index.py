@@ -31,7 +31,7 @@ from imgserver.errors import RequestError
 
 FILENAME = ".jobs.sqlite3"
 #: Bump when the schema changes: an index of another version is rebuilt.
-VERSION = "1"
+VERSION = "2"
 #: The rows written in one transaction while scanning the outbox.
 BATCH = 500
 
@@ -42,12 +42,14 @@ CREATE TABLE IF NOT EXISTS jobs (
     state TEXT NOT NULL,
     source TEXT NOT NULL,
     finished_at TEXT,
+    notify INTEGER NOT NULL DEFAULT 0,
     summary TEXT NOT NULL
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS jobs_newest ON jobs (created_at, id);
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state, created_at, id);
 CREATE INDEX IF NOT EXISTS jobs_source ON jobs (source, state, created_at, id);
 CREATE INDEX IF NOT EXISTS jobs_finished ON jobs (finished_at) WHERE finished_at IS NOT NULL;
+CREATE INDEX IF NOT EXISTS jobs_notify ON jobs (notify) WHERE notify = 1;
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
 
@@ -151,7 +153,7 @@ class Index:
         """Claim ``job_id`` for a new job; False if a row has it already."""
         try:
             with self._transaction() as cursor:
-                cursor.execute("INSERT INTO jobs VALUES (?, ?, 'queued', ?, NULL, ?)",
+                cursor.execute("INSERT INTO jobs VALUES (?, ?, 'queued', ?, NULL, 0, ?)",
                                (job_id, created_at, source, json.dumps({
                                    "id": job_id, "state": "queued", "source": source,
                                    "created_at": created_at})))
@@ -162,12 +164,13 @@ class Index:
     def put(self, summary: dict[str, Any]) -> None:
         """Write the row of the job ``summary`` describes (a status document without images)."""
         with self._transaction() as cursor:
-            cursor.execute("INSERT OR REPLACE INTO jobs VALUES (?, ?, ?, ?, ?, ?)", _row(summary))
+            cursor.execute("INSERT OR REPLACE INTO jobs VALUES (?, ?, ?, ?, ?, ?, ?)",
+                           _row(summary))
 
     def add(self, summaries: Iterable[dict[str, Any]]) -> None:
         """Write rows for jobs that have none (a scan: a row written meanwhile is newer)."""
         with self._transaction() as cursor:
-            cursor.executemany("INSERT OR IGNORE INTO jobs VALUES (?, ?, ?, ?, ?, ?)",
+            cursor.executemany("INSERT OR IGNORE INTO jobs VALUES (?, ?, ?, ?, ?, ?, ?)",
                                [_row(summary) for summary in summaries])
 
     def remove(self, job_ids: Sequence[str]) -> None:
@@ -192,6 +195,10 @@ class Index:
         return [job_id for (job_id,) in self._query(
             "SELECT id FROM jobs WHERE finished_at IS NOT NULL AND finished_at <= ? "
             "ORDER BY finished_at LIMIT ?", (cutoff, limit))]
+
+    def notify_pending(self) -> list[str]:
+        """Ids of finished jobs with a webhook still to deliver."""
+        return [job_id for (job_id,) in self._query("SELECT id FROM jobs WHERE notify = 1", ())]
 
     def page(self, *, states: Sequence[str] = (), source: str | None = None, limit: int = 50,
              cursor: str | None = None) -> tuple[list[dict[str, Any]], str | None]:
@@ -272,10 +279,12 @@ def _unavailable() -> Iterator[None]:
         raise IndexUnavailable(f"the job index {FILENAME}: {exc}") from exc
 
 
-def _row(summary: dict[str, Any]) -> tuple[str, str, str, str, str | None, str]:
-    finished = summary.get("finished_at") if summary["state"] in _FINAL else None
-    return (summary["id"], summary["created_at"], summary["state"], summary["source"], finished,
-            json.dumps(summary))
+def _row(summary: dict[str, Any]) -> tuple[str, str, str, str, str | None, int, str]:
+    final = summary["state"] in _FINAL
+    notify = final and any(entry.get("state") == "pending"
+                           for entry in summary.get("notifications") or ())
+    return (summary["id"], summary["created_at"], summary["state"], summary["source"],
+            summary.get("finished_at") if final else None, int(notify), json.dumps(summary))
 
 
 _FINAL = ("done", "failed", "cancelled")

@@ -55,6 +55,25 @@ class ImageStatus:
                 "outputs": list(self.outputs), "error": self.error}
 
 
+PENDING, DELIVERED = "pending", "delivered"
+
+
+@dataclass
+class Notification:
+    """One completion webhook of a job: where it goes (without credentials) and how it went."""
+
+    url: str
+    state: str = PENDING
+    attempts: int = 0
+    last_error: str | None = None
+    next_attempt_at: str | None = None
+
+    def to_document(self) -> dict[str, Any]:
+        """The notification's part of the status document."""
+        return {"url": self.url, "state": self.state, "attempts": self.attempts,
+                "last_error": self.last_error, "next_attempt_at": self.next_attempt_at}
+
+
 @dataclass
 class Job:
     """A job: its request's images and where each one stands."""
@@ -69,6 +88,7 @@ class Job:
     finished_at: str | None = None
     error: str | None = None
     expires_at: str | None = None
+    notifications: list[Notification] = field(default_factory=list)
     #: Cancelled by its user: images not started never start; the job ends ``cancelled``.
     cancelling: bool = False
 
@@ -135,6 +155,7 @@ class Job:
             "operations": list(self.operations),
             "progress": self.progress(),
             "error": self.error,
+            "notifications": [notification.to_document() for notification in self.notifications],
         }
 
     def to_document(self) -> dict[str, Any]:
@@ -157,6 +178,7 @@ class Job:
             finished_at=document["finished_at"],
             error=document["error"],
             expires_at=document.get("expires_at"),
+            notifications=[Notification(**entry) for entry in document.get("notifications", [])],
         )
 
 

@@ -17,17 +17,27 @@ class Progress:
         self.tty = stream.isatty()
 
     def __call__(self, event: Event) -> None:
-        if not isinstance(event, ImageFinished):
-            return
-        image = event.image
+        """An engine listener: report a finished image."""
+        if isinstance(event, ImageFinished):
+            self.image(event.image.to_document(), event.done, event.total)
+
+    def image(self, image: dict, done: int, total: int) -> None:
+        """Report that ``image`` (its part of the status document) is finished."""
         if self.tty:
-            filled = self.width * event.done // max(event.total, 1)
-            bar = "#" * filled + "-" * (self.width - filled)
-            self.stream.write(f"\r[{bar}] {event.done}/{event.total} images")
-            if event.done == event.total:
-                self.stream.write("\n")
-        else:
-            outcome = "done" if image.error is None else f"failed: {image.error}"
-            self.stream.write(f"{event.done}/{event.total} {image.input} -> {image.output}: "
-                              f"{outcome}\n")
+            self.bar(done, total)
+            return
+        outcome = {"done": "done", "cancelled": "cancelled"}.get(
+            image["state"], f"failed: {image['error']}")
+        self.stream.write(f"{done}/{total} {image['input']} -> {image['output']}: {outcome}\n")
+        self.stream.flush()
+
+    def bar(self, done: int, total: int) -> None:
+        """Draw the bar at ``done`` of ``total`` (on a terminal only)."""
+        if not self.tty:
+            return
+        filled = self.width * done // max(total, 1)
+        bar = "#" * filled + "-" * (self.width - filled)
+        self.stream.write(f"\r[{bar}] {done}/{total} images")
+        if done == total:
+            self.stream.write("\n")
         self.stream.flush()

@@ -1,7 +1,8 @@
 """The request: one JSON document, parsed and validated in one place for every road.
 
     {"images": [{"input": "photos/cat.jpg", "output": "thumbs/cat.jpg"}, ...],
-     "operations": ["resize=50", "split=True", "blur=5"]}
+     "operations": ["resize=50", "split=True", "blur=5"],
+     "notify": "https://example.com/hooks/imgserver"}          (optional)
 
 ``parse_request`` reads the raw bytes (exactly what the HTTP body, the drop-folder file or
 the command-line file holds) and returns a ``Request`` whose paths are real paths inside the
@@ -13,7 +14,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -21,10 +22,12 @@ from imgserver.codec import FORMATS
 from imgserver.errors import Problem, RequestError
 from imgserver.operations import Operation, Split, output_suffixes, parse_operation
 from imgserver.paths import OutsideRoot, confine
+from imgserver.urls import check_url, redacted
 
 #: Most files one request may write (each split multiplies an image's files by four).
 MAX_OUTPUTS = 100_000
 _TOP_KEYS = ("images", "operations")
+_OPTIONAL_KEYS = ("notify",)
 _MISSING = object()
 _IMAGE_KEYS = ("input", "output")
 
@@ -47,6 +50,7 @@ class Request:
     images: tuple[ImageSpec, ...]
     operations: tuple[str, ...]  # as written, for the status document
     parsed: tuple[Operation, ...]
+    notify: str | None = None    # a URL to tell when the job is finished
 
 
 @dataclass(frozen=True)
@@ -55,6 +59,7 @@ class RequestLimits:
 
     max_body_bytes: int
     max_images: int
+    notify_allow: tuple[str, ...] = field(default=())  # URL prefixes ``notify`` may start with
 
 
 def parse_request(body: bytes, root: Path, limits: RequestLimits,
@@ -73,16 +78,39 @@ def parse_request(body: bytes, root: Path, limits: RequestLimits,
     if not isinstance(document, dict):
         raise RequestError.single("request", f"expected a JSON object, got {_kind(document)}")
     for key in document:
-        if key not in _TOP_KEYS:
-            problems.append(Problem(_key(key), "unknown field (expected images and operations)"))
+        if key not in _TOP_KEYS + _OPTIONAL_KEYS:
+            problems.append(Problem(_key(key), "unknown field (expected images, operations "
+                                               "and optionally notify)"))
     for key in _TOP_KEYS:
         if key not in document:
             problems.append(Problem(key, "field required"))
     texts, parsed = _operations(document.get("operations", _MISSING), problems)
     images = _images(document.get("images", _MISSING), root, limits, parsed, problems)
+    notify = _notify(document.get("notify", _MISSING), limits, problems)
     if problems:
         raise RequestError(problems)
-    return Request(images=tuple(images), operations=tuple(texts), parsed=parsed)
+    return Request(images=tuple(images), operations=tuple(texts), parsed=parsed, notify=notify)
+
+
+def _notify(value: Any, limits: RequestLimits, problems: list[Problem]) -> str | None:
+    if value is _MISSING:
+        return None
+    if not isinstance(value, str):
+        problems.append(Problem("notify", f"expected a URL string, got {_kind(value)}"))
+        return None
+    try:
+        check_url(value)
+    except ValueError as exc:
+        problems.append(Problem("notify", str(exc)))
+        return None
+    # Matched without credentials: "https://hooks.example.com@evil.example/" must not pass
+    # for the prefix "https://hooks.example.com".
+    if not any(redacted(value).startswith(prefix) for prefix in limits.notify_allow):
+        allowed = ", ".join(map(repr, limits.notify_allow)) or "none are (--notify-allow)"
+        problems.append(Problem("notify", f"{redacted(value)[:200]!r} does not start with an "
+                                          f"allowed prefix ({allowed})"))
+        return None
+    return value
 
 
 def _load_json(body: bytes) -> Any:

@@ -54,6 +54,12 @@ class JobRequest(BaseModel):
     images: list[ImageRequest] = Field(min_length=1, description="One or more images.")
     operations: list[Annotated[str, Field(pattern=OPERATION_PATTERN)]] = Field(
         description=OPERATIONS_HELP, examples=[["resize=50", "split=True", "blur=5,1.5"]])
+    notify: str | None = Field(
+        None, pattern=r"^https?://", description=(
+            "A URL to tell when the job is finished: a signed webhook (Standard Webhooks v1), "
+            "retried for about a day and a half until it is answered 2xx. Accepted only when "
+            "it starts with one of the server's --notify-allow prefixes."),
+        examples=["https://hooks.example.com/imgserver"])
 
 
 State = Literal["queued", "running", "done", "failed", "cancelled"]
@@ -78,6 +84,17 @@ class Progress(BaseModel):
     total: int
 
 
+class NotificationModel(BaseModel):
+    """A completion webhook of the job and how its delivery goes."""
+
+    url: str = Field(description="Where it goes (without credentials).")
+    state: Literal["pending", "delivered", "failed"]
+    attempts: int
+    last_error: str | None = Field(description="What went wrong with the last attempt.")
+    next_attempt_at: str | None = Field(description="When the next attempt is due (ISO-8601), "
+                                                    "while pending after a failed attempt.")
+
+
 class JobSummary(BaseModel):
     """A job's status without its images (what a listing shows)."""
 
@@ -99,6 +116,8 @@ class JobSummary(BaseModel):
     error: str | None = Field(description="Why the job failed as a whole, a summary such as "
                                           "'2 of 10 images failed', or 'cancelled: 7 of 10 "
                                           "images not run'; null when done or unfinished.")
+    notifications: list[NotificationModel] = Field(
+        description="Its completion webhooks (--notify-url, the request's notify).")
 
 
 class StatusDocument(JobSummary):

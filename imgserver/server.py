@@ -2,7 +2,8 @@
 
     Settings -> executor (LocalPool or DaskPool) -> Engine <- FastAPI app <- uvicorn
                                               <- DropFolder <- watchdog observer
-                                              <- Housekeeper (retention, index rebuild)
+                                              <- Housekeeper (retention, leftovers)
+                                              <- Notifier (webhooks, on its own thread)
 
 Shutdown (SIGTERM or Ctrl-C): the engine stops accepting and releases ``wait=true``
 clients, uvicorn closes its connections, the drop folder stops watching, the engine lets
@@ -31,6 +32,7 @@ from imgserver.housekeeping import Housekeeper
 from imgserver.inbox import DropFolder
 from imgserver.pool import LocalPool
 from imgserver.settings import Settings
+from imgserver.webhooks import Notifier
 
 logger = logging.getLogger("imgserver.server")
 
@@ -114,13 +116,21 @@ def _serve(settings: Settings, executor: Executor) -> int:
     engine.start()
     drop_folder = DropFolder(engine, settings.inbox)
     housekeeper = Housekeeper(engine)
+    notifier = Notifier(engine) if settings.notify_secret else None
+    app = create_app(engine, settings)
+
+    def stopping() -> None:
+        engine.stop_accepting()
+        app.state.hub.stop()  # event streams end, so that their connections can close
+
     try:
         housekeeper.start()
+        if notifier is not None:
+            notifier.start()
         drop_folder.start()
-        config = uvicorn.Config(create_app(engine, settings), host=settings.host,
-                                port=settings.port, log_level="info",
+        config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="info",
                                 timeout_graceful_shutdown=10)
-        server = _Server(config, on_exit=engine.stop_accepting)
+        server = _Server(config, on_exit=stopping)
         logger.info("serving %s on http://%s:%d (drop folder %s, outbox %s)", settings.root,
                     settings.host, settings.port, settings.inbox, settings.outbox)
         try:
@@ -133,4 +143,6 @@ def _serve(settings: Settings, executor: Executor) -> int:
         drop_folder.stop()
         housekeeper.stop()
         engine.close()
+        if notifier is not None:
+            notifier.stop()
     return EXIT_OK

@@ -7,6 +7,8 @@ of them, from which the command line builds its parser and its help.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import dataclasses
 import os
 from collections.abc import Callable, Mapping
@@ -15,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from imgserver.errors import ConfigError
+from imgserver.urls import check_url
 
 
 def _positive_int(text: str) -> int:
@@ -73,6 +76,26 @@ def duration(text: str) -> float:
     return value
 
 
+def _prefixes(text: str) -> tuple[str, ...]:
+    prefixes = tuple(part.strip() for part in text.split(",") if part.strip())
+    for prefix in prefixes:
+        check_url(prefix)
+    return prefixes
+
+
+def _secret(text: str) -> bytes:
+    """The key of a Standard Webhooks secret, ``whsec_`` + base64."""
+    body = text.strip().removeprefix("whsec_")
+    try:
+        key = base64.b64decode(body, validate=True)
+    except (binascii.Error, ValueError):
+        key = b""
+    if not text.strip().startswith("whsec_") or len(key) < 16:
+        raise ValueError("expected whsec_ followed by the base64 of at least 16 bytes "
+                         "(e.g. whsec_ + `openssl rand -base64 32`)")
+    return key
+
+
 def _executor(text: str) -> str:
     if text not in ("local", "dask"):
         raise ValueError(f"must be 'local' or 'dask', got {text!r}")
@@ -124,6 +147,10 @@ OPTIONS: tuple[Option, ...] = (
     Option("keep_finished", duration, 30 * 86400.0,
            "how long a finished job's request and status files are kept: 30d, 12h, 90s; "
            "0 keeps them for ever (outputs are never removed)", ("serve",), shown="30d"),
+    Option("notify_url", check_url, None, "a URL told of every finished job (a signed webhook; "
+           "needs IMGSERVER_NOTIFY_SECRET)"),
+    Option("notify_allow", _prefixes, (), "comma-separated URL prefixes a request's own "
+           "'notify' URL may start with (none by default)", shown="none"),
     Option("executor", _executor, "local", "where images run: 'local' process pool or 'dask'",
            ("serve",)),
     Option("scheduler", _scheduler, None, "Dask scheduler address, e.g. tcp://host:8786",
@@ -149,9 +176,12 @@ class Settings:
     image_timeout: float = 300.0
     max_tasks_per_child: int = 1000
     keep_finished: float = 30 * 86400.0
+    notify_url: str | None = None
+    notify_allow: tuple[str, ...] = ()
     executor: str = "local"
     scheduler: str | None = None
     token: str | None = dataclasses.field(default=None, repr=False)
+    notify_secret: bytes | None = dataclasses.field(default=None, repr=False)
 
     @classmethod
     def build(cls, values: Mapping[str, Any] | None = None,
@@ -174,10 +204,21 @@ class Settings:
         root = Path(os.path.realpath(root))
         inbox = resolved.pop("inbox")
         outbox = resolved.pop("outbox")
+        secret = values.get("notify_secret") or environ.get("IMGSERVER_NOTIFY_SECRET") or None
+        if isinstance(secret, str):
+            try:
+                secret = _secret(secret)
+            except ValueError as exc:
+                raise ConfigError(f"IMGSERVER_NOTIFY_SECRET: {exc}") from None
+        if (resolved["notify_url"] or resolved["notify_allow"]) and not secret:
+            raise ConfigError("a notify URL is configured (--notify-url or --notify-allow) but "
+                              "IMGSERVER_NOTIFY_SECRET is not set: webhooks are signed with it "
+                              "(whsec_ + base64 of at least 16 random bytes)")
         return cls(
             root=root,
             inbox=Path(os.path.realpath(root / (inbox or "inbox"))),
             outbox=Path(os.path.realpath(root / (outbox or "outbox"))),
             token=values.get("token") or environ.get("IMGSERVER_TOKEN") or None,
+            notify_secret=secret,
             **resolved,
         )

@@ -103,3 +103,45 @@ def wait_state(server: Server, job_id: str, states: tuple[str, ...] = ("done", "
 
 def monotonic_ms() -> float:
     return time.monotonic() * 1000
+
+
+@dataclass
+class SSE:
+    """One Server-Sent Event as a client sees it."""
+
+    event: str
+    id: str
+    data: Any
+
+
+def stream_events(server: Server, path: str, *, last_id: str | None = None,
+                  count: int | None = None, timeout: float = 60.0,
+                  into: list[SSE] | None = None) -> list[SSE]:
+    """Read the events of ``path`` until the server ends the stream (or ``count`` events),
+    appending each to ``into`` as it comes."""
+    headers = {"Last-Event-ID": last_id} if last_id else {}
+    connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=timeout)
+    found: list[SSE] = [] if into is None else into
+    try:
+        connection.request("GET", path, headers=headers)
+        response = connection.getresponse()
+        assert response.status == 200, response.read()
+        assert response.getheader("content-type", "").startswith("text/event-stream")
+        fields: dict[str, str] = {}
+        for raw in response:
+            line = raw.decode().rstrip("\n")
+            if line.startswith(":"):
+                continue
+            if line:
+                name, _, value = line.partition(": ")
+                fields[name] = value
+                continue
+            if fields:
+                found.append(SSE(fields.get("event", "message"), fields.get("id", ""),
+                                 json.loads(fields.get("data", "null"))))
+                fields = {}
+                if count is not None and len(found) >= count:
+                    break
+    finally:
+        connection.close()
+    return found

@@ -221,6 +221,7 @@ def test_engine_small_job_takes_its_turn_behind_a_batch(
     try:
         batch = engine.submit(request_body([("a.png", f"b/{i}.png") for i in range(20)]),
                               source="http")["id"]
+        wait_for(lambda: engine.status(batch)["images"][0]["state"] == "running")
         small = engine.submit(request_body([("a.png", "small.png")]), source="inbox")["id"]
         other = engine.submit(request_body([("a.png", f"o/{i}.png") for i in range(2)]),
                               source="cli")["id"]

@@ -1,0 +1,270 @@
+"""Server-Sent Event streams of the engine's events: one job's, or every job's.
+
+    engine thread --listener--> pending (a deque) --call_soon_threadsafe--> event loop
+        publish: encode each event once (SSE bytes), keep the last HISTORY of them,
+                 append the bytes to the buffer of every stream that wants them
+    GET /jobs/{id}/events, GET /events <-- one Stream each: joined buffers, sent as they come
+
+The engine only appends to a deque and, when it was empty, wakes the event loop: a stream
+never slows the engine. Each event is encoded once whatever the number of streams, and a
+stream sends what gathered while it was sending in one write, so a hundred listeners cost
+little more than one. A stream whose client does not read stops at its buffer's bound:
+a job's stream then skips to a fresh ``status`` event, the all-jobs stream is closed.
+
+Event ids are the engine's ``seq`` numbers, which grow across restarts: a client that
+comes back with ``Last-Event-ID`` gets the events after it from the history, or a fresh
+``status`` when they are no longer held.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi.sse import KEEPALIVE_COMMENT, format_sse_event
+
+from imgserver.events import Event, ImageFinished, JobAccepted, JobFinished, StateChanged
+from imgserver.job import FINAL_STATES
+
+logger = logging.getLogger("imgserver.streams")
+
+#: Events kept for clients that reconnect with Last-Event-ID.
+HISTORY = 10_000
+#: A stream's client may fall this many bytes behind before it is skipped ahead or closed.
+BACKLOG_BYTES = 1 << 20
+#: An idle stream gets a comment this often (seconds), so that proxies keep it open.
+KEEPALIVE = 15.0
+#: A stream waits this long after an event for others to send with it (seconds).
+GATHER = 0.02
+
+
+@dataclass(frozen=True)
+class _Frame:
+    """One event, encoded for a job's stream and for the all-jobs stream."""
+
+    seq: int
+    job_id: str
+    job_bytes: bytes | None   # None: not part of a job's stream (``job``)
+    all_bytes: bytes
+    last: bool                # the job's ``end``: its stream closes after it
+
+
+@dataclass(eq=False)
+class _Stream:
+    """One client's stream: what it still has to send."""
+
+    job_id: str | None        # None: every job
+    cursor: int               # the last seq it has (sent or queued)
+    buffer: list[tuple[int, bytes]] = field(default_factory=list)
+    size: int = 0
+    ready: asyncio.Event = field(default_factory=asyncio.Event)
+    ended: bool = False       # nothing more to send after the buffer (the job's end)
+    fresh: bool = False       # a fresh status is due before anything else
+
+
+class EventHub:
+    """Fans the engine's events out to Server-Sent Event streams."""
+
+    def __init__(self, snapshot: Callable[[str], tuple[dict, int]],
+                 active: Callable[[], tuple[list[dict], int]]) -> None:
+        """``snapshot(job_id)``: a job's status document and the seq it reflects;
+        ``active()``: the summaries of the unfinished jobs, and the seq they reflect."""
+        self._snapshot = snapshot
+        self._active = active
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._pending: deque[Event] = deque()
+        self._scheduled = False
+        self._history: deque[_Frame] = deque(maxlen=HISTORY)
+        self._streams: dict[str | None, set[_Stream]] = {}
+        self._closed = False
+
+    # -- the engine's side ----------------------------------------------------------------
+
+    def __call__(self, event: Event) -> None:
+        """The engine's listener: note the event; the event loop encodes and sends it."""
+        loop = self._loop
+        if loop is None:
+            return  # nobody can be listening before the server runs
+        self._pending.append(event)
+        if not self._scheduled:
+            self._scheduled = True
+            loop.call_soon_threadsafe(self._drain)
+
+    # -- the event loop's side ------------------------------------------------------------
+
+    def attach(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Start publishing on ``loop`` (the server's)."""
+        self._loop = loop
+
+    def stop(self) -> None:
+        """End every stream, from any thread (a signal handler's included)."""
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self.close)
+
+    def close(self) -> None:
+        """End every stream (the server is stopping); call on the event loop."""
+        self._closed = True
+        for streams in self._streams.values():
+            for stream in streams:
+                stream.ended = True
+                stream.ready.set()
+
+    @property
+    def streams(self) -> int:
+        """Streams open now."""
+        return sum(len(streams) for streams in self._streams.values())
+
+    def _drain(self) -> None:
+        self._scheduled = False
+        while self._pending:
+            self._publish(_encode(self._pending.popleft()))
+
+    def _publish(self, frame: _Frame) -> None:
+        self._history.append(frame)
+        for key in (frame.job_id, None):
+            for stream in self._streams.get(key, ()):
+                self._deliver(stream, frame)
+
+    def _deliver(self, stream: _Stream, frame: _Frame) -> None:
+        data = frame.all_bytes if stream.job_id is None else frame.job_bytes
+        if data is None or frame.seq <= stream.cursor or stream.ended:
+            return
+        stream.cursor = frame.seq
+        if stream.size + len(data) > BACKLOG_BYTES:
+            # The client does not keep up: a job's stream starts again from a fresh status
+            # (nothing missed, only skipped); the all-jobs stream cannot, and is closed.
+            stream.buffer.clear()
+            stream.size = 0
+            stream.fresh = stream.job_id is not None
+            stream.ended = stream.job_id is None
+        else:
+            stream.buffer.append((frame.seq, data))
+            stream.size += len(data)
+            stream.ended = frame.last and stream.job_id is not None
+        stream.ready.set()
+
+    # -- streams ---------------------------------------------------------------------------
+
+    async def job_stream(self, job_id: str, last_id: str | None) -> AsyncIterator[bytes]:
+        """The events of ``job_id``: ``status``, then ``image`` and ``state`` as they happen,
+        then ``end``; after ``last_id``, the events that followed it if they are held."""
+        stream = self._open(job_id, last_id)
+        try:
+            async for chunk in self._chunks(stream):
+                yield chunk
+        finally:
+            self._streams[job_id].discard(stream)
+
+    async def all_streams(self, last_id: str | None) -> AsyncIterator[bytes]:
+        """Every job's events, each data object carrying ``job``, and ``job`` when a job is
+        accepted; after ``last_id``, the events that followed it if they are held, otherwise
+        a ``status`` event for each unfinished job."""
+        stream = self._open(None, last_id)
+        try:
+            async for chunk in self._chunks(stream):
+                yield chunk
+        finally:
+            self._streams[None].discard(stream)
+
+    def _open(self, job_id: str | None, last_id: str | None) -> _Stream:
+        """Register a stream; queue what followed ``last_id`` when the history holds all of
+        it, or else mark a fresh status as due."""
+        after = _seq(last_id)
+        stream = _Stream(job_id, cursor=0, ended=self._closed)
+        history = self._history
+        if (after is not None and history and history[0].seq - 1 <= after <= history[-1].seq):
+            stream.cursor = after
+            for frame in history:
+                if job_id is None or frame.job_id == job_id:
+                    self._deliver(stream, frame)
+        else:
+            stream.fresh = job_id is not None or after is not None
+            stream.cursor = history[-1].seq if history else 0
+        self._streams.setdefault(job_id, set()).add(stream)
+        return stream
+
+    async def _status(self, stream: _Stream) -> tuple[bytes, bool]:
+        """Fresh ``status`` events: of the stream's job (and ``end`` if it is finished), or of
+        every unfinished job on the all-jobs stream; and whether the stream is complete."""
+        stream.fresh = False
+        final = False
+        if stream.job_id is None:
+            documents, seq = await asyncio.to_thread(self._active)
+            data = b"".join(_sse("status", {**document, "job": document["id"]}, seq)
+                            for document in documents)
+        else:
+            document, seq = await asyncio.to_thread(self._snapshot, stream.job_id)
+            data = _sse("status", document, seq)
+            if document["state"] in FINAL_STATES:
+                final = True
+                data += _sse("end", document, seq)
+        # Events queued meanwhile that the snapshot reflects are not sent again.
+        stream.buffer = [(number, item) for number, item in stream.buffer if number > seq]
+        stream.size = sum(len(item) for _, item in stream.buffer)
+        stream.cursor = max(stream.cursor, seq)
+        return data, final
+
+    async def _chunks(self, stream: _Stream) -> AsyncIterator[bytes]:
+        """What the stream has to send, gathered into as few writes as possible."""
+        while True:
+            if stream.fresh:
+                status, final = await self._status(stream)
+                yield status
+                if final:
+                    return
+            elif stream.buffer:
+                chunk = b"".join(item for _, item in stream.buffer)
+                stream.buffer.clear()
+                stream.size = 0
+                yield chunk
+            elif stream.ended:
+                return
+            else:
+                stream.ready.clear()
+                try:
+                    await asyncio.wait_for(stream.ready.wait(), KEEPALIVE)
+                except asyncio.TimeoutError:
+                    yield KEEPALIVE_COMMENT
+                    continue
+                if not stream.ended:
+                    await asyncio.sleep(GATHER)  # let the events of this moment gather
+
+
+def _encode(event: Event) -> _Frame:
+    """An engine event as its SSE bytes (encoded once, for every stream)."""
+    job_id = event.job_id
+    last = False
+    if isinstance(event, ImageFinished):
+        name = "image"
+        data: dict[str, Any] = {"index": event.index, "image": event.image.to_document(),
+                                "progress": {"done": event.done, "total": event.total}}
+    elif isinstance(event, StateChanged):
+        name, data = "state", {"state": event.state, "progress": event.progress}
+    elif isinstance(event, JobFinished):
+        name, data, last = "end", event.document, True
+    elif isinstance(event, JobAccepted):
+        return _Frame(event.seq, job_id, None,
+                      _sse("job", {**event.summary, "job": job_id}, event.seq), False)
+    else:
+        raise TypeError(f"unknown event {event!r}")
+    return _Frame(event.seq, job_id, _sse(name, data, event.seq),
+                  _sse(name, {**data, "job": job_id}, event.seq), last)
+
+
+def _sse(name: str, data: dict[str, Any], seq: int) -> bytes:
+    return format_sse_event(data_str=json.dumps(data, separators=(",", ":")), event=name,
+                            id=str(seq))
+
+
+def _seq(last_id: str | None) -> int | None:
+    if last_id is None:
+        return None
+    try:
+        return int(last_id.strip())
+    except ValueError:
+        return None

@@ -1,0 +1,198 @@
+"""The client commands (submit, jobs, cancel) against a real server."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import pty
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import cv2
+import pytest
+
+from imgserver.client import Client
+
+from conftest import photo, request_body
+from serving import Server, free_port, start_server, wait_state
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """One server with one worker for this module's tests (each uses its own names)."""
+    root = tmp_path_factory.mktemp("remote")
+    (root / "inbox").mkdir()
+    (root / "outbox").mkdir()
+    for name, width, height in [("a.png", 64, 48), ("big.png", 2400, 1800)]:
+        assert cv2.imwrite(str(root / name), photo(height, width))
+    running = start_server(root, "--workers", "1")
+    yield running
+    running.stop()
+
+
+def imgserver(server: Server | None, *args: str, env: dict[str, str] | None = None,
+              port: int | None = None) -> subprocess.CompletedProcess:
+    url = f"http://127.0.0.1:{server.port if server else port}"
+    return subprocess.run([sys.executable, "-m", "imgserver", *args, "--server", url],
+                          capture_output=True, text=True, timeout=120,
+                          env={**os.environ, **(env or {})})
+
+
+def write(root: Path, name: str, body: bytes) -> str:
+    (root / name).write_bytes(body)
+    return str(root / name)
+
+
+def test_remote_submit_wait_exit_codes(server: Server) -> None:
+    root = server.root
+    done = imgserver(server, "submit", write(root, "ok.json", request_body(
+        [("a.png", "o/1.png"), ("a.png", "o/2.png")], ["resize=50"])), "--wait")
+    assert done.returncode == 0, done.stderr
+    document = json.loads(done.stdout)
+    assert document["state"] == "done" and document["progress"] == {"done": 2, "total": 2}
+    assert "2/2 a.png -> o/2.png: done" in done.stderr  # a line per image when not a terminal
+    failed = imgserver(server, "submit", write(root, "bad.json", request_body(
+        [("a.png", "o/3.png"), ("missing.png", "o/4.png")])), "--wait")
+    assert failed.returncode == 1 and json.loads(failed.stdout)["state"] == "failed"
+    invalid = imgserver(server, "submit", write(root, "inv.json", request_body(
+        [("../x.png", "o/5.png")])), "--wait")
+    assert invalid.returncode == 2 and "images[0].input" in invalid.stderr
+    assert invalid.stdout == ""
+    assert imgserver(server, "submit", str(root / "nope.json")).returncode == 2
+    queued = imgserver(server, "submit", str(root / "ok.json"))
+    assert queued.returncode == 0 and json.loads(queued.stdout)["state"] == "queued"
+
+
+def test_remote_unreachable_or_refused_is_exit_3(root: Path, make_image: Callable[..., Path]
+                                                 ) -> None:
+    make_image("a.png")
+    request = write(root, "ok.json", request_body([("a.png", "x.png")]))
+    closed = imgserver(None, "submit", request, "--wait", port=free_port())
+    assert closed.returncode == 3 and "cannot reach the server" in closed.stderr
+    server = start_server(root, env={"IMGSERVER_TOKEN": "s3cret"})
+    try:
+        refused = imgserver(server, "submit", request, env={"IMGSERVER_TOKEN": "wrong"})
+        assert refused.returncode == 3 and "refused the token" in refused.stderr
+        accepted = imgserver(server, "submit", request, "--wait",
+                             env={"IMGSERVER_TOKEN": "s3cret"})
+        assert accepted.returncode == 0, accepted.stderr
+        assert imgserver(server, "jobs", env={"IMGSERVER_TOKEN": "wrong"}).returncode == 3
+    finally:
+        server.stop()
+
+
+def test_remote_submit_wait_draws_a_bar_on_a_terminal(server: Server) -> None:
+    request = write(server.root, "bar.json", request_body(
+        [("big.png", f"o/b{n}.png") for n in range(3)], ["blur=31"]))
+    leader, follower = pty.openpty()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "imgserver", "submit", request, "--wait", "--server",
+         f"http://127.0.0.1:{server.port}"], stdout=subprocess.PIPE, stderr=follower)
+    os.close(follower)
+    seen = b""
+    while True:
+        try:
+            chunk = os.read(leader, 4096)
+        except OSError:  # the other end closed: the command ended
+            break
+        if not chunk:
+            break
+        seen += chunk
+    os.close(leader)
+    assert process.wait(60) == 0
+    text = seen.decode()
+    assert "\r[##########--------------------] 1/3 images" in text
+    assert "[##############################] 3/3 images" in text
+    assert json.loads(process.stdout.read())["state"] == "done"  # type: ignore[union-attr]
+
+
+def test_remote_jobs_and_cancel(server: Server) -> None:
+    small = server.request("POST", "/jobs?wait=true", request_body([("a.png", "j/1.png")]))
+    slow = server.request("POST", "/jobs", request_body(
+        [("big.png", f"j/s{n}.png") for n in range(40)], ["blur=31"])).json()["id"]
+    wait_state(server, slow, ("running",))
+    listed = imgserver(server, "jobs", "--limit", "2")
+    assert listed.returncode == 0
+    lines = listed.stdout.splitlines()
+    assert lines[0].split()[:3] == [slow, "running", "http"]
+    assert lines[1].split()[:4] == [small.json()["id"], "done", "http", "1/1"]
+    done = imgserver(server, "jobs", "--state", "done").stdout.splitlines()
+    assert done[0] == lines[1] and all(" done " in line for line in done)
+    as_json = [json.loads(line) for line in imgserver(
+        server, "jobs", "--json", "--limit", "2").stdout.split("\n") if line]
+    assert [job["id"] for job in as_json] == [slow, small.json()["id"]]
+    assert imgserver(server, "jobs", "--state", "nope").returncode == 2
+    cancelled = imgserver(server, "cancel", slow)
+    assert cancelled.returncode == 0 and json.loads(cancelled.stdout)["id"] == slow
+    assert wait_state(server, slow, ("cancelled",))["error"].startswith("cancelled: ")
+    finished = imgserver(server, "cancel", small.json()["id"])
+    assert finished.returncode == 1 and "already done" in finished.stderr
+    assert imgserver(server, "cancel", "no-such-job").returncode == 2
+
+
+class Cutter:
+    """A TCP proxy to the server that cuts its first connection after ``limit`` bytes back."""
+
+    def __init__(self, port: int, limit: int) -> None:
+        self.port = free_port()
+        self.cuts = 0
+        listener = socket.create_server(("127.0.0.1", self.port))
+        threading.Thread(target=self._serve, args=(listener, port, limit), daemon=True).start()
+
+    def _serve(self, listener: socket.socket, port: int, limit: int) -> None:
+        while True:
+            client, _ = listener.accept()
+            upstream = socket.create_connection(("127.0.0.1", port))
+            cut = self.cuts == 0
+            self.cuts += 1
+            threading.Thread(target=self._pipe, args=(client, upstream, None),
+                             daemon=True).start()
+            threading.Thread(target=self._pipe, args=(upstream, client, limit if cut else None),
+                             daemon=True).start()
+
+    @staticmethod
+    def _pipe(source: socket.socket, target: socket.socket, limit: int | None) -> None:
+        sent = 0
+        try:
+            while data := source.recv(65536):
+                if limit is not None and sent + len(data) > limit:
+                    target.sendall(data[:limit - sent])
+                    break
+                target.sendall(data)
+                sent += len(data)
+        except OSError:
+            pass
+        for sock in (source, target):
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+
+
+def test_remote_follow_survives_a_dropped_connection(server: Server) -> None:
+    job_id = server.request("POST", "/jobs", request_body(
+        [("big.png", f"f/{n}.png") for n in range(4)], ["blur=31"])).json()["id"]
+    cutter = Cutter(server.port, limit=1200)  # the headers, the status event, a little more
+    client = Client(f"http://127.0.0.1:{cutter.port}", sleep=lambda seconds: None)
+    seen: list[tuple[str, int | None]] = []
+
+    def note(name: str, data: dict) -> None:
+        if name == "status":  # images finished before this (re)connection
+            seen.extend(("done before", n) for n, image in enumerate(data["images"])
+                        if image["state"] == "done")
+        seen.append((name, data.get("index")))
+
+    try:
+        final = client.follow(job_id, note)
+    finally:
+        client.close()
+    assert cutter.cuts >= 2 and final["state"] == "done"
+    events = [index for name, index in seen if name == "image"]
+    assert len(events) == len(set(events))  # no event twice
+    reported = {index for name, index in seen if name in ("image", "done before")}
+    assert reported == {0, 1, 2, 3}  # nothing missed
+    assert seen[-1] == ("end", None)

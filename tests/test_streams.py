@@ -1,0 +1,227 @@
+"""Server-Sent Event streams: the hub's bounds in-process, and real streams end to end."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import cv2
+import pytest
+
+from imgserver.events import ImageFinished, JobAccepted, JobFinished, StateChanged
+from imgserver.job import ImageStatus
+from imgserver.streams import BACKLOG_BYTES, EventHub
+
+from conftest import photo, request_body, wait_for
+from processes import rss_kib
+from serving import SSE, Server, start_server, stream_events
+
+# -- the hub, in-process -----------------------------------------------------------------------
+
+def document(job_id: str, state: str, done: int = 0) -> dict:
+    return {"id": job_id, "state": state, "progress": {"done": done, "total": 3}, "images": []}
+
+
+async def collect(stream: object, count: int) -> list[bytes]:
+    chunks: list[bytes] = []
+    async for chunk in stream:  # type: ignore[attr-defined]
+        chunks.append(chunk)
+        if sum(c.count(b"\n\nevent:") + c.startswith(b"event:") for c in chunks) >= count:
+            break
+    return chunks
+
+
+def names(chunks: list[bytes]) -> list[str]:
+    return [line[7:] for line in b"".join(chunks).decode().splitlines()
+            if line.startswith("event: ")]
+
+
+def test_streams_slow_client_is_bounded_then_skipped_ahead_or_closed() -> None:
+    async def scenario() -> None:
+        state = {"seq": 0}
+        hub = EventHub(lambda job_id: (document(job_id, "running", 1), state["seq"]),
+                       lambda: ([], state["seq"]))
+        hub.attach(asyncio.get_running_loop())
+        job_stream = hub.job_stream("a", None).__aiter__()
+        all_stream = hub.all_streams(None).__aiter__()
+        assert names([await job_stream.__anext__()]) == ["status"]
+        first = asyncio.ensure_future(all_stream.__anext__())  # waits for an event
+        await asyncio.sleep(0)
+        big = "x" * 10_000
+        for seq in range(1, 400):  # about 4 MB of events that nobody reads
+            state["seq"] = seq
+            hub(ImageFinished(seq, "a", seq % 3, ImageStatus(big, "o.png", "done"), 1, 3))
+        await asyncio.sleep(0.1)
+        # The job's stream starts again from a fresh status; the all-jobs stream ends.
+        assert names([await job_stream.__anext__()]) == ["status"]
+        try:
+            chunks = [await first]
+        except StopAsyncIteration:  # closed before it sent anything
+            chunks = []
+        chunks += [chunk async for chunk in all_stream]
+        assert sum(len(c) for c in chunks) <= BACKLOG_BYTES + 20_000
+        state["seq"] = 400
+        hub(JobFinished(400, "a", document("a", "done", 3)))
+        rest = await collect(job_stream, 1)
+        assert names(rest) == ["end"]
+        with pytest.raises(StopAsyncIteration):
+            await job_stream.__anext__()
+        assert hub.streams == 0
+
+    asyncio.run(scenario())
+
+
+def test_streams_resume_after_last_event_id_or_fresh_status() -> None:
+    async def scenario() -> None:
+        hub = EventHub(lambda job_id: (document(job_id, "running", 2), 1003),
+                       lambda: ([document("b", "running")], 1003))
+        hub.attach(asyncio.get_running_loop())
+        hub(JobAccepted(1000, "b", {"id": "b"}))
+        hub(StateChanged(1001, "b", "running", {"done": 0, "total": 3}))
+        hub(ImageFinished(1002, "b", 0, ImageStatus("i", "o.png", "done"), 1, 3))
+        hub(ImageFinished(1003, "b", 1, ImageStatus("i", "o.png", "done"), 2, 3))
+        await asyncio.sleep(0.05)
+        resumed = hub.job_stream("b", "1001").__aiter__()
+        assert names(await collect(resumed, 2)) == ["image", "image"]
+        everything = hub.all_streams("999").__aiter__()
+        assert names(await collect(everything, 4)) == ["job", "state", "image", "image"]
+        too_old = hub.job_stream("b", "5").__aiter__()  # from before the history
+        assert names([await too_old.__anext__()]) == ["status"]
+        lost = hub.all_streams("5").__aiter__()
+        chunk = await lost.__anext__()
+        assert names([chunk]) == ["status"] and b'"job":"b"' in chunk
+
+    asyncio.run(scenario())
+
+
+# -- real streams --------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """One server with one worker for the tests of this module (each uses its own names)."""
+    root = tmp_path_factory.mktemp("streams")
+    (root / "inbox").mkdir()
+    (root / "outbox").mkdir()
+    for name, width, height in [("a.png", 64, 48), ("b.png", 800, 600),
+                                ("huge.png", 3000, 2250)]:
+        assert cv2.imwrite(str(root / name), photo(height, width))
+    running = start_server(root, "--workers", "1")
+    yield running
+    running.stop()
+
+
+def busy(server: Server) -> str:
+    """Occupy the only worker for a second or so; the job's id."""
+    return server.request("POST", "/jobs", request_body(
+        [("huge.png", f"busy/{time.monotonic_ns()}.png")], ["blur=31"])).json()["id"]
+
+
+def test_streams_job_events_in_order_with_a_failed_image(server: Server) -> None:
+    busy(server)
+    pairs = [("a.png", "o/0.png"), ("a.png", "o/1.png"), ("missing.png", "o/2.png"),
+             ("a.png", "o/3.png"), ("a.png", "o/4.png")]
+    job_id = server.request("POST", "/jobs", request_body(pairs)).json()["id"]
+    events = stream_events(server, f"/jobs/{job_id}/events")
+    assert [e.event for e in events] == ["status", "state"] + ["image"] * 5 + ["state", "end"]
+    assert events[0].data["state"] == "queued" and events[0].data["id"] == job_id
+    assert events[1].data == {"state": "running", "progress": {"done": 0, "total": 5}}
+    images = events[2:7]
+    assert [e.data["index"] for e in images] == [0, 1, 2, 3, 4]
+    assert [e.data["progress"]["done"] for e in images] == [1, 2, 3, 4, 5]
+    assert images[2].data["image"]["state"] == "failed" and "no such file" in \
+        images[2].data["image"]["error"]
+    assert events[7].data == {"state": "failed", "progress": {"done": 5, "total": 5}}
+    assert events[8].data == server.request("GET", f"/jobs/{job_id}").json()
+    ids = [int(e.id) for e in events[1:]]
+    assert ids == sorted(ids) and len(set(ids)) == len(ids)
+    # A finished job's stream: status and end at once, then the stream ends.
+    again = stream_events(server, f"/jobs/{job_id}/events", timeout=10)
+    assert [e.event for e in again] == ["status", "end"]
+    assert server.request("GET", "/jobs/nope/events").status == 404
+
+
+def test_streams_reconnect_with_last_event_id_misses_and_repeats_nothing(server: Server) -> None:
+    busy(server)
+    job_id = server.request("POST", "/jobs", request_body(
+        [("b.png", f"r/{n}.png") for n in range(6)], ["blur=31"])).json()["id"]
+    whole: list[SSE] = []
+    reader = threading.Thread(target=lambda: whole.extend(
+        stream_events(server, f"/jobs/{job_id}/events")))
+    reader.start()
+    first = stream_events(server, f"/jobs/{job_id}/events", count=4)  # status, state, 2 images
+    assert [e.event for e in first] == ["status", "state", "image", "image"]
+    rest = stream_events(server, f"/jobs/{job_id}/events", last_id=first[-1].id)
+    reader.join(60)
+    assert [e.event for e in rest][-1] == "end"
+    assert [(e.event, e.id) for e in first[1:] + rest] == [(e.event, e.id) for e in whole[1:]]
+
+
+def test_streams_all_jobs_sees_drop_folder_and_http_jobs(server: Server) -> None:
+    seen: list[SSE] = []
+    reader = threading.Thread(target=lambda: stream_events(
+        server, "/events", count=10, timeout=30, into=seen), daemon=True)
+    reader.start()
+    time.sleep(0.5)  # the stream is open
+    http_id = server.request("POST", "/jobs", request_body([("a.png", "h.png")])).json()["id"]
+    (server.root / "inbox" / "dropped.json").write_bytes(request_body([("a.png", "d.png")]))
+    reader.join(30)
+    accepted = {e.data["job"]: e.data["source"] for e in seen if e.event == "job"}
+    assert accepted == {http_id: "http", "dropped": "inbox"}
+    ends = {e.data["job"]: e.data["state"] for e in seen if e.event == "end"}
+    assert ends == {http_id: "done", "dropped": "done"}
+    assert all("job" in e.data for e in seen)
+    ids = [int(e.id) for e in seen]
+    assert ids == sorted(ids)
+
+
+def test_streams_client_that_never_reads_does_not_slow_a_job(server: Server) -> None:
+    name = "n" * 150  # long paths make big events
+
+    def run_job(tag: str) -> float:
+        started = time.monotonic()
+        reply = server.request("POST", "/jobs?wait=true", request_body(
+            [("a.png", f"{tag}/{name}{n}.png") for n in range(200)]), timeout=120)
+        assert reply.json()["state"] == "done"
+        return time.monotonic() - started
+
+    run_job("warm")
+    alone = run_job("alone")
+    rss_before = rss_kib(server.process.pid)
+    stalled = []
+    for path in ["/events"] * 5 + ["/events?x=1"]:
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect(("127.0.0.1", server.port))
+        sock.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        stalled.append(sock)  # and never read from
+    try:
+        watched = [run_job(f"watched{n}") for n in range(4)]  # several MB of events
+        assert min(watched) < alone * 3 + 2.0  # not held up by clients that do not read
+        assert server.request("GET", "/healthz", timeout=5).status == 200
+        grown = rss_kib(server.process.pid) - rss_before
+        assert grown < 64 * 1024, f"the server grew by {grown} KiB"
+    finally:
+        for sock in stalled:
+            sock.close()
+
+
+def test_streams_end_when_the_server_stops(root: Path, make_image: Callable[..., Path]) -> None:
+    server = start_server(root, "--workers", "1")
+    make_image("a.png", 64, 48)
+    ended = threading.Event()
+
+    def listen() -> None:
+        stream_events(server, "/events", timeout=30)
+        ended.set()
+
+    threading.Thread(target=listen, daemon=True).start()
+    wait_for(lambda: server.request("GET", "/healthz").status == 200)
+    time.sleep(0.3)
+    started = time.monotonic()
+    assert server.stop() == 0
+    assert ended.wait(5) and time.monotonic() - started < 8.0
+    assert "Traceback" not in server.output()

@@ -1,0 +1,206 @@
+"""Completion webhooks against a real receiver, verified with the standardwebhooks package."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from standardwebhooks import Webhook
+
+from imgserver.webhooks import message_id, payload, sign
+
+from conftest import request_body, wait_for
+from receiver import Receiver
+from serving import Server, start_server
+
+SECRET = "whsec_" + base64.b64encode(b"0123456789abcdef0123456789abcdef").decode()
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    running = Receiver()
+    yield running
+    running.close()
+
+
+def webhook_server(root: Path, *urls: str, allow: str = "") -> Server:
+    args = [*(["--notify-url", urls[0]] if urls else []),
+            *(["--notify-allow", allow] if allow else [])]
+    return start_server(root, *args, env={"IMGSERVER_NOTIFY_SECRET": SECRET})
+
+
+def notifications(server: Server, job_id: str) -> list[dict]:
+    return server.request("GET", f"/jobs/{job_id}").json()["notifications"]
+
+
+def settled(server: Server, job_id: str) -> list[dict]:
+    """The job's notifications once none is pending."""
+    return wait_for(lambda: [n for n in notifications(server, job_id)
+                             if n["state"] != "pending"] and all(
+        n["state"] != "pending" for n in notifications(server, job_id))
+        and notifications(server, job_id), timeout=60)
+
+
+def test_webhooks_signature_matches_the_reference_implementation() -> None:
+    key = base64.b64decode(SECRET.removeprefix("whsec_"))
+    document = {"id": "j", "state": "done", "finished_at": "2026-12-01T00:00:00.000+00:00",
+                "notifications": [{"url": "http://x/", "state": "delivered", "attempts": 3,
+                                   "last_error": None, "next_attempt_at": None}]}
+    body = payload(document)
+    assert body == payload({**document, "notifications": [{"url": "http://x/"}]})  # stable
+    moment = int(time.time())
+    headers = {"webhook-id": message_id("j", 0), "webhook-timestamp": str(moment),
+               "webhook-signature": sign(key, message_id("j", 0), moment, body)}
+    data = Webhook(SECRET).verify(body, headers)
+    assert data["type"] == "job.done" and data["data"]["id"] == "j"
+    assert data["timestamp"] == "2026-12-01T00:00:00.000+00:00"
+    with pytest.raises(Exception, match="No matching signature"):
+        Webhook(SECRET).verify(body + b" ", headers)
+
+
+def test_webhooks_delivered_signed_to_global_and_request_urls(
+        root: Path, receiver: Receiver, make_image: Callable[..., Path]) -> None:
+    make_image("a.png")
+    other = Receiver()
+    server = webhook_server(root, receiver.url, allow=f"http://127.0.0.1:{other.port}/")
+    try:
+        body = json.loads(request_body([("a.png", "x.png")]))
+        body["notify"] = f"http://user:pass@127.0.0.1:{other.port}/mine?x=1"
+        done = server.request("POST", "/jobs?wait=true", json.dumps(body).encode()).json()
+        assert [n["url"] for n in done["notifications"]] == [
+            receiver.url, f"http://127.0.0.1:{other.port}/mine?x=1"]  # without credentials
+        final = settled(server, done["id"])
+        assert [(n["state"], n["attempts"]) for n in final] == [("delivered", 1)] * 2
+        for sink, path in ((receiver, "/hook"), (other, "/mine?x=1")):
+            [delivery] = sink.deliveries
+            assert delivery.path == path
+            event = Webhook(SECRET).verify(delivery.body, delivery.headers)
+            assert event["type"] == "job.done" and event["data"]["id"] == done["id"]
+            assert event["data"]["images"] == done["images"]
+        assert other.deliveries[0].headers.get("authorization", "").startswith("Basic ")
+    finally:
+        server.stop()
+        other.close()
+
+
+def test_webhooks_retry_after_500_then_delivered_with_the_same_id(
+        root: Path, receiver: Receiver, make_image: Callable[..., Path]) -> None:
+    make_image("a.png")
+    receiver.answers = [(500, {"Retry-After": "1"}), 200]
+    server = webhook_server(root, receiver.url)
+    try:
+        job = server.request("POST", "/jobs?wait=true", request_body(
+            [("missing.png", "x.png")])).json()
+        wait_for(lambda: len(receiver.deliveries) == 1)
+        pending = notifications(server, job["id"])[0]
+        assert pending["state"] == "pending" and pending["attempts"] == 1
+        assert pending["last_error"] == "HTTP 500 Internal Server Error"
+        assert pending["next_attempt_at"]
+        [final] = settled(server, job["id"])
+        assert final["state"] == "delivered" and final["attempts"] == 2
+        first, second = receiver.deliveries
+        assert first.headers["webhook-id"] == second.headers["webhook-id"]
+        assert first.body == second.body
+        assert 0.9 <= second.at - first.at < 5.0  # Retry-After: 1 was honoured
+        event = Webhook(SECRET).verify(second.body, second.headers)
+        assert event["type"] == "job.failed"
+    finally:
+        server.stop()
+
+
+def test_webhooks_410_stops_at_once(root: Path, receiver: Receiver,
+                                    make_image: Callable[..., Path]) -> None:
+    make_image("a.png")
+    receiver.answers = [410]
+    server = webhook_server(root, receiver.url)
+    try:
+        job = server.request("POST", "/jobs?wait=true", request_body([("a.png", "x.png")])).json()
+        [final] = settled(server, job["id"])
+        assert final["state"] == "failed" and final["attempts"] == 1
+        assert final["last_error"] == "HTTP 410 Gone"
+        time.sleep(1.0)
+        assert len(receiver.deliveries) == 1
+    finally:
+        server.stop()
+
+
+def test_webhooks_pending_delivery_survives_kill_9_and_a_dead_receiver(
+        root: Path, make_image: Callable[..., Path]) -> None:
+    make_image("a.png")
+    receiver = Receiver()
+    url = receiver.url
+    receiver.close()  # down: the first attempt fails
+    server = webhook_server(root, url)
+    job = server.request("POST", "/jobs?wait=true", request_body([("a.png", "x.png")])).json()
+    wait_for(lambda: notifications(server, job["id"])[0]["attempts"] == 1)
+    os.kill(server.process.pid, signal.SIGKILL)
+    server.process.wait()
+    port = int(url.split(":")[2].split("/")[0])
+    receiver = Receiver(port=port)
+    server = webhook_server(root, url)
+    try:
+        [final] = settled(server, job["id"])
+        assert final["state"] == "delivered" and final["attempts"] == 2
+        assert len(receiver.deliveries) == 1
+        Webhook(SECRET).verify(receiver.deliveries[0].body, receiver.deliveries[0].headers)
+    finally:
+        server.stop()
+        receiver.close()
+
+
+def test_webhooks_hanging_receiver_times_out_and_jobs_go_on(
+        root: Path, receiver: Receiver, make_image: Callable[..., Path]) -> None:
+    make_image("a.png")
+    receiver.answers = ["hang"]
+    server = webhook_server(root, receiver.url)
+    try:
+        first = server.request("POST", "/jobs?wait=true", request_body([("a.png", "1.png")]))
+        wait_for(lambda: receiver.deliveries)
+        started = time.monotonic()
+        for n in range(3):  # jobs, and their webhooks, go on meanwhile
+            reply = server.request("POST", "/jobs?wait=true", request_body(
+                [("a.png", f"{n}.png")]), timeout=10)
+            assert reply.json()["state"] == "done"
+        assert time.monotonic() - started < 8.0
+        wait_for(lambda: len(receiver.deliveries) >= 4)
+        entry = wait_for(lambda: notifications(server, first.json()["id"])[0]["attempts"] == 1
+                         and notifications(server, first.json()["id"])[0], timeout=20)
+        assert entry["last_error"] == "no answer within 10 s" and entry["state"] == "pending"
+    finally:
+        server.stop()
+
+
+def test_webhooks_notify_outside_allow_list_is_422_and_writes_nothing(
+        root: Path, receiver: Receiver, make_image: Callable[..., Path]) -> None:
+    make_image("a.png")
+    server = webhook_server(root, allow="https://hooks.example.com/")
+    try:
+        for url, message in [(receiver.url, "does not start with an allowed prefix"),
+                             ("ftp://hooks.example.com/x", "is not an http or https URL"),
+                             (7, "expected a URL string")]:
+            body = json.loads(request_body([("a.png", "x.png")]))
+            body["notify"] = url
+            reply = server.request("POST", "/jobs", json.dumps(body).encode())
+            assert reply.status == 422
+            [error] = reply.json()["errors"]
+            assert error["field"] == "notify" and message in error["message"]
+        assert not list((root / "outbox").glob("*.json"))
+    finally:
+        server.stop()
+
+
+def test_webhooks_without_a_secret_the_server_refuses_to_start(root: Path) -> None:
+    result = subprocess.run([sys.executable, "-m", "imgserver", "serve", "--root", str(root),
+                             "--notify-url", "http://127.0.0.1:9/hook"],
+                            capture_output=True, text=True, timeout=60,
+                            env={k: v for k, v in os.environ.items()
+                                 if k != "IMGSERVER_NOTIFY_SECRET"})
+    assert result.returncode == 2 and "IMGSERVER_NOTIFY_SECRET is not set" in result.stderr
