@@ -1,10 +1,13 @@
-"""scripts/bench events: what live events and webhooks cost, in one run.
+"""scripts/bench events: what live events, webhooks and metrics cost, in one run.
 
   cost     web-resize throughput (200 x 1080p JPEG: resize=50, blur=5) with 100 clients on
            GET /events and every job's webhook going to a receiver, against the same server
            with neither, alternating rounds; target: within 3%
   latency  the time from a job's end (its finished_at) to its webhook's arrival at a
            receiver on this machine, p50 over sequential one-image jobs; target: under 50 ms
+  metrics  web-resize throughput, and the p50 of sequential one-image requests, with
+           /metrics scraped every second, against the revision before metrics (--baseline),
+           alternating rounds; target: within 3%
 
 Writes docs/benchmarks-events.md and prints it.
 """
@@ -30,7 +33,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(HERE))
 from inputs import make_inputs  # noqa: E402
-from jobs import body, fresh_root, timed_post  # noqa: E402
+from jobs import body, checkout, fresh_root, timed_post  # noqa: E402
 from run import Server, machine  # noqa: E402
 
 SECRET = "whsec_" + base64.b64encode(b"imgserver-benchmark-secret-key!!").decode()
@@ -135,6 +138,42 @@ def latency(work: Path, jobs: int, processes: int) -> dict[str, float]:
             "jobs": jobs}
 
 
+def metrics_cost(work: Path, baseline: Path, rounds: int, processes: int
+                 ) -> dict[str, float]:
+    """web-resize images/s and one-image p50 ms, with metrics scraped, and the baseline."""
+    big = make_inputs(work / "inputs", "hd", 20, 1920, 1080, ".jpg")
+    small = make_inputs(work / "inputs", "small", 4, 640, 480, ".jpg")
+    measured: dict[str, list[float]] = {f"{name}-{kind}": [] for name in ("current", "baseline")
+                                        for kind in ("rate", "p50")}
+    for _ in range(rounds):
+        for name, code in (("current", None), ("baseline", baseline)):
+            root = fresh_root(work, f"metrics-{name}", big + small)
+            server = Server(root, processes, [], code=code)
+            stop = threading.Event()
+            scraper = threading.Thread(target=_scrape, args=(server, stop), daemon=True)
+            if code is None:
+                scraper.start()
+            try:
+                timed_post(server, body([("in/" + small[0].name, "warm.jpg")], ["resize=50"]))
+                pairs = [("in/" + big[n % len(big)].name, f"out/{n:03d}.jpg")
+                         for n in range(200)]
+                milliseconds = timed_post(server, body(pairs, ["resize=50", "blur=5"]))
+                measured[f"{name}-rate"].append(200 / milliseconds * 1000)
+                latencies = [timed_post(server, body([("in/" + small[0].name, f"l/{n}.jpg")],
+                                                     ["resize=50"])) for n in range(200)]
+                measured[f"{name}-p50"].append(statistics.median(latencies))
+            finally:
+                stop.set()
+                server.stop()
+    return {key: (max(values) if key.endswith("rate") else min(values))
+            for key, values in measured.items()}
+
+
+def _scrape(server: Server, stop: threading.Event) -> None:
+    while not stop.wait(1.0):
+        server.request("GET", "/metrics")
+
+
 def report(args: argparse.Namespace, results: dict[str, dict[str, float]]) -> str:
     lines = ["# Events and webhooks: benchmarks", "",
              f"Measured by `scripts/bench events` on {time.strftime('%Y-%m-%d')}, "
@@ -155,6 +194,21 @@ def report(args: argparse.Namespace, results: dict[str, dict[str, float]]) -> st
                   f"machine, {measured['jobs']:.0f} sequential one-image jobs: p50 "
                   f"**{measured['p50_ms']:.1f} ms**, p90 {measured['p90_ms']:.1f} ms (target "
                   f"p50 < 50 ms: {'met' if measured['p50_ms'] < 50 else 'missed'}).", ""]
+    if "metrics" in results:
+        measured = results["metrics"]
+        rate = measured["current-rate"] / measured["baseline-rate"]
+        latency_ratio = measured["baseline-p50"] / measured["current-p50"]
+        lines += ["## Metrics", "",
+                  f"With `/metrics` scraped every second and every request counted by the "
+                  f"middleware, against revision `{args.baseline}` (before metrics), best of "
+                  f"{args.rounds} alternating rounds:", "",
+                  "| workload | with metrics | before | ratio |", "|---|---:|---:|---:|",
+                  f"| web-resize, images/s | {measured['current-rate']:.1f} | "
+                  f"{measured['baseline-rate']:.1f} | **{rate:.3f}×** |",
+                  f"| latency, one-image request p50 ms | {measured['current-p50']:.2f} | "
+                  f"{measured['baseline-p50']:.2f} | **{latency_ratio:.3f}×** |", "",
+                  f"Target: within 3% (≥ 0.97×): "
+                  f"{'met' if min(rate, latency_ratio) >= 0.97 else 'missed'}.", ""]
     lines += ["## Machine", ""] + [f"- {key}: {value}" for key, value in machine().items()]
     return "\n".join(lines) + "\n"
 
@@ -165,7 +219,9 @@ def main() -> int:
     parser.add_argument("--processes", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--work", type=Path, default=REPO / ".bench")
     parser.add_argument("--output", type=Path, default=REPO / "docs" / "benchmarks-events.md")
-    parser.add_argument("--only", nargs="*", default=["cost", "latency"])
+    parser.add_argument("--only", nargs="*", default=["cost", "latency", "metrics"])
+    parser.add_argument("--baseline", default="cf397bd",
+                        help="the revision before metrics, to compare with")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--clients", type=int, default=100)
     parser.add_argument("--jobs", type=int, default=100)
@@ -182,6 +238,10 @@ def main() -> int:
     if "latency" in args.only:
         results["latency"] = latency(args.work, args.jobs, args.processes)
         print(json.dumps(results["latency"]), flush=True)
+    if "metrics" in args.only:
+        baseline = checkout(args.work, args.baseline)
+        results["metrics"] = metrics_cost(args.work, baseline, args.rounds, args.processes)
+        print(json.dumps(results["metrics"]), flush=True)
     text = report(args, results)
     args.output.write_text(text)
     print(text)

@@ -7,6 +7,9 @@
     POST /jobs/{id}/cancel   202 cancelled now, 200 cancelled before, 409 finished, 404
     GET  /jobs/{id}/events   Server-Sent Events of one job: status, image, state, end
     GET  /events             Server-Sent Events of every job (and job, when one is accepted)
+    GET  /jobs/{id}/images/{n}/thumbnail, /file   a job's files (imgserver.files)
+    GET  /, /ui, /ui/jobs/{id}                    the status page (imgserver.page)
+    GET  /metrics            Prometheus metrics (open, like /healthz)
     GET  /healthz            200 {"status": "ok"} while the server can take work, else 503
     GET  /docs, /openapi.json  the API's documentation, served without internet
 
@@ -37,11 +40,19 @@ from fastapi.sse import EventSourceResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 
-from imgserver import __version__
+from imgserver import __version__, files, page
 from imgserver.engine import Engine
-from imgserver.errors import CapacityError, JobConflict, JobNotFound, Problem, RequestError
+from imgserver.errors import (
+    CapacityError,
+    ImageError,
+    JobConflict,
+    JobNotFound,
+    Problem,
+    RequestError,
+)
 from imgserver.job import SOURCES, STATES
 from imgserver.keys import HEADER as IDEMPOTENCY_KEY
+from imgserver.metrics import CONTENT_TYPE, HTTPMetrics, Metrics
 from imgserver.schema import ErrorResponse, Health, JobList, JobRequest, StatusDocument
 from imgserver.settings import Settings
 from imgserver.streams import EventHub
@@ -61,9 +72,12 @@ class _BodyTooLarge(Exception):
 
 
 def create_app(engine: Engine, settings: Settings) -> FastAPI:
-    """The FastAPI application serving ``engine``; ``app.state.hub`` streams its events."""
+    """The FastAPI application serving ``engine``; ``app.state.hub`` streams its events and
+    ``app.state.metrics`` counts them."""
     hub = EventHub(engine.snapshot, engine.unfinished)
     engine.subscribe(hub)
+    metrics = Metrics(engine.stats, __version__)
+    engine.subscribe(metrics)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -78,6 +92,8 @@ def create_app(engine: Engine, settings: Settings) -> FastAPI:
                     "the server's root.",
         docs_url=None, redoc_url=None, lifespan=lifespan)
     app.state.hub = hub
+    app.state.metrics = metrics
+    app.add_middleware(HTTPMetrics, metrics=metrics)
 
     async def authorized(request: Request) -> None:
         if settings.token is None:
@@ -219,6 +235,15 @@ def create_app(engine: Engine, settings: Settings) -> FastAPI:
     async def all_events(last_event: str | None = last_event_id) -> EventSourceResponse:
         return EventSourceResponse(hub.all_streams(last_event), headers=_STREAM_HEADERS)
 
+    @app.get("/metrics", summary="Prometheus metrics", response_class=Response,
+             description="The server's metrics in Prometheus's text format: jobs and images by "
+                         "state, time in the workers and in the queue, the queue, workers and "
+                         "their restarts, HTTP requests by route, webhooks and drop-folder "
+                         "files. Open, like /healthz.",
+             responses={200: {"content": {CONTENT_TYPE: {"schema": {"type": "string"}}}}})
+    async def get_metrics() -> Response:
+        return Response(metrics.render(), media_type=CONTENT_TYPE)
+
     @app.get("/healthz", summary="Whether the server can take work",
              responses={200: {"model": Health}, 503: {"model": Health}})
     async def healthz() -> JSONResponse:
@@ -227,6 +252,8 @@ def create_app(engine: Engine, settings: Settings) -> FastAPI:
         return JSONResponse({"status": "unavailable", "reason": engine.health_reason},
                             status_code=503)
 
+    app.include_router(files.router(engine, authorized, errors))
+    page.add_routes(app)
     _add_docs(app)
     _add_error_handlers(app)
     return app
@@ -298,6 +325,11 @@ def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(JobNotFound)
     async def not_found(request: Request, exc: JobNotFound) -> JSONResponse:
         return JSONResponse({"detail": str(exc)}, status_code=404)
+
+    @app.exception_handler(ImageError)
+    async def not_shown(request: Request, exc: ImageError) -> JSONResponse:
+        # A listed file that cannot be read or decoded (a thumbnail): nothing to show.
+        return JSONResponse({"detail": f"cannot show it: {exc}"}, status_code=404)
 
     @app.exception_handler(JobConflict)
     async def conflict(request: Request, exc: JobConflict) -> JSONResponse:

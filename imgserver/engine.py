@@ -29,6 +29,7 @@ from collections.abc import Sequence
 from concurrent.futures import Executor, Future
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from imgserver.errors import CapacityError, JobConflict, JobNotFound, RequestError
 from imgserver.events import (
@@ -53,11 +54,13 @@ from imgserver.job import (
     summary,
 )
 from imgserver.keys import check_key
+from imgserver.paths import OutsideRoot, confine
 from imgserver.pipeline import ImageTask, remove_partial
 from imgserver.request import Request, RequestLimits, parse_request
 from imgserver.runner import Outcome, Runner, Work
 from imgserver.settings import Settings
 from imgserver.store import Outbox
+from imgserver.thumbnail import ThumbnailTask, make_thumbnail
 from imgserver.urls import redacted
 
 logger = logging.getLogger("imgserver.engine")
@@ -250,6 +253,39 @@ class Engine:
         (every later event of the job changes it); JobNotFound if there is no such job."""
         with self._cond:
             return self.status(job_id), self._seq
+
+    def file_of(self, job_id: str, index: int, output: int | None) -> Path:
+        """The real path of output ``output`` of image ``index`` of a job (its input when
+        ``output`` is None): only a file the job lists. JobNotFound otherwise."""
+        images = self.status(job_id)["images"]
+        if not 0 <= index < len(images):
+            raise JobNotFound(f"job {job_id!r} has no image {index} (it has {len(images)})")
+        image = images[index]
+        if output is None:
+            listed = image["input"]
+        elif 0 <= output < len(image["outputs"]):
+            listed = image["outputs"][output]
+        else:
+            raise JobNotFound(f"image {index} of job {job_id!r} has no output {output} "
+                              f"(it has {len(image['outputs'])})")
+        try:
+            return confine(self.settings.root, listed)
+        except OutsideRoot as exc:
+            raise JobNotFound(f"image {index} of job {job_id!r}: {exc}") from None
+
+    def thumbnail(self, path: Path, size: int) -> Future:
+        """A future of the thumbnail of ``path`` (``file_of``) and its media type, made by a
+        worker; CapacityError when the workers cannot take it."""
+        return self._runner.run_now(make_thumbnail, ThumbnailTask(
+            str(self.settings.root), str(path), size, self.settings.max_pixels,
+            self.settings.max_file_bytes))
+
+    def stats(self) -> dict[str, Any]:
+        """What the engine is doing now: images queued and running, workers, restarts."""
+        with self._cond:
+            running = self._runner.running
+            return {"queued": self._open_images - running, "running": running,
+                    "workers": self._runner.capacity, "restarts": dict(self._runner.restarts)}
 
     def unfinished(self) -> tuple[list[dict], int]:
         """Summaries of the jobs not finished, and the ``seq`` of the last event they reflect."""
@@ -586,15 +622,17 @@ class Engine:
                                                    outcome.error)
         self._open_images -= 1
         active.dirty = True
-        self._image_event(active, work.index)
+        waited = None if work.started_at is None else work.started_at - work.queued_at
+        self._image_event(active, work.index, waited, outcome.seconds)
         if active.job.finish_if_complete(self.settings.keep_finished):
             self._finish(active)
 
-    def _image_event(self, active: _Active, index: int) -> None:
+    def _image_event(self, active: _Active, index: int, waited: float | None = None,
+                     seconds: float | None = None) -> None:
         progress = active.job.progress()
         self._emit(ImageFinished, active.job.id, index,
                    dataclasses.replace(active.job.images[index]), progress["done"],
-                   progress["total"])
+                   progress["total"], waited, seconds)
 
     def _finish(self, active: _Active) -> None:
         self._write(active)

@@ -52,6 +52,8 @@ class ImageFinished(JobEvent):
     image: ImageStatus
     done: int
     total: int
+    waited: float | None = None   # seconds from acceptance to a worker (None: never ran)
+    seconds: float | None = None  # the worker's own time on it
 
 
 @dataclass(frozen=True)

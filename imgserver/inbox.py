@@ -24,6 +24,7 @@ import queue
 import stat
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 
@@ -83,6 +84,9 @@ class DropFolder:
         self._waiting: dict[Path, float] = {}     # try again at this time (still settling)
         self._full = False                        # the queue refused a file: wait for room
         self._ignored: set[Path] = set()          # not regular files, reported once
+        self._deferred: set[Path] = set()         # waited for room in the queue
+        #: Told what became of each file: "taken", "invalid" or "waiting" (for metrics).
+        self.on_result: Callable[[str], None] = lambda result: None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="imgserver-inbox", daemon=True)
         self._observer = Observer()
@@ -214,10 +218,15 @@ class DropFolder:
             document = self.engine.take(path, name=job_name(path.stem), peek=peek)
         except CapacityError:
             self._full = True  # the file waits in INBOX; the next scan tries it again
+            if path not in self._deferred:
+                self._deferred.add(path)
+                self.on_result("waiting")
             return
         except FileNotFoundError:
             return  # taken between our read and the claim (a second event): nothing to do
         self._forget(path)
+        self._deferred.discard(path)
+        self.on_result("invalid" if document["state"] == "failed" else "taken")
         logger.info("took %s as job %s (%s)", path.name, document["id"], document["state"])
 
     def _on_engine_event(self, event: Event) -> None:

@@ -1,6 +1,6 @@
 """The runner: hands queued images to the executor and tells what became of each.
 
-    FairQueue --pop--> dispatch --submit(process_image, task)--> executor (pool or Dask)
+    FairQueue --pop--> dispatch --submit(run_image, task)--> executor (pool or Dask)
                                                                       |
     outcomes: done / failed  <--- collect, enforce_deadlines <-------+
     or back into the queue:    lost by the executor, stopped by a reset meant for another
@@ -22,14 +22,16 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
+from collections.abc import Callable
 from concurrent.futures import BrokenExecutor, Executor, Future
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
-from imgserver.errors import ImageError, LostWork
+from imgserver.errors import CapacityError, ImageError, LostWork
 from imgserver.fairqueue import FairQueue
 from imgserver.job import DONE, FAILED
-from imgserver.pipeline import ImageTask, ping, process_image, remove_partial
+from imgserver.pipeline import ImageTask, ping, remove_partial, run_image
 
 logger = logging.getLogger("imgserver.runner")
 
@@ -47,6 +49,8 @@ class Work:
     job_id: str
     index: int
     task: ImageTask
+    queued_at: float = field(default_factory=time.monotonic)
+    started_at: float | None = None
     retried: bool = False      # its worker died once: it now runs alone
     deadline: float = 0.0
     abandoned: bool = False    # already failed (timed out); waiting for its worker to end
@@ -61,6 +65,7 @@ class Outcome:
     state: str
     outputs: tuple[str, ...] = ()
     error: str | None = None
+    seconds: float | None = None  # the worker's time on the image, as it reported it
 
 
 class Runner:
@@ -81,6 +86,8 @@ class Runner:
         self._crash_streak = 0
         self._probing: Future | None = None
         self._retry_at = 0.0
+        #: Worker processes ended by the runner's doing, by reason ("died", "timeout").
+        self.restarts: Counter[str] = Counter()
 
     # -- state --------------------------------------------------------------------------
 
@@ -107,6 +114,11 @@ class Runner:
                     f"finishing an image")
         return None
 
+    @property
+    def capacity(self) -> int:
+        """Images the executor runs at once (its workers)."""
+        return self._room()
+
     def next_wakeup(self) -> float | None:
         """The next moment (time.monotonic) the runner has something to do, if any."""
         moments = [work.deadline for work in self._running.values() if not work.abandoned]
@@ -115,6 +127,15 @@ class Runner:
         if self.queue or self._retries:
             moments.append(self._retry_at)
         return min(moments) if moments else None
+
+    def run_now(self, fn: Callable[..., Any], *args: Any) -> Future:
+        """Run ``fn(*args)`` on the executor at once, outside the queue (a thumbnail);
+        CapacityError when the executor refuses it."""
+        try:
+            return self._executor.submit(fn, *args)
+        except (BrokenExecutor, RuntimeError, OSError) as exc:
+            raise CapacityError(f"the workers cannot take work now: {exc}", retry_after=5) \
+                from None
 
     def withdraw(self, job_id: str) -> list[Work]:
         """Take the images of ``job_id`` that wait (queued or to be retried) out; them."""
@@ -154,13 +175,14 @@ class Runner:
 
     def _hand_over(self, work: Work) -> bool:
         try:
-            future = self._executor.submit(process_image, work.task)
+            future = self._executor.submit(run_image, work.task)
         except (BrokenExecutor, RuntimeError, OSError) as exc:
             logger.error("the executor refused work: %s", exc)
             self._refused = str(exc) or type(exc).__name__
             self._retry_at = time.monotonic() + RETRY_DELAY
             return False
         self._refused = ""
+        work.started_at = work.started_at or time.monotonic()
         work.deadline = time.monotonic() + self._timeout
         self._running[future] = work
         future.add_done_callback(self._on_done)
@@ -186,10 +208,13 @@ class Runner:
                 continue
             if error is None:
                 self._crash_streak = 0
-                outcomes.append(Outcome(work, DONE, outputs=tuple(future.result())))
+                processed = future.result()
+                outcomes.append(Outcome(work, DONE, outputs=tuple(processed.outputs),
+                                        seconds=processed.seconds))
             elif isinstance(error, ImageError):
                 self._crash_streak = 0
-                outcomes.append(Outcome(work, FAILED, error=str(error)))
+                outcomes.append(Outcome(work, FAILED, error=str(error),
+                                        seconds=getattr(error, "seconds", None)))
             elif isinstance(error, LostWork):
                 self.queue.push_front(work.job_id, work)  # not the image's fault: run it again
             elif isinstance(error, BrokenExecutor):
@@ -206,6 +231,7 @@ class Runner:
             work.bystander = False
             self.queue.push_front(work.job_id, work)  # stopped by a reset meant for another
             return []
+        self.restarts["died"] += 1
         self._crash_streak += 1
         if self._crash_streak >= CRASH_STREAK:
             self._retry_at = time.monotonic() + RETRY_DELAY
@@ -230,6 +256,7 @@ class Runner:
             if not work.abandoned:
                 work.bystander = True
         reset = getattr(self._executor, "reset", None)
+        self.restarts["timeout"] += 1
         if reset is not None:
             reset([future for future, work in self._running.items() if work in expired])
         return [Outcome(work, FAILED, error=(

@@ -118,6 +118,9 @@ def _serve(settings: Settings, executor: Executor) -> int:
     housekeeper = Housekeeper(engine)
     notifier = Notifier(engine) if settings.notify_secret else None
     app = create_app(engine, settings)
+    drop_folder.on_result = app.state.metrics.inbox_file
+    if notifier is not None:
+        notifier.on_result = app.state.metrics.notification
 
     def stopping() -> None:
         engine.stop_accepting()

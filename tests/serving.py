@@ -90,10 +90,10 @@ def start_server(root: Path, *args: str, env: dict[str, str] | None = None,
 
 
 def wait_state(server: Server, job_id: str, states: tuple[str, ...] = ("done", "failed"),
-               timeout: float = 60.0) -> dict:
+               timeout: float = 60.0, headers: dict[str, str] | None = None) -> dict:
     """Poll a job until its state is one of ``states``; its status document."""
     def reached() -> dict | None:
-        reply = server.request("GET", f"/jobs/{job_id}")
+        reply = server.request("GET", f"/jobs/{job_id}", headers=headers)
         if reply.status == 404:
             return None  # not yet: a dropped file not taken yet, a job not resumed yet
         document = reply.json()

@@ -1,0 +1,169 @@
+"""The status page in a real headless Chromium (Debian's chromium and chromium-driver,
+driven by selenium): live updates, thumbnails, errors, Cancel, the token, no other host."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import cv2
+import pytest
+
+from conftest import photo, request_body, wait_for
+from serving import Server, start_server, wait_state
+
+CHROMIUM, DRIVER = shutil.which("chromium"), shutil.which("chromedriver")
+pytestmark = pytest.mark.skipif(
+    not (CHROMIUM and DRIVER),
+    reason="needs Debian's chromium and chromium-driver (scripts/test installs them)")
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[object]:
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM  # type: ignore[assignment]
+    # Without the background-networking flags Chromium calls Google's hosts at start.
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                 "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run", "--disable-quic",
+                 "--window-size=1280,900"):
+        options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"performance": "ALL"})
+    driver = webdriver.Chrome(service=Service(DRIVER), options=options)
+    driver.implicitly_wait(0)
+    yield driver
+    driver.quit()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    root = tmp_path_factory.mktemp("page")
+    (root / "inbox").mkdir()
+    (root / "outbox").mkdir()
+    for name, width, height in [("a.png", 320, 240), ("big.png", 2400, 1800)]:
+        assert cv2.imwrite(str(root / name), photo(height, width))
+    running = start_server(root, "--workers", "1")
+    yield running
+    running.stop()
+
+
+def url(server: Server, path: str) -> str:
+    return f"http://127.0.0.1:{server.port}{path}"
+
+
+def script(browser: object, code: str) -> object:
+    return browser.execute_script(code)  # type: ignore[attr-defined]
+
+
+def requested_hosts(browser: object) -> set[str]:
+    """Every host the page has asked for anything since the last call."""
+    hosts = set()
+    for entry in browser.get_log("performance"):  # type: ignore[attr-defined]
+        message = json.loads(entry["message"])["message"]
+        if message["method"] == "Network.requestWillBeSent":
+            parts = urlsplit(message["params"]["request"]["url"])
+            if parts.scheme not in ("data", "blob"):
+                hosts.add(parts.netloc)
+    return hosts
+
+
+def test_page_lists_jobs_live_and_the_bar_moves(browser: object, server: Server) -> None:
+    first = server.request("POST", "/jobs?wait=true", request_body([("a.png", "p/1.png")]))
+    browser.get(url(server, "/"))  # type: ignore[attr-defined]
+    assert browser.current_url.endswith("/ui")  # type: ignore[attr-defined]
+    wait_for(lambda: script(browser, f"return !!document.querySelector("
+                                     f"'tr[data-job=\"{first.json()['id']}\"]')"), timeout=15)
+    script(browser, "window.notReloaded = true")
+    (server.root / "inbox" / "dropped.json").write_bytes(request_body([("a.png", "p/d.png")]))
+    running = server.request("POST", "/jobs", request_body(
+        [("big.png", f"p/b{n}.png") for n in range(4)], ["blur=31"])).json()["id"]
+    row = f"document.querySelector('tr[data-job=\"{running}\"]')"
+    wait_for(lambda: script(browser, f"return !!{row}"), timeout=15)  # appeared by itself
+    seen = set()
+
+    def finished() -> bool:
+        seen.add(script(browser, f"return {row}.querySelector('.bar').dataset.done"))
+        return script(browser, f"return {row}.querySelector('.state').textContent") == "done"
+
+    wait_for(finished, timeout=60)
+    assert script(browser, f"return {row}.querySelector('.bar').dataset.done") == "4"
+    assert script(browser, f"return {row}.querySelector('.bar > div').style.width") == "100%"
+    assert len(seen) >= 2  # it moved in steps, not only at the end
+    sources = script(browser, "return [...document.querySelectorAll('tr[data-job]')].map("
+                              "r => r.dataset.job + ' ' + r.querySelector('.source')"
+                              ".textContent.trim())")
+    assert "dropped inbox" in sources and f"{first.json()['id']} http" in sources
+    assert script(browser, "return window.notReloaded") is True
+    script(browser, "document.getElementById('state').value = 'failed';"
+                    "document.getElementById('state').dispatchEvent(new Event('change'))")
+    wait_for(lambda: script(browser, "return location.search") == "?state=failed")
+    wait_for(lambda: script(browser, "return document.querySelectorAll('tr[data-job]')"
+                                     ".length") == 0)
+    assert requested_hosts(browser) == {f"127.0.0.1:{server.port}"}
+
+
+def test_page_job_shows_thumbnails_errors_and_cancels(browser: object, server: Server) -> None:
+    job = server.request("POST", "/jobs?wait=true", request_body(
+        [("a.png", "j/a.png"), ("missing.png", "j/m.png")], ["split"])).json()
+    browser.get(url(server, f"/ui/jobs/{job['id']}"))  # type: ignore[attr-defined]
+    thumbs = "[...document.querySelectorAll('.thumbs img')]"
+    wait_for(lambda: script(browser, f"return {thumbs}.length === 4 && {thumbs}.every("
+                                     f"i => i.complete && i.naturalWidth > 0)"), timeout=20)
+    error = script(browser, "return document.querySelector('li[data-index=\"1\"] .error')"
+                            ".textContent")
+    assert "no such file" in error
+    assert script(browser, "return document.getElementById('cancel').hidden") is True
+    script(browser, f"{thumbs}[0].click()")  # the full image, in the page
+    wait_for(lambda: script(browser, "const v = document.getElementById('viewer');"
+                                     "return !v.hidden && v.querySelector('img').naturalWidth"
+                                     ) == 160)  # the left-top tile of a 320-wide image
+    slow = server.request("POST", "/jobs", request_body(
+        [("big.png", f"c/{n}.png") for n in range(30)], ["blur=31"])).json()["id"]
+    browser.get(url(server, f"/ui/jobs/{slow}"))  # type: ignore[attr-defined]
+    wait_for(lambda: script(browser, "return !document.getElementById('cancel').hidden"))
+    script(browser, "document.getElementById('cancel').click()")
+    wait_for(lambda: script(browser, "return document.getElementById('state').textContent")
+             == "cancelled", timeout=30)
+    assert wait_state(server, slow, ("cancelled",))["error"].startswith("cancelled: ")
+    assert script(browser, "return document.getElementById('cancel').hidden") is True
+    assert requested_hosts(browser) == {f"127.0.0.1:{server.port}"}
+
+
+def test_page_with_a_token_shows_nothing_until_it_is_given(
+        browser: object, root: Path, make_image: Callable[..., Path]) -> None:
+    make_image("a.png")
+    server = start_server(root, env={"IMGSERVER_TOKEN": "s3cret"})
+    try:
+        job = server.request("POST", "/jobs?wait=true", request_body([("a.png", "t.png")]),
+                             headers={"Authorization": "Bearer s3cret"}).json()
+        browser.get(url(server, "/ui"))  # type: ignore[attr-defined]
+        wait_for(lambda: script(browser, "return !!document.querySelector('form.token')"))
+        assert job["id"] not in browser.page_source  # type: ignore[attr-defined]
+        assert script(browser, "return document.getElementById('content').hidden") is True
+        script(browser, "const f = document.querySelector('form.token');"
+                        "f.elements.token.value = 'wrong'; f.requestSubmit()")
+        wait_for(lambda: "refused" in script(
+            browser, "const f = document.querySelector('form.token');"
+                     "return f ? f.textContent : ''"))
+        assert job["id"] not in browser.page_source  # type: ignore[attr-defined]
+        script(browser, "const f = document.querySelector('form.token');"
+                        "f.elements.token.value = 's3cret'; f.requestSubmit()")
+        wait_for(lambda: script(browser, f"return !!document.querySelector("
+                                         f"'tr[data-job=\"{job['id']}\"]')"), timeout=15)
+        assert script(browser, "return sessionStorage.getItem('imgserver-token')") == "s3cret"
+        assert script(browser, "return localStorage.length") == 0
+        browser.get(url(server, f"/ui/jobs/{job['id']}"))  # type: ignore[attr-defined]
+        wait_for(lambda: script(browser, "const i = document.querySelector('.thumbs img');"
+                                         "return i && i.naturalWidth > 0"), timeout=15)
+        assert "s3cret" not in server.output()  # never in a URL, so never in the log
+        time.sleep(0.1)
+    finally:
+        script(browser, "sessionStorage.clear()")
+        server.stop()
