@@ -46,7 +46,6 @@ from imgserver.job import (
     FINAL_STATES,
     QUEUED,
     RUNNING,
-    SOURCES,
     ImageStatus,
     Job,
     Notification,
@@ -54,8 +53,8 @@ from imgserver.job import (
     summary,
 )
 from imgserver.keys import check_key
-from imgserver.paths import OutsideRoot, confine
-from imgserver.pipeline import ImageTask, remove_partial
+from imgserver.pipeline import ImageTask
+from imgserver.recovery import recover
 from imgserver.request import Request, RequestLimits, parse_request
 from imgserver.runner import Outcome, Runner, Work
 from imgserver.settings import Settings
@@ -254,28 +253,9 @@ class Engine:
         with self._cond:
             return self.status(job_id), self._seq
 
-    def file_of(self, job_id: str, index: int, output: int | None) -> Path:
-        """The real path of output ``output`` of image ``index`` of a job (its input when
-        ``output`` is None): only a file the job lists. JobNotFound otherwise."""
-        images = self.status(job_id)["images"]
-        if not 0 <= index < len(images):
-            raise JobNotFound(f"job {job_id!r} has no image {index} (it has {len(images)})")
-        image = images[index]
-        if output is None:
-            listed = image["input"]
-        elif 0 <= output < len(image["outputs"]):
-            listed = image["outputs"][output]
-        else:
-            raise JobNotFound(f"image {index} of job {job_id!r} has no output {output} "
-                              f"(it has {len(image['outputs'])})")
-        try:
-            return confine(self.settings.root, listed)
-        except OutsideRoot as exc:
-            raise JobNotFound(f"image {index} of job {job_id!r}: {exc}") from None
-
     def thumbnail(self, path: Path, size: int) -> Future:
-        """A future of the thumbnail of ``path`` (``file_of``) and its media type, made by a
-        worker; CapacityError when the workers cannot take it."""
+        """A future of the thumbnail of ``path`` (a file a job lists) and its media type,
+        made by a worker; CapacityError when the workers cannot take it."""
         return self._runner.run_now(make_thumbnail, ThumbnailTask(
             str(self.settings.root), str(path), size, self.settings.max_pixels,
             self.settings.max_file_bytes))
@@ -367,7 +347,8 @@ class Engine:
         with self._cond:
             if job_id in self._active:
                 return
-            recovered = self._recover(job_id)
+            recovered = recover(self.outbox, job_id, self._parse, self._new_job,
+                                self.settings.keep_finished)
             if recovered is None:
                 return
             job, request = recovered
@@ -490,49 +471,6 @@ class Engine:
             self._finish(active)
         return active
 
-    def _recover(self, job_id: str) -> tuple[Job, Request] | None:
-        """The job and request of an unfinished job on disk, to run again; None if there is
-        nothing to run (its status file then says why)."""
-        document = self.outbox.read_status(job_id)
-        try:
-            body = self.outbox.read_request(job_id)
-        except FileNotFoundError:
-            body = b""
-        except OSError as exc:
-            logger.error("cannot read the request of job %s: %s", job_id, exc)
-            return None
-        if document is not None and document.get("state") in FINAL_STATES:
-            self.outbox.index.put(summary(document))  # the index had not caught up
-            return None
-        if not body:
-            # An id reserved for a request that never arrived (a crash in between): no job.
-            self.outbox.discard(job_id)
-            return None
-        try:
-            job = Job.from_document(document) if document else None
-        except (KeyError, TypeError):
-            job = None
-        try:
-            request = parse_request(body, self.settings.root, self._limits)
-        except RequestError as error:
-            job = job or Job(id=job_id, source=_source(document), operations=[], images=[])
-            job.reject(str(error), self.settings.keep_finished)
-            self.outbox.write_status(job.to_document())
-            return None
-        if job is None or len(job.images) != len(request.images):
-            # Accepted, but stopped before its first full status file: it never started.
-            job = self._new_job(job_id, _source(document), request)
-            if document and isinstance(document.get("created_at"), str):
-                job.created_at = document["created_at"]
-        for spec, image in zip(request.images, job.images, strict=False):
-            if image.state not in FINAL_STATES:
-                remove_partial(tuple(str(path) for path in spec.outputs))
-        if self.outbox.cancel_requested(job_id):
-            job.cancel([i for i, image in enumerate(job.images) if image.state not in FINAL_STATES])
-        elif job.state == RUNNING and all(i.state not in FINAL_STATES for i in job.images):
-            job.state = QUEUED
-        return job, request
-
     def _scan(self) -> None:
         """Give every job on disk a row in the index, resuming the unfinished ones."""
         started = time.monotonic()
@@ -545,6 +483,9 @@ class Engine:
         if not self.outbox.index.needs_scan:
             logger.info("job index built: %d jobs added in %.1f s", added,
                         time.monotonic() - started)
+
+    def _parse(self, body: bytes) -> Request:
+        return parse_request(body, self.settings.root, self._limits)
 
     def _new_job(self, job_id: str, source: str, request: Request) -> Job:
         urls = [url for url in (self.settings.notify_url, request.notify) if url]
@@ -671,14 +612,6 @@ class Engine:
                 listener(event)
             except Exception:  # a listener's bug must not stop the engine
                 logger.exception("an event listener failed")
-
-
-def _source(document: dict | None) -> str:
-    """Where a job came from, by its status file; a job without one came over HTTP (a
-    drop-folder job has a status before its request is moved in, a command-line job is
-    held by its own process)."""
-    source = (document or {}).get("source")
-    return source if source in SOURCES else "http"
 
 
 def _never_fits(count: int, limit: int) -> str:

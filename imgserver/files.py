@@ -31,7 +31,7 @@ from imgserver.engine import Engine
 from imgserver.errors import JobNotFound
 from imgserver.paths import OutsideRoot, open_folder
 from imgserver.schema import ErrorResponse
-from imgserver.thumbnail import DEFAULT_SIZE, MAX_SIZE
+from imgserver.thumbnail import DEFAULT_SIZE, MAX_SIZE, listed_file
 
 CHUNK = 1 << 20
 
@@ -58,7 +58,7 @@ def router(engine: Engine, authorized: Callable[..., Any],
                         size: int = Query(DEFAULT_SIZE, ge=16, le=MAX_SIZE, description=(
                             "The largest side of the thumbnail, in pixels.")),
                         if_none_match: str | None = match) -> Response:
-        path = await run_in_threadpool(engine.file_of, job_id, index, output)
+        path = await run_in_threadpool(_listed, engine, job_id, index, output)
         etag = await run_in_threadpool(_etag, path, f"thumbnail-{size}")
         if if_none_match == etag:
             return Response(status_code=304, headers=_cache(etag))
@@ -70,7 +70,7 @@ def router(engine: Engine, authorized: Callable[..., Any],
                                                    **answers})
     async def file(job_id: str, index: int = image, output: int | None = output,
                    if_none_match: str | None = match) -> Response:
-        path = await run_in_threadpool(engine.file_of, job_id, index, output)
+        path = await run_in_threadpool(_listed, engine, job_id, index, output)
         etag = await run_in_threadpool(_etag, path, "file")
         if if_none_match == etag:
             return Response(status_code=304, headers=_cache(etag))
@@ -81,6 +81,10 @@ def router(engine: Engine, authorized: Callable[..., Any],
                                      os.fstat(fd).st_size)})
 
     return routes
+
+
+def _listed(engine: Engine, job_id: str, index: int, output: int | None) -> Path:
+    return listed_file(engine.status(job_id), engine.settings.root, index, output)
 
 
 def _etag(path: Path, kind: str) -> str:

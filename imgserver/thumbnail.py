@@ -15,9 +15,9 @@ import cv2
 import numpy as np
 
 from imgserver.codec import Limits, decode, decode_resized, encode
-from imgserver.errors import ImageError
+from imgserver.errors import ImageError, JobNotFound
 from imgserver.operations import Resize
-from imgserver.paths import OutsideRoot
+from imgserver.paths import OutsideRoot, confine
 from imgserver.pipeline import read_input
 from imgserver.probe import read_header
 
@@ -34,6 +34,27 @@ class ThumbnailTask:
     size: int
     max_pixels: int
     max_file_bytes: int
+
+
+def listed_file(document: dict, root: Path, index: int, output: int | None) -> Path:
+    """The real path of output ``output`` of image ``index`` of the job ``document``
+    describes (its input when ``output`` is None): only a file the job lists, found again
+    inside the root. JobNotFound otherwise."""
+    job_id, images = document["id"], document["images"]
+    if not 0 <= index < len(images):
+        raise JobNotFound(f"job {job_id!r} has no image {index} (it has {len(images)})")
+    image = images[index]
+    if output is None:
+        listed = image["input"]
+    elif 0 <= output < len(image["outputs"]):
+        listed = image["outputs"][output]
+    else:
+        raise JobNotFound(f"image {index} of job {job_id!r} has no output {output} "
+                          f"(it has {len(image['outputs'])})")
+    try:
+        return confine(root, listed)
+    except OutsideRoot as exc:
+        raise JobNotFound(f"image {index} of job {job_id!r}: {exc}") from None
 
 
 def make_thumbnail(task: ThumbnailTask) -> tuple[bytes, str]:

@@ -1,0 +1,78 @@
+"""Recovery: what a job found unfinished in the outbox at start becomes.
+
+    its request is empty or gone   nothing: an id reserved for a request that never came
+    its status is final            nothing (the index, which said otherwise, is told)
+    its request is invalid         failed, with the reason
+    it was cancelled               every unfinished image cancelled: the job ends cancelled
+    otherwise                      the job: images already finished are kept, the others
+                                   queued again, after removing what a killed worker left
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+from imgserver.errors import RequestError
+from imgserver.job import FINAL_STATES, QUEUED, RUNNING, SOURCES, Job, summary
+from imgserver.pipeline import remove_partial
+from imgserver.request import Request
+from imgserver.store import Outbox
+
+logger = logging.getLogger("imgserver.recovery")
+
+
+def recover(outbox: Outbox, job_id: str, parse: Callable[[bytes], Request],
+            new_job: Callable[[str, str, Request], Job], keep: float
+            ) -> tuple[Job, Request] | None:
+    """The job and request of the unfinished job ``job_id``, to run again; None if there is
+    nothing to run (its status file then says why). ``parse`` validates a request,
+    ``new_job(id, source, request)`` makes a job that never started, ``keep`` is
+    --keep-finished."""
+    document = outbox.read_status(job_id)
+    try:
+        body = outbox.read_request(job_id)
+    except FileNotFoundError:
+        body = b""
+    except OSError as exc:
+        logger.error("cannot read the request of job %s: %s", job_id, exc)
+        return None
+    if document is not None and document.get("state") in FINAL_STATES:
+        outbox.index.put(summary(document))  # the index had not caught up
+        return None
+    if not body:
+        outbox.discard(job_id)
+        return None
+    try:
+        job = Job.from_document(document) if document else None
+    except (KeyError, TypeError):
+        job = None
+    try:
+        request = parse(body)
+    except RequestError as error:
+        job = job or Job(id=job_id, source=_source(document), operations=[], images=[])
+        job.reject(str(error), keep)
+        outbox.write_status(job.to_document())
+        return None
+    if job is None or len(job.images) != len(request.images):
+        # Accepted, but stopped before its first full status file: it never started.
+        job = new_job(job_id, _source(document), request)
+        if document and isinstance(document.get("created_at"), str):
+            job.created_at = document["created_at"]
+    for spec, image in zip(request.images, job.images, strict=False):
+        if image.state not in FINAL_STATES:
+            remove_partial(tuple(str(path) for path in spec.outputs))
+    if outbox.cancel_requested(job_id):
+        job.cancel([index for index, image in enumerate(job.images)
+                    if image.state not in FINAL_STATES])
+    elif job.state == RUNNING and all(i.state not in FINAL_STATES for i in job.images):
+        job.state = QUEUED
+    return job, request
+
+
+def _source(document: dict | None) -> str:
+    """Where a job came from, by its status file; a job without one came over HTTP (a
+    drop-folder job has a status before its request is moved in, a command-line job is
+    held by its own process)."""
+    source = (document or {}).get("source")
+    return source if source in SOURCES else "http"
