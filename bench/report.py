@@ -6,13 +6,13 @@ import datetime
 from pathlib import Path
 from typing import Any
 
-TARGETS = {"photo-thumb": 2.0, "big-blur": 10.0}  # imgserver over the hand-written loop
+TARGETS = {"photo-thumb": 2.0, "big-blur": 20.0, "big-blur-1001": 20.0}  # over the loop
 
 
 def write_report(path: Path, results: dict[str, dict[str, Any]], workloads: list[Any],
                  machine: dict[str, str], processes: int, quick: bool,
                  processing_ms: float | None = None,
-                 exact: dict[str, tuple[float, float]] | None = None,
+                 exact: dict[str, Any] | None = None,
                  dask_overhead: tuple[float, float] | None = None) -> None:
     lines = ["# Benchmarks", "",
              f"Measured by `scripts/bench{' --quick' if quick else ''}` on "
@@ -22,7 +22,8 @@ def write_report(path: Path, results: dict[str, dict[str, Any]], workloads: list
              "with its status files and atomic writes; for the loops from the first task to "
              "the last result, on a warm pool. README.md (Performance) explains the "
              "techniques and the misses.", ""]
-    lines += ["## Targets", ""] + _targets(results, processing_ms, exact or {}) + [""]
+    bounded = {workload.name for workload in workloads if workload.blur_bounds}
+    lines += ["## Targets", ""] + _targets(results, processing_ms, exact or {}, bounded) + [""]
     lines += ["## Results", "",
               "| workload | does | contender | images/s | imgserver-http ÷ it | "
               "p50 / p99 ms (see below) | peak RSS MiB | agreement with opencv-loop |",
@@ -39,7 +40,7 @@ def write_report(path: Path, results: dict[str, dict[str, Any]], workloads: list
             lines.append(f"| {workload.name} | {workload.description}: "
                          f"`{', '.join(workload.operations)}` | {contender} | "
                          f"{result.rate:.1f} | {ratio} | {latency} | {result.peak_mib:.0f} | "
-                         f"{result.agreement} |")
+                         f"{result.agreement or ''} |")
     dask_rows = [(name, row["imgserver-dask"].rate / row["imgserver-http"].rate)
                  for name, row in results.items()
                  if "imgserver-dask" in row and "imgserver-http" in row]
@@ -57,8 +58,9 @@ def write_report(path: Path, results: dict[str, dict[str, Any]], workloads: list
     lines += ["", "p50 / p99: for imgserver, one request from sending to the answer (or the "
               "status file); for the loops, one image inside its worker. Peak RSS: the server "
               "process plus its workers (imgserver, Dask workers included), or the pool's "
-              "workers (loops). Agreement: worst mean absolute difference and worst PSNR over "
-              "all output files against the hand-written OpenCV loop's (JPEG outputs differ "
+              "workers (loops). Agreement: worst mean absolute difference, worst largest "
+              "difference and worst PSNR over all output files against the hand-written "
+              "OpenCV loop's (JPEG outputs differ "
               "by their own encoding noise too; the lossless check is in Targets).", "",
               "## Machine", ""]
     lines += [f"- {key}: {value}" for key, value in machine.items()]
@@ -67,14 +69,32 @@ def write_report(path: Path, results: dict[str, dict[str, Any]], workloads: list
 
 
 def _targets(results: dict[str, dict[str, Any]], processing_ms: float | None,
-             exact: dict[str, tuple[float, float]]) -> list[str]:
+             exact: dict[str, Any], bounded: set[str]) -> list[str]:
     lines = []
-    for name, (mad, psnr) in exact.items():
-        held = mad <= 1 and psnr >= 40
+    for name, figures in exact.items():
+        psnr = "identical" if figures.psnr > 300 else f"{figures.psnr:.1f} dB"
+        if name in bounded:
+            held = figures.within(1, 8, 40)
+            lines.append(f"- {name}: imgserver's pixels against the plain OpenCV chain (one "
+                         f"image, written losslessly): mean absolute difference "
+                         f"{figures.mad:.2f}, largest {figures.largest:.0f}, PSNR {psnr} "
+                         f"(target ≤ 1, ≤ 8 and ≥ 40 dB: {'met' if held else 'missed'})")
+            row = results.get(name, {})
+            worst = [result.agreement for contender, result in row.items()
+                     if contender.startswith("imgserver") and result.agreement]
+            if worst:
+                mad = max(figures.mad for figures in worst)
+                largest = max(figures.largest for figures in worst)
+                held = mad <= 1 and largest <= 8
+                lines.append(f"- {name}: every imgserver output against the OpenCV loop's "
+                             f"(both JPEG): mean absolute difference at most {mad:.2f}, "
+                             f"largest {largest:.0f} (target ≤ 1 and ≤ 8: "
+                             f"{'met' if held else 'missed'})")
+            continue
+        held = figures.within(1, None, 40)
         lines.append(f"- {name}: imgserver's pixels against the plain OpenCV chain (one image, "
-                     f"written losslessly): mean absolute difference {mad:.2f}, PSNR "
-                     f"{'identical' if psnr > 300 else f'{psnr:.1f} dB'} (target ≤ 1 and "
-                     f"≥ 40 dB: {'met' if held else 'missed'})")
+                     f"written losslessly): mean absolute difference {figures.mad:.2f}, PSNR "
+                     f"{psnr} (target ≤ 1 and ≥ 40 dB: {'met' if held else 'missed'})")
     for name, row in results.items():
         http = row.get("imgserver-http")
         if not http:

@@ -24,8 +24,9 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
+from imgserver.blur import BLOCK, blocks_suffice, blur_blocks
 from imgserver.errors import ImageError
-from imgserver.operations import Resize
+from imgserver.operations import Blur, Resize
 from imgserver.probe import Header, exif_orientation, read_header
 
 #: Output extensions and the encoder parameters used for each.
@@ -128,6 +129,27 @@ def decode_resized(data: bytes, limits: Limits, resize: Resize) -> np.ndarray | 
     if (image.shape[1], image.shape[0]) != size:
         image = cv2.resize(image, size, interpolation=cv2.INTER_AREA)
     return image
+
+
+def decode_blurred(data: bytes, limits: Limits, blur: Blur) -> np.ndarray | None:
+    """Decode and ``blur`` in one go, for a blur wide enough to need only the means of the
+    JPEG's 8 x 8 blocks: libjpeg decodes those at 1/8, from the DC coefficients alone,
+    without the inverse DCTs and colour conversion of the full picture. None when the
+    blur or the input does not allow it (blur.blocks_suffice): then decode and blur
+    separately.
+    """
+    header = _checked_header(data, limits)
+    if (header is None or header.format != "jpeg" or header.channels not in (1, 3)
+            or not blocks_suffice(header.width, header.height, blur.ksize, blur.sigma)):
+        return None
+    flags = (_REDUCED_GRAY if header.channels == 1 else _REDUCED)[BLOCK]
+    blocks, orientation = _decode(data, header, limits, flags | cv2.IMREAD_IGNORE_ORIENTATION)
+    width, height = header.width, header.height
+    if orientation in (5, 6, 7, 8):
+        width, height = height, width
+    if blocks.shape[:2] != (height // BLOCK, width // BLOCK) or blocks.dtype != np.uint8:
+        return None  # not what a 1/8 decode gives (a 12-bit JPEG, say): decode in full
+    return blur_blocks(blocks, width, height, blur.ksize, blur.sigma)
 
 
 #: Shrink on load only for JPEGs of at most this many bits per sample (colour photos take

@@ -28,9 +28,9 @@ from pathlib import Path
 
 import cv2
 
-from imgserver.codec import Limits, decode, decode_resized, encode
+from imgserver.codec import Limits, decode, decode_blurred, decode_resized, encode
 from imgserver.errors import ImageError
-from imgserver.operations import Operation, Resize, apply
+from imgserver.operations import Blur, Operation, Resize, apply
 from imgserver.paths import OutsideRoot, open_folder, relative
 
 #: Temporary outputs end with this; they are hidden (dot files) in the output's folder.
@@ -84,6 +84,8 @@ def process_image(task: ImageTask) -> list[str]:
         image = None
         if operations and isinstance(operations[0], Resize):
             image = decode_resized(data, limits, operations[0])  # shrink on load
+        elif operations and isinstance(operations[0], Blur):
+            image = decode_blurred(data, limits, operations[0])  # a wide blur from 1/8
         if image is None:
             image = decode(data, limits)
         else:

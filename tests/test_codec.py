@@ -10,9 +10,18 @@ import cv2
 import numpy as np
 import pytest
 
-from imgserver.codec import FORMATS, Limits, decode, decode_resized, encode, shrink_factor
+from imgserver.blur import gaussian_blur
+from imgserver.codec import (
+    FORMATS,
+    Limits,
+    decode,
+    decode_blurred,
+    decode_resized,
+    encode,
+    shrink_factor,
+)
 from imgserver.errors import ImageError
-from imgserver.operations import Resize
+from imgserver.operations import Blur, Resize
 
 from conftest import mean_abs_diff, photo, png_chunk
 from test_probe import exif_block
@@ -287,6 +296,61 @@ def test_codec_shrink_on_load_only_for_jpeg(channels: int, dtype: type, extensio
 def test_codec_shrink_factor_keeps_whole_or_large_steps() -> None:
     assert [shrink_factor(p) for p in (100, 60, 50, 40, 33, 25, 20, 12.5, 10, 1)] == [
         1, 1, 2, 1, 2, 4, 2, 8, 4, 8]
+
+
+def within_contract(result: np.ndarray, reference: np.ndarray) -> bool:
+    """What the blur promises against cv2.GaussianBlur: mean <= 1, no pixel off by > 8."""
+    difference = np.abs(result.astype(np.float64) - reference)
+    return result.shape == reference.shape and difference.mean() <= 1 and difference.max() <= 8
+
+
+@pytest.mark.parametrize("height, width, channels, quality, ksize", [
+    (1080, 1920, 3, 90, 301), (1024, 1024, 1, 95, 265), (1024, 1536, 3, 75, 265)])
+def test_codec_blur_on_load_matches_opencv(height: int, width: int, channels: int,
+                                           quality: int, ksize: int) -> None:
+    jpeg = encoded(photo(height, width, channels, noise=0.02), ".jpg",
+                   [cv2.IMWRITE_JPEG_QUALITY, quality])
+    fast = decode_blurred(jpeg, LIMITS, Blur(ksize))
+    assert fast is not None and fast.dtype == np.uint8
+    assert within_contract(fast, cv2.GaussianBlur(decode(jpeg, LIMITS), (ksize, ksize), 0))
+
+
+@pytest.mark.parametrize("ksize, sigma", [(1001, 0), (0, 150), (1_000_001, 0), (3001, 60)])
+def test_codec_blur_on_load_matches_blur_of_full_decode(ksize: int, sigma: float) -> None:
+    # Kernels whose OpenCV reference would take seconds: against the full-size blur, which
+    # tests/test_blur.py holds to OpenCV.
+    jpeg = encoded(photo(1080, 1920, noise=0.02), ".jpg")
+    fast = decode_blurred(jpeg, LIMITS, Blur(ksize, sigma))
+    assert fast is not None
+    assert within_contract(fast, gaussian_blur(decode(jpeg, LIMITS), ksize, sigma))
+
+
+@pytest.mark.parametrize("orientation", [3, 6, 8])
+def test_codec_blur_on_load_keeps_exif_orientation(orientation: int) -> None:
+    jpeg = with_exif(encoded(photo(1024, 1280, noise=0.02), ".jpg"), exif_block(orientation))
+    fast = decode_blurred(jpeg, LIMITS, Blur(301))
+    upright = decode(jpeg, LIMITS)
+    assert fast is not None and fast.shape == upright.shape
+    assert within_contract(fast, gaussian_blur(upright, 301))
+
+
+@pytest.mark.parametrize("height, width, extension, ksize", [
+    (1080, 1920, ".png", 301),  # not a JPEG
+    (1080, 1920, ".jpg", 101),  # too narrow a blur
+    (1080, 1922, ".jpg", 301),  # not whole 8x8 blocks
+    (1000, 1920, ".jpg", 301),  # too small (blur.LOAD_SIDE)
+])
+def test_codec_blur_on_load_declines(height: int, width: int, extension: str,
+                                     ksize: int) -> None:
+    data = encoded(photo(height, width, noise=0.02), extension)
+    assert decode_blurred(data, LIMITS, Blur(ksize)) is None  # decoded in full instead
+
+
+def test_codec_blur_on_load_refuses_damaged_jpeg() -> None:
+    data = encoded(photo(1080, 1920, noise=0.02), ".jpg")
+    start = data.find(b"\xff\xda")
+    with pytest.raises(ImageError, match="damaged or truncated"):
+        decode_blurred(data[:(start + len(data)) // 2] + b"\xff\xd9", LIMITS, Blur(301))
 
 
 def test_codec_decodes_in_threads_keep_their_own_warnings() -> None:

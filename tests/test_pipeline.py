@@ -37,6 +37,25 @@ def test_pipeline_resize_matches_opencv(root: Path, make_image: Callable[..., Pa
     assert np.array_equal(cv2.imread(str(root / "out/deep/a.png"), -1), expected)
 
 
+@pytest.mark.parametrize("operations", [["blur=301"], ["blur=301", "split=True"]])
+def test_pipeline_wide_blur_of_jpeg_matches_opencv(root: Path, operations: list[str]) -> None:
+    # A wide blur first on a large JPEG starts from its 8x8 block means (decoded at 1/8).
+    source = root / "in" / "a.jpg"
+    source.parent.mkdir()
+    assert cv2.imwrite(str(source), photo(1080, 1920, noise=0.02))
+    outputs = ["out/a.png"] if len(operations) == 1 else [
+        f"out/a{suffix}.png" for suffix in ("_lt", "_rt", "_lb", "_rb")]
+    assert process_image(task(root, "in/a.jpg", outputs, operations)) == outputs
+    expected = cv2.GaussianBlur(cv2.imread(str(source)), (301, 301), 0)
+    tiles = [expected] if len(operations) == 1 else [
+        expected[:540, :960], expected[:540, 960:], expected[540:, :960], expected[540:, 960:]]
+    for output, reference in zip(outputs, tiles, strict=True):
+        written = cv2.imread(str(root / output), cv2.IMREAD_UNCHANGED)
+        difference = np.abs(written.astype(np.float64) - reference)
+        assert written.shape == reference.shape
+        assert difference.mean() <= 1 and difference.max() <= 8
+
+
 def test_pipeline_split_tiles_are_pixel_exact(root: Path, make_image: Callable[..., Path]) -> None:
     make_image("a.png", 9, 7, channels=4)
     names = ["t_lt.png", "t_rt.png", "t_lb.png", "t_rb.png"]
