@@ -20,7 +20,7 @@ def write_report(path: Path, results: dict[str, dict[str, Any]], workloads: list
              f"{processes} processes each. Images/s are end to end: for imgserver from the "
              "request to the answer (HTTP) or to the status file saying `done` (drop folder), "
              "with its status files and atomic writes; for the loops from the first task to "
-             "the last result, on a warm pool. README.md (Performance) explains the "
+             "the last result, on a warm pool. docs/performance.md explains the "
              "techniques and the misses.", ""]
     bounded = {workload.name for workload in workloads if workload.blur_bounds}
     lines += ["## Targets", ""] + _targets(results, processing_ms, exact or {}, bounded) + [""]

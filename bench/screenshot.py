@@ -54,8 +54,8 @@ def main() -> int:
             deadline = time.monotonic() + 30
             while time.monotonic() < deadline and not driver.execute_script(
                     "const images = [...document.querySelectorAll('.thumbs img')];"
-                    "return images.length === 16 && images.slice(0, 8).every("
-                    "i => i.naturalWidth > 0)"):
+                    "return images.length === 16 && images.filter(i => i.getBoundingClientRect()"
+                    ".top < innerHeight).every(i => i.complete && i.naturalWidth > 0)"):
                 time.sleep(0.2)
             driver.save_screenshot(str(args.output))
         finally:

@@ -140,8 +140,7 @@ class Engine:
         queue is full or the request cannot be stored.
         """
         request = parse_request(body, self.settings.root, self._limits)
-        with self._cond:
-            return self._create(body, request, source=source, name=name)
+        return self._create(body, request, source=source, name=name)[0]
 
     def submit_once(self, body: bytes, key: str, *, source: str) -> tuple[dict, bool]:
         """``submit`` with an idempotency key: the document, and whether a job was created.
@@ -155,15 +154,7 @@ class Engine:
         if earlier is not None:
             return earlier, False
         request = parse_request(body, self.settings.root, self._limits)
-        with self._cond:
-            earlier = self._replay(key, body)  # the same key sent twice at once
-            if earlier is not None:
-                return earlier, False
-            self._admit(len(request.images))
-            job_id = uuid.uuid4().hex
-            # Bound before the job exists: a crash in between leaves a key to nothing.
-            self.outbox.keys.bind(key, job_id)
-            return self._create(body, request, source=source, name=job_id), True
+        return self._create(body, request, source=source, name=uuid.uuid4().hex, key=key)
 
     def _replay(self, key: str, body: bytes) -> dict | None:
         """The status of the job ``key`` created, if it exists; RequestError if that job's
@@ -421,22 +412,39 @@ class Engine:
                 f"the queue is full: {self._open_images} images are waiting or running, "
                 f"this request adds {count}, the limit is {limit} (--max-queue)")
 
-    def _create(self, body: bytes, request: Request, *, source: str, name: str | None) -> dict:
-        """Store a valid request and accept it as a queued job (holding the condition)."""
-        self._admit(len(request.images))
-        job = self._new_job("", source, request)
+    def _create(self, body: bytes, request: Request, *, source: str, name: str | None,
+                key: str | None = None) -> tuple[dict, bool]:
+        """Store a valid request and accept it as a queued job: its status document, and
+        True; with an idempotency ``key`` used before, that key's job, and False.
 
-        def reserved(job_id: str) -> None:
-            job.id = job_id  # the first status is written before the request is in place
-            self.outbox.write_status(job.to_document())
-
+        The request is written and fsynced before the condition is taken (the engine goes
+        on meanwhile), then placed under its id and registered.
+        """
         try:
-            _, lock_fd = self.outbox.create(body, name, source=source, reserved=reserved,
-                                            lock=self._lock_jobs)
+            staged = self.outbox.stage(body, lock=self._lock_jobs)
         except OSError as exc:
-            raise self._storage_failed(exc) from None
-        self._storage_error = None
-        return self._accept(job, request, lock_fd, write=False)
+            with self._cond:
+                raise self._storage_failed(exc) from None
+        try:
+            with self._cond:
+                if key is not None:
+                    earlier = self._replay(key, body)  # the same key sent twice at once
+                    if earlier is not None:
+                        return earlier, False
+                self._admit(len(request.images))
+                if key is not None and name is not None:
+                    # Bound before the job exists: a crash in between binds it to nothing.
+                    self.outbox.keys.bind(key, name)
+                try:
+                    job_id = self.outbox.place(staged, name, source=source)
+                except OSError as exc:
+                    raise self._storage_failed(exc) from None
+                self._storage_error = None
+                lock_fd = staged.detach() if self._lock_jobs else None
+                return self._accept(self._new_job(job_id, source, request), request, lock_fd,
+                                    write=False), True
+        finally:
+            staged.close()
 
     def _accept(self, job: Job, request: Request, lock_fd: int | None, *, write: bool) -> dict:
         """Register a stored, valid request as a queued job; its status document."""
@@ -444,10 +452,15 @@ class Engine:
         if write:
             self._write(active)
         else:
-            active.written_at = time.monotonic()
+            # Written by the engine thread at once, off the request's path: until then the
+            # request file is the job's record (a restart makes the job from it).
+            active.dirty = True
         self._emit(JobAccepted, job.id, job.summary())
+        document = job.to_document()  # as accepted: queued
+        for work in self._runner.dispatch():  # a free worker starts it now, not a wake later
+            self._started(work)
         self._cond.notify_all()
-        return job.to_document()
+        return document
 
     def _storage_failed(self, exc: OSError) -> CapacityError:
         self._storage_error = f"the outbox {self.outbox.path} cannot store requests: " \

@@ -99,45 +99,56 @@ class Outbox:
 
     # -- new jobs -----------------------------------------------------------------------
 
-    def create(self, body: bytes, name: str | None, *, source: str,
-               reserved: Callable[[str], None], lock: bool = False) -> tuple[str, int | None]:
-        """Store ``body`` as a new job's request; return its id (and a lock fd if asked).
+    def stage(self, body: bytes, *, lock: bool = False) -> Staged:
+        """Write ``body`` to a temporary file and fsync it: the slow half of storing a new
+        job's request, done before the engine's lock is taken. ``place`` finishes it; the
+        ``Staged`` file must be closed (``Staged.close``) either way.
 
-        The id is ``name``, or ``name-2``, ``name-3``... when taken; a random one without a
-        name. ``reserved(id)`` is called once the id is claimed and before the request is in
-        place (to write the job's first status). With ``lock``, the request file stays
-        locked (flock) until the fd is closed, which tells a starting server that a live
-        process owns the job.
+        With ``lock``, the file stays locked (flock) while its descriptor is open, which
+        tells a starting server that a live process owns the job.
         """
         self.ensure()
         temp = self._temp()
         fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        staged = Staged(temp, fd)
         try:
             if lock:
                 fcntl.flock(fd, fcntl.LOCK_EX)
-            with open(fd, "wb", closefd=False) as file:
-                file.write(body)
+            view = memoryview(body)
+            while view:
+                view = view[os.write(fd, view):]
             os.fsync(fd)
-            job_id, reservation = self._reserve(name, source, lock=lock)
-            try:
-                reserved(job_id)
-                os.replace(temp, self.request_path(job_id))
-            except BaseException:
-                self.discard(job_id)
-                raise
-            finally:
-                if reservation is not None:
-                    os.close(reservation)
-            self._sync_folder()
         except BaseException:
-            os.close(fd)
+            staged.close()
             raise
-        finally:
-            _unlink(temp)
-        if not lock:
-            os.close(fd)
-            return job_id, None
-        return job_id, fd
+        return staged
+
+    def place(self, staged: Staged, name: str | None, *, source: str) -> str:
+        """Put a staged request in place as a new job's request; the job's id.
+
+        The id is ``name``, or ``name-2``, ``name-3``... when taken; a random one without a
+        name. It is claimed in the index first, then by linking the file under it, which
+        fails if the name is taken (by a job the index does not know yet): a crash at any
+        point leaves a row for every request on disk.
+        """
+        created_at = now()
+        for job_id in _candidates(name):
+            if self.status_path(job_id).exists():
+                continue
+            if not self.index.reserve(job_id, source, created_at):
+                continue
+            try:
+                os.link(staged.path, self.request_path(job_id))
+            except FileExistsError:
+                self.index.remove([job_id])
+                continue
+            except BaseException:
+                self.index.remove([job_id])
+                raise
+            _unlink(staged.path)
+            self._sync_folder()
+            return job_id
+        raise AssertionError("unreachable: candidate ids are endless")
 
     def claim(self, source_path: Path, name: str | None, reserved: Callable[[str], None],
               max_bytes: int, *, source: str) -> tuple[str, bytes, int]:
@@ -244,10 +255,15 @@ class Outbox:
     def write_status(self, document: dict[str, Any]) -> None:
         """Replace the status file of ``document['id']`` atomically, then its index row."""
         temp = self._temp()
+        data = (json.dumps(document, indent=2) + "\n").encode()
         try:
-            with open(temp, "w", encoding="utf-8") as file:
-                json.dump(document, file, indent=2)
-                file.write("\n")
+            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view):]
+            finally:
+                os.close(fd)
             os.replace(temp, self.status_path(document["id"]))
         finally:
             _unlink(temp)
@@ -388,6 +404,27 @@ class Outbox:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+class Staged:
+    """A request written and fsynced, waiting to be placed (``Outbox.place``)."""
+
+    def __init__(self, path: Path, fd: int) -> None:
+        self.path = path
+        self.fd: int | None = fd
+
+    def detach(self) -> int:
+        """The descriptor, now the caller's to close (it holds the request's lock)."""
+        fd, self.fd = self.fd, None
+        assert fd is not None
+        return fd
+
+    def close(self) -> None:
+        """Remove the file if it was not placed, and close it unless detached."""
+        _unlink(self.path)
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
 
 
 def _indexable(document: dict[str, Any]) -> bool:

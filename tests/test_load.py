@@ -1,7 +1,7 @@
 """Load against a real server: every accepted job finishes, none lost or run twice.
 
 The short run is part of the suite; the 50-client, 30-second soak runs with
-``scripts/soak`` (pytest -m soak) and prints the figures README.md quotes.
+``scripts/soak`` (pytest -m soak) and prints the figures docs/operations.md quotes (Reliability).
 """
 
 from __future__ import annotations
