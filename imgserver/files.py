@@ -29,7 +29,7 @@ from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
 
 from imgserver.engine import Engine
 from imgserver.errors import JobNotFound
-from imgserver.paths import OutsideRoot, open_folder
+from imgserver.paths import OutsideRoot, open_file
 from imgserver.schema import ErrorResponse
 from imgserver.thumbnail import DEFAULT_SIZE, MAX_SIZE, listed_file
 
@@ -105,12 +105,7 @@ def _cache(etag: str) -> dict[str, str]:
 def _open(root: Path, path: Path) -> int:
     """A descriptor of the regular file ``path``, reached from ``root`` without symlinks."""
     try:
-        folder = open_folder(root, path.parent)
-        try:
-            fd = os.open(path.name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
-                         dir_fd=folder)
-        finally:
-            os.close(folder)
+        fd = open_file(root, path)
     except (OSError, OutsideRoot) as exc:
         raise JobNotFound(f"{path.name}: {getattr(exc, 'strerror', None) or exc}") from None
     if not stat.S_ISREG(os.fstat(fd).st_mode):

@@ -64,6 +64,20 @@ def open_folder(root: Path, folder: Path, *, create: bool = False) -> int:
     return fd
 
 
+def open_file(root: Path, path: Path) -> int:
+    """A read-only descriptor of ``path`` (a real path inside ``root``), reached without
+    following any symlink: one swapped in since validation fails (OSError or OutsideRoot).
+
+    O_NONBLOCK: a FIFO does not hang the open; the caller checks it is a regular file.
+    """
+    folder = open_folder(root, path.parent)
+    try:
+        return os.open(path.name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
+                       dir_fd=folder)
+    finally:
+        os.close(folder)
+
+
 def _open_child(part: str, parent: int) -> int:
     try:
         return os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,

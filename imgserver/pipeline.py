@@ -31,7 +31,7 @@ import cv2
 from imgserver.codec import Limits, decode, decode_blurred, decode_resized, encode
 from imgserver.errors import ImageError
 from imgserver.operations import Blur, Operation, Resize, apply
-from imgserver.paths import OutsideRoot, open_folder, relative
+from imgserver.paths import OutsideRoot, open_file, open_folder, relative
 
 #: Temporary outputs end with this; they are hidden (dot files) in the output's folder.
 TEMP_SUFFIX = ".imgserver-tmp"
@@ -116,14 +116,7 @@ def ping() -> int:
 def read_input(root: Path, path: Path, max_bytes: int) -> bytes:
     """The bytes of the input file, a regular file reached inside the root."""
     try:
-        folder = open_folder(root, path.parent)
-        try:
-            # O_NOFOLLOW: a symlink swapped in since validation fails; O_NONBLOCK: a FIFO
-            # does not hang the open (and is refused below as not a regular file).
-            fd = os.open(path.name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
-                         dir_fd=folder)
-        finally:
-            os.close(folder)
+        fd = open_file(root, path)
     except OSError as exc:
         raise ImageError(f"cannot open input: {_reason(exc)}") from None
     try:

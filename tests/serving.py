@@ -10,9 +10,12 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import cv2
 
 from conftest import wait_for
 
@@ -87,6 +90,21 @@ def start_server(root: Path, *args: str, env: dict[str, str] | None = None,
                 return False
         wait_for(healthy, timeout=60)
     return server
+
+
+def shared_server(root: Path, images: list[tuple[str, int, int]], *args: str
+                  ) -> Iterator[Server]:
+    """A server on ``root`` (given inbox/ and outbox/ and photo-like ``images``: name,
+    width, height) for a whole test module, whose tests each use their own names."""
+    from conftest import photo
+
+    (root / "inbox").mkdir()
+    (root / "outbox").mkdir()
+    for name, width, height in images:
+        assert cv2.imwrite(str(root / name), photo(height, width))
+    running = start_server(root, *args)
+    yield running
+    running.stop()
 
 
 def wait_state(server: Server, job_id: str, states: tuple[str, ...] = ("done", "failed"),

@@ -10,11 +10,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from urllib.parse import urlsplit
 
-import cv2
 import pytest
 
-from conftest import photo, request_body, wait_for
-from serving import Server, start_server, wait_state
+from conftest import request_body, wait_for
+from serving import Server, shared_server, start_server, wait_state
 
 CHROMIUM, DRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 pytestmark = pytest.mark.skipif(
@@ -44,14 +43,9 @@ def browser() -> Iterator[object]:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    root = tmp_path_factory.mktemp("page")
-    (root / "inbox").mkdir()
-    (root / "outbox").mkdir()
-    for name, width, height in [("a.png", 320, 240), ("big.png", 2400, 1800)]:
-        assert cv2.imwrite(str(root / name), photo(height, width))
-    running = start_server(root, "--workers", "1")
-    yield running
-    running.stop()
+    """One server with one worker for this module's tests (each uses its own names)."""
+    images = [("a.png", 320, 240), ("big.png", 2400, 1800)]
+    yield from shared_server(tmp_path_factory.mktemp("page"), images, "--workers", "1")
 
 
 def url(server: Server, path: str) -> str:

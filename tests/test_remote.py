@@ -13,26 +13,19 @@ import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import cv2
 import pytest
 
 from imgserver.client import Client
 
-from conftest import photo, request_body
-from serving import Server, free_port, start_server, wait_state
+from conftest import request_body
+from serving import Server, free_port, shared_server, start_server, wait_state
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     """One server with one worker for this module's tests (each uses its own names)."""
-    root = tmp_path_factory.mktemp("remote")
-    (root / "inbox").mkdir()
-    (root / "outbox").mkdir()
-    for name, width, height in [("a.png", 64, 48), ("big.png", 2400, 1800)]:
-        assert cv2.imwrite(str(root / name), photo(height, width))
-    running = start_server(root, "--workers", "1")
-    yield running
-    running.stop()
+    images = [("a.png", 64, 48), ("big.png", 2400, 1800)]
+    yield from shared_server(tmp_path_factory.mktemp("remote"), images, "--workers", "1")
 
 
 def imgserver(server: Server | None, *args: str, env: dict[str, str] | None = None,

@@ -9,16 +9,15 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import cv2
 import pytest
 
 from imgserver.events import ImageFinished, JobAccepted, JobFinished, StateChanged
 from imgserver.job import ImageStatus
 from imgserver.streams import BACKLOG_BYTES, EventHub
 
-from conftest import photo, request_body, wait_for
+from conftest import request_body, wait_for
 from processes import rss_kib
-from serving import SSE, Server, start_server, stream_events
+from serving import SSE, Server, shared_server, start_server, stream_events
 
 # -- the hub, in-process -----------------------------------------------------------------------
 
@@ -102,16 +101,9 @@ def test_streams_resume_after_last_event_id_or_fresh_status() -> None:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    """One server with one worker for the tests of this module (each uses its own names)."""
-    root = tmp_path_factory.mktemp("streams")
-    (root / "inbox").mkdir()
-    (root / "outbox").mkdir()
-    for name, width, height in [("a.png", 64, 48), ("b.png", 800, 600),
-                                ("huge.png", 3000, 2250)]:
-        assert cv2.imwrite(str(root / name), photo(height, width))
-    running = start_server(root, "--workers", "1")
-    yield running
-    running.stop()
+    """One server with one worker for this module's tests (each uses its own names)."""
+    images = [("a.png", 64, 48), ("b.png", 800, 600), ("huge.png", 3000, 2250)]
+    yield from shared_server(tmp_path_factory.mktemp("streams"), images, "--workers", "1")
 
 
 def busy(server: Server) -> str:
