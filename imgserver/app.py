@@ -29,6 +29,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 
 from imgserver import __version__
+from imgserver.connection import Disconnects
 from imgserver.engine import Engine
 from imgserver.errors import CapacityError, JobNotFound, Problem, RequestError
 from imgserver.schema import ErrorResponse, Health, JobRequest, StatusDocument
@@ -113,6 +114,7 @@ def create_app(engine: Engine, settings: Settings) -> FastAPI:
 
     _add_docs(app)
     _add_error_handlers(app)
+    app.add_middleware(Disconnects)
     return app
 
 
@@ -190,3 +192,4 @@ def _add_docs(app: FastAPI) -> None:
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]
+

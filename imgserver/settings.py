@@ -103,6 +103,9 @@ OPTIONS: tuple[Option, ...] = (
            "seconds one image may take before it fails and its worker is stopped"),
     Option("max_tasks_per_child", _positive_int, 1000,
            "images a worker process handles before it is replaced"),
+    Option("read_timeout", _positive_float, 10.0,
+           "seconds a client may take to send a whole request before its connection is closed",
+           ("serve",)),
     Option("executor", _executor, "local", "where images run: 'local' process pool or 'dask'",
            ("serve",)),
     Option("scheduler", _scheduler, None, "Dask scheduler address, e.g. tcp://host:8786",
@@ -127,6 +130,7 @@ class Settings:
     max_queue: int = 10_000
     image_timeout: float = 300.0
     max_tasks_per_child: int = 1000
+    read_timeout: float = 10.0
     executor: str = "local"
     scheduler: str | None = None
     token: str | None = dataclasses.field(default=None, repr=False)
