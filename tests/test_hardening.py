@@ -9,6 +9,7 @@ import selectors
 import signal
 import socket
 import struct
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -238,3 +239,42 @@ def test_hardening_clients_that_vanish_are_one_info_line_each(root: Path) -> Non
     assert "closed the connection of client 127.0.0.1:" in log
     assert "the server is stopping" in log
 
+
+#: Names the server, its workers and their helpers import, planted where the server is
+#: started (its root): each records that it was imported, then breaks the importer.
+SHADOWS = {
+    "a folder named imgserver": ["imgserver/", "cv2/__init__.py", "numpy/__init__.py",
+                                 "multiprocessing.py", "concurrent.py", "pickle.py"],
+    "a package named imgserver": ["imgserver/__init__.py", "cv2.py", "numpy.py", "socket.py",
+                                  "select.py", "signal.py", "ctypes.py", "json.py", "struct.py"],
+}
+
+
+@pytest.mark.parametrize("layout", list(SHADOWS))
+def test_hardening_working_folder_does_not_reach_the_workers(
+        root: Path, make_image: Callable[..., Path], tmp_path_factory: pytest.TempPathFactory,
+        layout: str) -> None:
+    command = Path(sys.executable).parent / "imgserver"  # as scripts/run and the unit start it
+    if not command.exists():
+        pytest.skip("imgserver is not installed in this environment")
+    imported = tmp_path_factory.mktemp("imported")
+    for name in SHADOWS[layout]:
+        path = root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if not name.endswith("/"):
+            path.write_text(f"open({str(imported)!r} + '/' + __name__, 'w').close()\n"
+                            f"raise ImportError('imported from the working folder: ' + __name__)\n")
+    make_image("a.png", 40, 30)
+    make_image("b.png", 30, 40)
+    server = start_server(root, "--workers", "2", command=[str(command)], cwd=root)
+    try:
+        reply = server.request("POST", "/jobs", request_body(
+            [("a.png", "out/a.png"), ("b.png", "out/b.png")], ["resize=50", "blur=3"]))
+        (root / "inbox" / "dropped.json").write_bytes(request_body(
+            [("a.png", "out/c.png"), ("b.png", "out/d.png")], ["split"]))
+        assert wait_state(server, reply.json()["id"])["state"] == "done"
+        assert wait_state(server, "dropped")["state"] == "done"
+    finally:
+        assert server.stop() == 0
+    assert sorted(p.name for p in imported.iterdir()) == []
+    assert "Traceback" not in server.output(), server.output()
