@@ -15,16 +15,17 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import json
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
 import fastapi_offline
-from fastapi import Depends, FastAPI, Query, Request
+from fastapi import Depends, FastAPI, Query, Request, responses
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.openapi.utils import get_openapi
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.responses import HTMLResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 
@@ -37,6 +38,17 @@ from imgserver.settings import Settings
 
 #: Swagger UI 5 (renders OpenAPI 3.1) as shipped by the fastapi-offline package.
 DOCS_ASSETS = Path(fastapi_offline.__file__).parent / "static"
+
+
+class JSONResponse(responses.JSONResponse):
+    """JSON written in ASCII: paths and operations are echoed as written, and one may hold a
+    lone surrogate (JSON's ``"\\ud800"``, or a file name that is not UTF-8), which UTF-8
+    cannot encode; ``\\u`` escapes can."""
+
+    def render(self, content: Any) -> bytes:
+        """The body, as compact ASCII JSON."""
+        return json.dumps(content, ensure_ascii=True, allow_nan=False,
+                          separators=(",", ":")).encode("ascii")
 
 
 class _Unauthorized(Exception):
