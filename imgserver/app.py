@@ -200,8 +200,26 @@ def _add_docs(app: FastAPI) -> None:
             components = schema.setdefault("components", {}).setdefault("schemas", {})
             components.update(definitions.pop("$defs", {}))
             components["JobRequest"] = definitions
+            _only_our_errors(schema)
             app.openapi_schema = schema
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]
 
+
+def _only_our_errors(schema: dict[str, Any]) -> None:
+    """Document FastAPI's own 422 (a bad query or path parameter) as the API answers it.
+
+    FastAPI describes it with its HTTPValidationError model; our handler answers it with
+    ErrorResponse, like every other error, so that model is never sent.
+    """
+    reference = {"$ref": "#/components/schemas/ErrorResponse"}
+    for operation in (op for path in schema.get("paths", {}).values() for op in path.values()):
+        answer = operation.get("responses", {}).get("422")
+        content = (answer or {}).get("content", {}).get("application/json", {})
+        if content.get("schema", {}).get("$ref", "").endswith("/HTTPValidationError"):
+            answer["description"] = "A parameter is invalid."
+            content["schema"] = reference
+    components = schema.get("components", {}).get("schemas", {})
+    for name in ("HTTPValidationError", "ValidationError"):
+        components.pop(name, None)

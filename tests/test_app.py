@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -144,6 +145,25 @@ def test_app_openapi_documents_request_and_status(client: TestClient) -> None:
     assert set(components["StatusDocument"]["properties"]) >= {
         "id", "state", "source", "created_at", "progress", "error", "images"}
     assert {"202", "413", "422", "503"} <= set(post["responses"])
+
+
+def test_app_openapi_shows_only_the_error_shape_it_sends(client: TestClient) -> None:
+    schema = client.get("/openapi.json").json()
+    components = schema["components"]["schemas"]
+    assert not {"HTTPValidationError", "ValidationError"} & set(components)
+    text = json.dumps(schema)
+    for name in re.findall(r'"#/components/schemas/([^"]+)"', text):
+        assert name in components, name  # every reference resolves
+    for path, operations in schema["paths"].items():
+        for method, operation in operations.items():
+            for code, answer in operation["responses"].items():
+                if code.startswith(("4", "5")) and path != "/healthz":
+                    assert answer["content"]["application/json"]["schema"] == {
+                        "$ref": "#/components/schemas/ErrorResponse"}, (method, path, code)
+    # What the 422 of a bad parameter really is.
+    reply = client.post("/jobs?wait=maybe", content=request_body([("a.png", "b.png")]))
+    assert reply.status_code == 422 and set(reply.json()) == {"detail", "errors"}
+    assert reply.json()["errors"][0]["field"] == "wait"
 
 
 def test_app_answers_echoing_a_lone_surrogate_are_ascii_json(client: TestClient) -> None:
