@@ -347,7 +347,7 @@ def test_inbox_request_fuzz_gets_the_verdict_http_gives(
     with TestClient(create_app(engine, settings)) as client, \
             DropFolder(engine, root / "inbox"):
 
-        @hypothesis.settings(max_examples=100, deadline=None, database=None,
+        @hypothesis.settings(max_examples=50, deadline=None, database=None,
                              suppress_health_check=list(hypothesis.HealthCheck))
         @hypothesis.given(json_values)
         def same_verdict(value: object) -> None:
