@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -31,16 +32,17 @@ from typing import Any
 from urllib.parse import quote
 
 import fastapi_offline
-from fastapi import Depends, FastAPI, Header, Query, Request
+from fastapi import Depends, FastAPI, Header, Query, Request, responses
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.openapi.utils import get_openapi
-from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.responses import HTMLResponse, Response
 from fastapi.sse import EventSourceResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 
 from imgserver import __version__, files, page
+from imgserver.connection import Disconnects
 from imgserver.engine import Engine
 from imgserver.errors import (
     CapacityError,
@@ -59,6 +61,17 @@ from imgserver.streams import EventHub
 
 #: Swagger UI 5 (renders OpenAPI 3.1) as shipped by the fastapi-offline package.
 DOCS_ASSETS = Path(fastapi_offline.__file__).parent / "static"
+
+
+class JSONResponse(responses.JSONResponse):
+    """JSON written in ASCII: paths and operations are echoed as written, and one may hold a
+    lone surrogate (JSON's ``"\\ud800"``, or a file name that is not UTF-8), which UTF-8
+    cannot encode; ``\\u`` escapes can."""
+
+    def render(self, content: Any) -> bytes:
+        """The body, as compact ASCII JSON."""
+        return json.dumps(content, ensure_ascii=True, allow_nan=False,
+                          separators=(",", ":")).encode("ascii")
 
 
 class _Unauthorized(Exception):
@@ -256,6 +269,7 @@ def create_app(engine: Engine, settings: Settings) -> FastAPI:
     page.add_routes(app)
     _add_docs(app)
     _add_error_handlers(app)
+    app.add_middleware(Disconnects)
     return app
 
 
@@ -369,7 +383,26 @@ def _add_docs(app: FastAPI) -> None:
             components = schema.setdefault("components", {}).setdefault("schemas", {})
             components.update(definitions.pop("$defs", {}))
             components["JobRequest"] = definitions
+            _only_our_errors(schema)
             app.openapi_schema = schema
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]
+
+
+def _only_our_errors(schema: dict[str, Any]) -> None:
+    """Document FastAPI's own 422 (a bad query or path parameter) as the API answers it.
+
+    FastAPI describes it with its HTTPValidationError model; our handler answers it with
+    ErrorResponse, like every other error, so that model is never sent.
+    """
+    reference = {"$ref": "#/components/schemas/ErrorResponse"}
+    for operation in (op for path in schema.get("paths", {}).values() for op in path.values()):
+        answer = operation.get("responses", {}).get("422")
+        content = (answer or {}).get("content", {}).get("application/json", {})
+        if content.get("schema", {}).get("$ref", "").endswith("/HTTPValidationError"):
+            answer["description"] = "A parameter is invalid."
+            content["schema"] = reference
+    components = schema.get("components", {}).get("schemas", {})
+    for name in ("HTTPValidationError", "ValidationError"):
+        components.pop(name, None)

@@ -13,11 +13,16 @@ Taking a file moves it into the outbox as the job's request (one rename-like lin
 processed exactly once: a later event for the same name finds nothing. When the queue is
 full the file waits in INBOX and is tried again as images finish. Hidden files and files
 not ending in ``.json`` are ignored.
+
+Whether a file is valid is decided by the engine, with the very validation HTTP uses: a file
+that HTTP would refuse with 422 becomes a failed job at once, with the same message. A file
+that cannot be taken for any other reason (it cannot be read, a bug) is tried ``RETRIES``
+times, then left alone in INBOX until it changes: nothing is retried in a loop.
 """
 
 from __future__ import annotations
 
-import json
+import contextlib
 import logging
 import os
 import queue
@@ -39,8 +44,9 @@ from watchdog.events import (
 from watchdog.observers import Observer
 
 from imgserver.engine import Engine
-from imgserver.errors import CapacityError
+from imgserver.errors import CapacityError, RequestError
 from imgserver.events import Event
+from imgserver.request import load_json
 from imgserver.store import job_name
 
 logger = logging.getLogger("imgserver.inbox")
@@ -53,8 +59,10 @@ GRACE = 0.3
 RESCAN = 2.0
 #: The thread wakes at least this often to look at its timers.
 TICK = 0.1
-#: A file that could not be taken for an unexpected reason is tried again after this.
+#: A file that could not be taken for an unexpected reason is tried again after this many
+#: seconds, at most RETRIES times in all; then not until it changes.
 RETRY = 10.0
+RETRIES = 3
 
 
 def is_request_name(name: str) -> bool:
@@ -87,6 +95,8 @@ class DropFolder:
         self._deferred: set[Path] = set()         # waited for room in the queue
         #: Told what became of each file: "taken", "invalid" or "waiting" (for metrics).
         self.on_result: Callable[[str], None] = lambda result: None
+        self._failures: dict[Path, int] = {}      # could not be taken, this many times
+        self._given_up: dict[Path, tuple[int, int, int]] = {}  # ... as it was then
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="imgserver-inbox", daemon=True)
         self._observer = Observer()
@@ -162,6 +172,8 @@ class DropFolder:
         self._appeared.pop(path, None)
         self._writing.discard(path)
         self._waiting.pop(path, None)
+        self._failures.pop(path, None)
+        self._given_up.pop(path, None)
 
     def _scan(self) -> None:
         """Try every file in INBOX that no timer is watching, oldest first."""
@@ -186,9 +198,25 @@ class DropFolder:
         """Submit the request file at ``path`` if it is complete; leave it otherwise."""
         try:
             self._try_take(path)
-        except Exception:  # one odd file must not stop the drop folder: log, try later
-            logger.exception("cannot take %s; trying again in %g s", path, RETRY)
+        except Exception as exc:  # one odd file must not stop the drop folder
+            self._could_not_take(path, exc)
+
+    def _could_not_take(self, path: Path, exc: Exception) -> None:
+        tries = self._failures.get(path, 0) + 1
+        self._failures[path] = tries
+        # An OSError is the file's or the disk's doing: one line. Anything else is a bug:
+        # its traceback, once.
+        reason = (exc.strerror or str(exc)) if isinstance(exc, OSError) else repr(exc)
+        trace = exc if tries == 1 and not isinstance(exc, OSError) else None
+        if tries < RETRIES:
+            logger.error("cannot take %s (%s); trying again in %g s", path, reason, RETRY,
+                         exc_info=trace)
             self._waiting[path] = time.monotonic() + RETRY
+            return
+        logger.error("cannot take %s (%s), %d times; it stays in the drop folder, untouched "
+                     "until it changes", path, reason, tries, exc_info=trace)
+        with contextlib.suppress(OSError):
+            self._given_up[path] = _signature(os.lstat(path))
 
     def _try_take(self, path: Path) -> None:
         if path.parent != self.inbox or not is_request_name(path.name):
@@ -197,6 +225,11 @@ class DropFolder:
             info = os.lstat(path)
         except FileNotFoundError:
             return  # already taken
+        if path in self._given_up:
+            if self._given_up[path] == _signature(info):
+                return  # tried enough; a change (written again, chmod) earns new tries
+            del self._given_up[path]
+            self._failures.pop(path, None)
         if not stat.S_ISREG(info.st_mode):
             if path not in self._ignored:
                 self._ignored.add(path)
@@ -246,11 +279,17 @@ def _mtime(entry: os.DirEntry) -> float:
 
 
 def _is_json(body: bytes) -> bool:
+    # Read as the request is read, so that no body can fail here in a way it does not there.
     try:
-        json.loads(body)
-    except ValueError:
+        load_json(body)
+    except RequestError:
         return False
     return True
+
+
+def _signature(info: os.stat_result) -> tuple[int, int, int]:
+    """What changes when a file is written, replaced or has its mode changed."""
+    return info.st_dev, info.st_ino, info.st_ctime_ns
 
 
 def _age(path: Path) -> float:

@@ -29,6 +29,11 @@ def confine(root: Path, raw: str) -> Path:
         raise OutsideRoot("path is empty")
     if any(ord(char) < 32 or ord(char) == 127 for char in raw):
         raise OutsideRoot(f"{raw!r} contains a control character")
+    try:
+        os.fsencode(raw)
+    except UnicodeEncodeError as exc:  # a lone surrogate, as JSON's "\ud800" writes one
+        raise OutsideRoot(f"{raw!r} cannot be a file name: {raw[exc.start]!r} is a lone "
+                          f"UTF-16 surrogate") from None
     candidate = Path(raw)
     if not candidate.is_absolute():
         candidate = root / candidate

@@ -9,7 +9,9 @@ other executor (a Dask cluster's) can stand in.
 
 Workers start by forkserver, never by fork: a process forked from a parent that has run a
 cv2 call can hang in its first cv2 call. The forkserver preloads the image code, so a new
-worker starts in a fraction of a second.
+worker starts in a fraction of a second. It is started without the current folder on its
+``sys.path``: whatever the folder the server was started from holds, the workers import
+the installed imgserver, OpenCV and NumPy.
 """
 
 from __future__ import annotations
@@ -21,15 +23,42 @@ import multiprocessing
 import os
 import select
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import BrokenExecutor, Executor, Future, ProcessPoolExecutor
+from multiprocessing import forkserver
 from typing import Any
 
 logger = logging.getLogger("imgserver.pool")
 
-_PRELOAD = ["imgserver.pipeline"]
+#: Imported once in the forkserver. Python 3.10 cannot keep the current folder off the
+#: forkserver's path (see ``_start_forkserver``): there each worker imports the image code
+#: itself, after multiprocessing has given it the server's own sys.path.
+_PRELOAD = ["imgserver.pipeline"] if sys.version_info >= (3, 11) else []
+
+
+def _start_forkserver() -> None:
+    """Start multiprocessing's forkserver, unless it runs, with no current folder on its path.
+
+    The forkserver (and the resource tracker it starts) run ``python -c``, which puts the
+    current folder first on ``sys.path``; Python 3.11 (and the first releases of 3.12 and
+    3.13) never replace that with the server's own path there. A folder named ``imgserver``
+    (or ``cv2``, ``numpy``, ...) where the server was started would then be imported in
+    place of the installed one, and every worker would die; the same for any other name.
+    PYTHONSAFEPATH (Python 3.11+) keeps the folder off. It is set for this start only:
+    programs this process starts later keep Python's usual path.
+    """
+    saved = os.environ.get("PYTHONSAFEPATH")
+    os.environ["PYTHONSAFEPATH"] = "1"
+    try:
+        forkserver.ensure_running()
+    finally:
+        if saved is None:
+            del os.environ["PYTHONSAFEPATH"]
+        else:
+            os.environ["PYTHONSAFEPATH"] = saved
 
 
 def init_worker(server_pid: int) -> None:
@@ -105,6 +134,7 @@ class LocalPool(Executor):
         self._pool = self._new_pool()
 
     def _new_pool(self) -> ProcessPoolExecutor:
+        _start_forkserver()  # again if it was killed: a lazy restart would have the folder
         return ProcessPoolExecutor(
             self.workers, mp_context=self._context, initializer=init_worker,
             initargs=(os.getpid(),), max_tasks_per_child=self._max_tasks_per_child)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -131,10 +132,19 @@ def _load_json(body: bytes) -> Any:
         raise RequestError.single(
             "request", f"not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"
         ) from None
-    except (UnicodeDecodeError, RecursionError) as exc:
-        reason = ("is not UTF-8 text" if isinstance(exc, UnicodeDecodeError)
-                  else "is nested too deeply")
-        raise RequestError.single("request", reason) from None
+    except UnicodeDecodeError:
+        raise RequestError.single("request", "is not UTF-8 text") from None
+    except RecursionError:
+        raise RequestError.single("request", "is nested too deeply") from None
+    except ValueError:  # an integer too long to convert (Python caps it: sys.int_info)
+        raise RequestError.single(
+            "request", f"has a number of more than {sys.get_int_max_str_digits()} digits"
+        ) from None
+
+
+def load_json(body: bytes) -> Any:
+    """``body`` as JSON, read as ``parse_request`` reads it; RequestError if it is not."""
+    return _load_json(body)
 
 
 def _operations(value: Any, problems: list[Problem]) -> tuple[list[str], tuple[Operation, ...]]:

@@ -5,6 +5,11 @@
                                               <- Housekeeper (retention, leftovers)
                                               <- Notifier (webhooks, on its own thread)
 
+At start the open-file soft limit is raised to the hard limit (a systemd service starts
+with 1024): clients holding connections open must not starve the engine of descriptors.
+Connections are served by ``imgserver.connection``'s protocol, which closes one that has
+not sent a whole request within ``--read-timeout`` seconds.
+
 Shutdown (SIGTERM or Ctrl-C): the engine stops accepting and releases ``wait=true``
 clients, uvicorn closes its connections, the drop folder stops watching, the engine lets
 running images finish and writes every status file, and the process exits 0. Images not
@@ -17,15 +22,18 @@ import contextlib
 import fcntl
 import logging
 import os
+import resource
 import signal
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import Executor
+from pathlib import Path
 from types import FrameType
 
 import uvicorn
 
 from imgserver.app import create_app
+from imgserver.connection import protocol
 from imgserver.engine import Engine
 from imgserver.errors import ConfigError
 from imgserver.housekeeping import Housekeeper
@@ -37,6 +45,9 @@ from imgserver.webhooks import Notifier
 logger = logging.getLogger("imgserver.server")
 
 EXIT_OK, EXIT_CONFIG = 0, 2
+#: Open files kept for the engine, the pool and the drop folder: HTTP connections may use
+#: the rest of the limit, and are refused beyond it.
+FILES_KEPT = 256
 
 
 class _Server(uvicorn.Server):
@@ -97,13 +108,41 @@ def _single_instance(settings: Settings) -> Iterator[None]:
         os.close(fd)
 
 
+def raise_open_file_limit() -> int:
+    """Raise the soft limit of open files to the hard limit; return the soft limit in force.
+
+    Code that waits with select() cannot use descriptors above 1023: the one here that does
+    (watchdog's inotify loop) opens its own at start, before any connection is taken.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else _kernel_file_limit()
+    if soft == resource.RLIM_INFINITY or soft >= target:
+        return target if soft == resource.RLIM_INFINITY else soft
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    except (ValueError, OSError) as exc:
+        logger.warning("cannot raise the open-file limit from %d to %d: %s", soft, target, exc)
+        return soft
+    logger.info("open-file limit raised from %d to %d", soft, target)
+    return target
+
+
+def _kernel_file_limit() -> int:
+    # With no hard limit, the kernel's own ceiling applies (fs.nr_open, 1048576 by default).
+    try:
+        return int(Path("/proc/sys/fs/nr_open").read_text())
+    except (OSError, ValueError):
+        return 1 << 20
+
+
 def serve(settings: Settings) -> int:
     """Run the HTTP API until SIGTERM or Ctrl-C; return the exit code."""
+    files = raise_open_file_limit()
     try:
         with _single_instance(settings):
             executor = build_executor(settings)
             try:
-                return _serve(settings, executor)
+                return _serve(settings, executor, files)
             finally:
                 executor.shutdown()
     except ConfigError as exc:
@@ -111,7 +150,7 @@ def serve(settings: Settings) -> int:
         return EXIT_CONFIG
 
 
-def _serve(settings: Settings, executor: Executor) -> int:
+def _serve(settings: Settings, executor: Executor, files: int) -> int:
     engine = Engine(settings, executor)
     engine.start()
     drop_folder = DropFolder(engine, settings.inbox)
@@ -131,8 +170,10 @@ def _serve(settings: Settings, executor: Executor) -> int:
         if notifier is not None:
             notifier.start()
         drop_folder.start()
+        connections = max(files - FILES_KEPT, files // 2)
         config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="info",
-                                timeout_graceful_shutdown=10)
+                                timeout_graceful_shutdown=10,
+                                http=protocol(settings.read_timeout, connections))
         server = _Server(config, on_exit=stopping)
         logger.info("serving %s on http://%s:%d (drop folder %s, outbox %s)", settings.root,
                     settings.host, settings.port, settings.inbox, settings.outbox)

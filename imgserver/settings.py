@@ -151,6 +151,9 @@ OPTIONS: tuple[Option, ...] = (
            "needs IMGSERVER_NOTIFY_SECRET)"),
     Option("notify_allow", _prefixes, (), "comma-separated URL prefixes a request's own "
            "'notify' URL may start with (none by default)", shown="none"),
+    Option("read_timeout", _positive_float, 10.0,
+           "seconds a client may take to send a whole request before its connection is closed",
+           ("serve",)),
     Option("executor", _executor, "local", "where images run: 'local' process pool or 'dask'",
            ("serve",)),
     Option("scheduler", _scheduler, None, "Dask scheduler address, e.g. tcp://host:8786",
@@ -178,6 +181,7 @@ class Settings:
     keep_finished: float = 30 * 86400.0
     notify_url: str | None = None
     notify_allow: tuple[str, ...] = ()
+    read_timeout: float = 10.0
     executor: str = "local"
     scheduler: str | None = None
     token: str | None = dataclasses.field(default=None, repr=False)

@@ -93,7 +93,11 @@ class EventHub:
         self._pending.append(event)
         if not self._scheduled:
             self._scheduled = True
-            loop.call_soon_threadsafe(self._drain)
+            try:
+                loop.call_soon_threadsafe(self._drain)
+            except RuntimeError:  # the loop closed: the server has stopped serving
+                self._loop = None
+                self._pending.clear()
 
     # -- the event loop's side ------------------------------------------------------------
 
@@ -109,6 +113,7 @@ class EventHub:
     def close(self) -> None:
         """End every stream (the server is stopping); call on the event loop."""
         self._closed = True
+        self._loop = None  # events from now on have nobody to go to
         for streams in self._streams.values():
             for stream in streams:
                 stream.ended = True

@@ -13,6 +13,7 @@ from typing import Any
 import cv2
 import numpy as np
 import pytest
+from hypothesis import strategies as st
 
 from imgserver.engine import Engine
 from imgserver.errors import JobNotFound
@@ -83,6 +84,82 @@ def request_body(images: list[tuple[str, str]], operations: list[str] | None = N
     """The JSON bytes of a request."""
     return json.dumps({"images": [{"input": i, "output": o} for i, o in images],
                        "operations": operations or []}).encode()
+
+
+def _document(images: Any, operations: Any = (), **more: Any) -> bytes:
+    return json.dumps({"images": images, "operations": list(operations), **more}).encode()
+
+
+def _images(count: int) -> list[dict[str, str]]:
+    return [{"input": "a.png", "output": f"{index}.png"} for index in range(count)]
+
+
+#: Settings every road must refuse the bodies of INVALID_BODIES with.
+CORPUS_LIMITS: dict[str, Any] = {"max_images": 5, "max_queue": 3}
+
+#: Bodies that HTTP refuses with 422, and so every road refuses: (name, body, a field the
+#: refusal names). One corpus for the HTTP tests and the drop-folder tests alike.
+INVALID_BODIES: list[tuple[str, bytes, str]] = [
+    ("not-json", b"not json", "request"),
+    ("empty", b"", "request"),
+    ("blank", b" \n\t ", "request"),
+    ("cut-short", b'{"images": [{"input": "a.png"', "request"),
+    ("list", b"[]", "request"),
+    ("null", b"null", "request"),
+    ("string", b'"images"', "request"),
+    ("not-utf8", b"\xff\xfe\x00", "request"),
+    ("latin1-inside", b'{"images": "caf\xe9", "operations": []}', "request"),
+    ("nan", b'{"images": NaN, "operations": []}', "request"),
+    ("duplicate-key", b'{"images": [], "images": [], "operations": []}', "request"),
+    ("nested-deep", b"[" * 100_000 + b"]" * 100_000, "request"),
+    ("nested-deep-in-a-field",
+     b'{"images": ' + b"[" * 100_000 + b"]" * 100_000 + b', "operations": []}', "request"),
+    ("number-5000-digits", b'{"images": ' + b"7" * 5000 + b', "operations": []}', "request"),
+    ("images-missing", b'{"operations": []}', "images"),
+    ("images-empty", b'{"images": []}', "images"),
+    ("images-a-string", _document("a.png"), "images"),
+    ("images-a-huge-float", b'{"images": 1e999, "operations": []}', "images"),
+    ("unknown-key", _document(_images(1), extra=1), "extra"),
+    ("image-not-an-object", _document(["a.png"]), "images[0]"),
+    ("input-a-number", _document([{"input": 5, "output": "b.png"}]), "images[0].input"),
+    ("input-missing", _document([{"output": "b.png"}]), "images[0].input"),
+    ("operation-unknown", _document(_images(1), ["sharpen=1"]), "operations[0]"),
+    ("operation-not-a-string", _document(_images(1), [5]), "operations[0]"),
+    ("blur-negative", _document(_images(1), ["blur=-1"]), "operations[0]"),
+    ("resize-zero", _document(_images(1), ["resize=0"]), "operations[0]"),
+    ("resize-5000-digits", _document(_images(1), ["resize=" + "9" * 5000]), "operations[0]"),
+    ("forty-splits", _document(_images(2), ["split"] * 40), "operations"),
+    ("input-dot-dot", _document([{"input": "../../etc/passwd", "output": "b.png"}]),
+     "images[0].input"),
+    ("output-absolute-outside", _document([{"input": "a.png", "output": "/tmp/evil.png"}]),
+     "images[0].output"),
+    ("output-exe", _document([{"input": "a.png", "output": "b.exe"}]), "images[0].output"),
+    ("input-nul", _document([{"input": "a\x00.png", "output": "b.png"}]), "images[0].input"),
+    ("input-lone-surrogate", b'{"images": [{"input": "\\ud800.png", "output": "b.png"}], '
+                             b'"operations": []}', "images[0].input"),
+    ("output-empty", _document([{"input": "a.png", "output": ""}]), "images[0].output"),
+    ("outputs-collide", _document([{"input": "a.png", "output": "x.png"},
+                                   {"input": "b.png", "output": "./x.png"}]),
+     "images[1].output"),
+    ("more-images-than-max-images", _document(_images(6)), "images"),
+    ("more-images-than-the-queue", _document(_images(4)), "images"),
+]
+
+
+_CHARACTERS = st.characters(exclude_categories=()) | st.sampled_from("\ud800\udfff\udc80\x00/.")
+_TEXTS = st.text(_CHARACTERS, max_size=8) | st.sampled_from(
+    ["a.png", "out/b.jpg", "../c.png", "/", "\ud800.png", "d\udfff.jpg", "e\udc80.png",
+     "resize=50", "split", "blur=3", "blur=3,0"])
+#: Any JSON value, leaning to request-like shapes and to the characters paths and JSON find
+#: hard (lone surrogates, NUL): the request fuzz, on every road.
+json_values = st.fixed_dictionaries({
+    "images": st.lists(st.fixed_dictionaries({"input": _TEXTS, "output": _TEXTS}), max_size=2),
+    "operations": st.lists(_TEXTS, max_size=3)}) | st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | _TEXTS,
+    lambda children: st.lists(children, max_size=3)
+    | st.dictionaries(st.sampled_from(["images", "operations", "input", "output", "x"]),
+                      children, max_size=3),
+    max_leaves=12)
 
 
 def png_chunk(kind: bytes, body: bytes) -> bytes:

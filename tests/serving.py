@@ -10,7 +10,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -70,15 +70,18 @@ class Server:
 
 
 def start_server(root: Path, *args: str, env: dict[str, str] | None = None,
-                 wait: bool = True) -> Server:
-    """Start ``python -m imgserver serve`` on a free port; wait until /healthz answers."""
+                 wait: bool = True, command: list[str] | None = None, cwd: Path | None = None,
+                 preexec_fn: Callable[[], Any] | None = None) -> Server:
+    """Start ``python -m imgserver serve`` (or ``command serve``) on a free port; wait until
+    /healthz answers."""
     port = free_port()
     log = root.parent / f"server-{port}.log"
     process = subprocess.Popen(
-        [sys.executable, "-m", "imgserver", "serve", "--root", str(root), "--port", str(port),
-         *args],
+        [*(command or [sys.executable, "-m", "imgserver"]), "serve", "--root", str(root),
+         "--port", str(port), *args],
         stdout=open(log, "wb"), stderr=subprocess.STDOUT,  # noqa: SIM115 (the child keeps it)
-        env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+        env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}, cwd=cwd,
+        preexec_fn=preexec_fn)
     server = Server(process, port, root, log)
     if wait:
         def healthy() -> bool:

@@ -15,7 +15,7 @@ from imgserver.engine import Engine
 from imgserver.pool import LocalPool
 from imgserver.settings import Settings
 
-from conftest import job_files, request_body
+from conftest import CORPUS_LIMITS, INVALID_BODIES, job_files, request_body
 
 
 def client_for(settings: Settings, pool: LocalPool) -> Iterator[TestClient]:
@@ -62,23 +62,18 @@ def test_app_unknown_job_is_404(client: TestClient) -> None:
     assert response.status_code == 404 and response.json()["detail"] == "no job with id 'nope'"
 
 
-@pytest.mark.parametrize("body, field", [
-    (b"not json", "request"),
-    (b"[]", "request"),
-    (b'{"images": []}', "images"),
-    (json.dumps({"images": [{"input": "a.png", "output": "b.png"}], "operations": ["blur=-1"]}),
-     "operations[0]"),
-    (json.dumps({"images": [{"input": "../../etc/passwd", "output": "b.png"}], "operations": []}),
-     "images[0].input"),
-    (json.dumps({"images": [{"input": "a.png", "output": "/tmp/evil.png"}], "operations": []}),
-     "images[0].output"),
-    (json.dumps({"images": [{"input": "a.png", "output": "b.exe"}], "operations": []}),
-     "images[0].output"),
-])
-def test_app_invalid_request_is_422_and_writes_nothing(client: TestClient, root: Path,
-                                                       body: bytes | str, field: str) -> None:
-    response = client.post("/jobs", content=body)
-    assert response.status_code == 422
+@pytest.fixture
+def corpus_client(root: Path, pool: LocalPool) -> Iterator[TestClient]:
+    """A client of an app with the limits INVALID_BODIES is written for."""
+    yield from client_for(Settings.build({"root": str(root), **CORPUS_LIMITS}, environ={}), pool)
+
+
+@pytest.mark.parametrize("body, field", [(body, field) for _, body, field in INVALID_BODIES],
+                         ids=[name for name, _, _ in INVALID_BODIES])
+def test_app_invalid_request_is_422_and_writes_nothing(corpus_client: TestClient, root: Path,
+                                                       body: bytes, field: str) -> None:
+    response = corpus_client.post("/jobs", content=body)
+    assert response.status_code == 422, response.text
     payload = response.json()
     assert field in [problem["field"] for problem in payload["errors"]]
     assert payload["detail"].startswith(payload["errors"][0]["field"] + ": ")
@@ -165,3 +160,35 @@ def test_app_openapi_documents_listing_cancel_keys_and_states(client: TestClient
     assert "cancelled" in components["JobSummary"]["properties"]["state"]["enum"]
     assert "expires_at" in components["StatusDocument"]["properties"]
     assert "images" not in components["JobSummary"]["properties"]
+
+
+def test_app_openapi_shows_only_the_error_shape_it_sends(client: TestClient) -> None:
+    schema = client.get("/openapi.json").json()
+    components = schema["components"]["schemas"]
+    assert not {"HTTPValidationError", "ValidationError"} & set(components)
+    text = json.dumps(schema)
+    for name in re.findall(r'"#/components/schemas/([^"]+)"', text):
+        assert name in components, name  # every reference resolves
+    for path, operations in schema["paths"].items():
+        for method, operation in operations.items():
+            for code, answer in operation["responses"].items():
+                # /healthz says why it is unhealthy; a 409 to a cancel is the job's document.
+                if code.startswith(("4", "5")) and path != "/healthz" and code != "409":
+                    assert answer["content"]["application/json"]["schema"] == {
+                        "$ref": "#/components/schemas/ErrorResponse"}, (method, path, code)
+    # What the 422 of a bad parameter really is.
+    reply = client.post("/jobs?wait=maybe", content=request_body([("a.png", "b.png")]))
+    assert reply.status_code == 422 and set(reply.json()) == {"detail", "errors"}
+    assert reply.json()["errors"][0]["field"] == "wait"
+
+
+def test_app_answers_echoing_a_lone_surrogate_are_ascii_json(client: TestClient) -> None:
+    # split takes any value, so this request is valid and its operations are echoed.
+    accepted = client.post("/jobs", content=b'{"images": [{"input": "a.png", "output": '
+                                            b'"b.png"}], "operations": ["split=\\ud800"]}')
+    refused = client.post("/jobs", content=b'{"images": [{"input": "a.png", "output": '
+                                           b'"b.png"}], "operations": ["\\udfff"]}')
+    assert (accepted.status_code, refused.status_code) == (202, 422)
+    assert accepted.content.isascii() and refused.content.isascii()
+    assert accepted.json()["operations"] == ["split=\ud800"]
+    assert refused.json()["errors"][0]["message"].startswith("\udfff: unknown operation")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import threading
@@ -11,14 +12,18 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import hypothesis
 import pytest
+from fastapi.testclient import TestClient
 
+from imgserver import inbox
+from imgserver.app import create_app
 from imgserver.engine import Engine
 from imgserver.inbox import DropFolder
 from imgserver.pool import LocalPool
 from imgserver.settings import Settings
 
-from conftest import job_files, request_body, wait_for
+from conftest import CORPUS_LIMITS, INVALID_BODIES, job_files, json_values, request_body, wait_for
 
 
 def status(root: Path, job_id: str) -> dict | None:
@@ -303,3 +308,107 @@ def test_inbox_file_taken_by_a_killed_server_is_not_run_twice(
     finally:
         engine.close()
     assert not (root / "outbox" / "twice-2.request.json").exists()
+
+
+def test_inbox_every_body_http_refuses_fails_once_with_its_message(
+        root: Path, pool: LocalPool, caplog: pytest.LogCaptureFixture) -> None:
+    settings = Settings.build({"root": str(root), **CORPUS_LIMITS}, environ={})
+    engine = Engine(settings, pool)
+    engine.start()
+    try:
+        with TestClient(create_app(engine, settings)) as client:
+            answers = {name: client.post("/jobs", content=body)
+                       for name, body, _ in INVALID_BODIES}
+        assert {name: reply.status_code for name, reply in answers.items()} == {
+            name: 422 for name in answers}
+        assert job_files(root / "outbox") == []
+        with DropFolder(engine, root / "inbox"):
+            for name, body, _ in INVALID_BODIES:
+                (root / "inbox" / f"{name}.json").write_bytes(body)
+            wait_for(lambda: all(finished(root, name) for name in answers), timeout=30)
+            wait_for(lambda: list((root / "inbox").iterdir()) == [], timeout=10)
+            time.sleep(inbox.RESCAN + 0.5)  # a rescan later: nothing comes back, nothing retried
+    finally:
+        engine.close()
+    for name, reply in answers.items():
+        document = finished(root, name)
+        assert document is not None and document["state"] == "failed", name
+        assert document["error"] == reply.json()["detail"], name
+        assert document["images"] == [] and document["source"] == "inbox"
+    assert sorted(p.name for p in (root / "outbox").glob("*.status.json")) == sorted(
+        f"{name}.status.json" for name in answers)
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
+
+
+def test_inbox_request_fuzz_gets_the_verdict_http_gives(
+        root: Path, engine: Engine, settings: Settings, make_image: Callable[..., Path]) -> None:
+    make_image("a.png", 8, 8)
+    dropped = iter(range(1_000_000))
+    with TestClient(create_app(engine, settings)) as client, \
+            DropFolder(engine, root / "inbox"):
+
+        @hypothesis.settings(max_examples=50, deadline=None, database=None,
+                             suppress_health_check=list(hypothesis.HealthCheck))
+        @hypothesis.given(json_values)
+        def same_verdict(value: object) -> None:
+            body = json.dumps(value).encode()
+            reply = client.post("/jobs", content=body)
+            name = f"fuzz-{next(dropped)}"
+            staged = root / "inbox" / f".{name}.json"
+            staged.write_bytes(body)
+            staged.rename(root / "inbox" / f"{name}.json")
+            document = wait_for(lambda: _judged(status(root, name)), timeout=30)
+            if reply.status_code == 422:
+                assert document["state"] == "failed" and document["images"] == []
+                assert document["error"] == reply.json()["detail"]
+            else:
+                assert reply.status_code == 202, reply.text
+                accepted = reply.json()
+                assert [(i["input"], i["output"]) for i in document["images"]] == [
+                    (i["input"], i["output"]) for i in accepted["images"]]
+                assert document["operations"] == accepted["operations"]
+
+        same_verdict()
+    assert list((root / "inbox").iterdir()) == []
+
+
+def _judged(document: dict | None) -> dict | None:
+    """A drop-folder job's status once the request is judged (not while its id is reserved)."""
+    return document if document and (document["images"] or document["state"] == "failed") \
+        else None
+
+
+class _FaultyEngine(Engine):
+    """An engine whose drop-folder intake has a bug."""
+
+    calls = 0
+
+    def take(self, path: Path, **options: object) -> dict:
+        type(self).calls += 1
+        raise RuntimeError("a bug in taking files")
+
+
+def test_inbox_file_that_keeps_failing_is_not_retried_in_a_loop(
+        root: Path, settings: Settings, pool: LocalPool, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setattr(inbox, "RETRY", 0.1)
+    monkeypatch.setattr(inbox, "RESCAN", 0.2)
+    engine = _FaultyEngine(settings, pool)
+    engine.start()
+    request = root / "inbox" / "odd.json"
+    try:
+        with DropFolder(engine, root / "inbox"):
+            request.write_bytes(request_body([("a.png", "b.png")]))
+            wait_for(lambda: _FaultyEngine.calls >= inbox.RETRIES)
+            time.sleep(1.5)  # several rescans
+            assert _FaultyEngine.calls == inbox.RETRIES and request.exists()
+            request.write_bytes(request_body([("a.png", "c.png")]))  # changed: tried again
+            wait_for(lambda: _FaultyEngine.calls >= 2 * inbox.RETRIES)
+            time.sleep(1.0)
+            assert _FaultyEngine.calls == 2 * inbox.RETRIES
+    finally:
+        engine.close()
+    lines = [r for r in caplog.records if r.name == "imgserver.inbox"]
+    assert len(lines) == 2 * inbox.RETRIES
+    assert sum(r.exc_info is not None for r in lines) == 2  # the traceback once per version
+    assert "it stays in the drop folder, untouched until it changes" in lines[-1].getMessage()

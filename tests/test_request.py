@@ -12,6 +12,8 @@ from hypothesis import strategies as st
 from imgserver.errors import RequestError
 from imgserver.request import RequestLimits, parse_request
 
+from conftest import json_values
+
 LIMITS = RequestLimits(max_body_bytes=1 << 20, max_images=1000)
 
 
@@ -160,14 +162,6 @@ def test_request_rejected_writes_nothing(root: Path) -> None:
     assert sorted(root.rglob("*")) == before
 
 
-json_values = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8),
-    lambda children: st.lists(children, max_size=3)
-    | st.dictionaries(st.sampled_from(["images", "operations", "input", "output", "x"]),
-                      children, max_size=3),
-    max_leaves=12)
-
-
 @settings(max_examples=200, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(json_values)
 def test_request_any_json_is_accepted_or_rejected_with_problems(root: Path, value: object) -> None:
@@ -179,3 +173,32 @@ def test_request_any_json_is_accepted_or_rejected_with_problems(root: Path, valu
         assert request.images
         for image in request.images:
             assert image.input_path.is_relative_to(root) and image.output_path.is_relative_to(root)
+
+
+@settings(max_examples=200, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.binary(max_size=40) | st.builds(lambda head, tail: head + tail,
+                                           st.sampled_from([b'{"images": ', b"[" * 3000,
+                                                            b'{"x": ' + b"9" * 4301]),
+                                           st.binary(max_size=20)))
+def test_request_any_bytes_are_accepted_or_rejected_with_problems(root: Path, raw: bytes
+                                                                  ) -> None:
+    # Never anything but RequestError: every road turns that, and only that, into its answer.
+    try:
+        parse_request(raw, root, LIMITS)
+    except RequestError as error:
+        assert error.problems and all(p.field and p.message for p in error.problems)
+
+
+@pytest.mark.parametrize("raw, field, message", [
+    (b'{"images": ' + b"1" * 5000 + b', "operations": []}', "request",
+     "has a number of more than 4300 digits"),
+    (b'{"images": [{"input": "\\ud800.png", "output": "b.png"}], "operations": []}',
+     "images[0].input", "'\\ud800.png' cannot be a file name: '\\ud800' is a lone UTF-16 "
+                        "surrogate"),
+    (b'{"images": [{"input": "a.png", "output": "b\\udfff.png"}], "operations": []}',
+     "images[0].output", "is a lone UTF-16 surrogate"),
+    (b"[" * 100_000 + b"]" * 100_000, "request", "is nested too deeply"),
+])
+def test_request_what_json_and_file_names_cannot_hold_is_refused(root: Path, raw: bytes,
+                                                                 field: str, message: str) -> None:
+    assert message in problems(root, raw)[field]
