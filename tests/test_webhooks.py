@@ -100,8 +100,9 @@ def test_webhooks_retry_after_500_then_delivered_with_the_same_id(
         job = server.request("POST", "/jobs?wait=true", request_body(
             [("missing.png", "x.png")])).json()
         wait_for(lambda: len(receiver.deliveries) == 1)
-        pending = notifications(server, job["id"])[0]
-        assert pending["state"] == "pending" and pending["attempts"] == 1
+        pending = wait_for(lambda: (lambda entry: entry if entry["attempts"] == 1 else None)(
+            notifications(server, job["id"])[0]))  # recorded just after the answer
+        assert pending["state"] == "pending"
         assert pending["last_error"] == "HTTP 500 Internal Server Error"
         assert pending["next_attempt_at"]
         [final] = settled(server, job["id"])
