@@ -9,12 +9,15 @@ what happens to a job.
                                 (the outbox: files + index)  --> subscribers (events)
 
 ``submit`` validates the request (nothing is written for an invalid one), checks that its
-images fit in the queue, stores the request in the outbox and only then accepts it. One
-engine thread hands images to the executor through the ``Runner`` (round-robin between
-jobs), settles what becomes of them, and writes the status files. On start, every job
-whose request is kept and whose status is not final is queued again: an accepted job is
-never lost. A cancelled job's images that have not started never start; a restart does not
-resume it either.
+images fit in the queue, stores the request in the outbox and only then accepts it. Images
+go to the executor through the ``Runner`` (round-robin between jobs). Everything here
+happens holding one condition, on whichever thread has news: a submitting thread hands a
+new job's first image to a free worker at once; the executor's thread settles a finished
+image and hands its worker the next; the engine thread keeps time (time limits, status
+files rewritten at most every STATUS_INTERVAL, probes of a broken pool). On start, every
+job whose request is kept and whose status is not final is queued again: an accepted job
+is never lost. A cancelled job's images that have not started never start; a restart does
+not resume it either.
 """
 
 from __future__ import annotations
@@ -104,6 +107,8 @@ class Engine:
         self._closing = False
         self._storage_error: str | None = None
         self._listeners: list[Listener] = []
+        self._advancing = False
+        self._runner.on_complete = self._completed
         # Event numbers start from the clock, so that they keep growing across restarts.
         self._seq = time.time_ns() // 1000
         self._thread = threading.Thread(target=self._loop, name="imgserver-engine", daemon=True)
@@ -457,8 +462,7 @@ class Engine:
             active.dirty = True
         self._emit(JobAccepted, job.id, job.summary())
         document = job.to_document()  # as accepted: queued
-        for work in self._runner.dispatch():  # a free worker starts it now, not a wake later
-            self._started(work)
+        self._advance()  # a free worker starts it now, not when the engine thread wakes
         self._cond.notify_all()
         return document
 
@@ -537,17 +541,38 @@ class Engine:
 
     def _step(self) -> bool:
         """One turn of the engine thread; True once it is closing and nothing runs."""
-        for outcome in self._runner.collect() + self._runner.enforce_deadlines():
+        self._advancing = True  # a reset's callbacks fire on this thread: not into this
+        try:
+            expired = self._runner.enforce_deadlines()
+        finally:
+            self._advancing = False
+        for outcome in expired:
             self._settle(outcome)
+        self._advance()
         self._runner.probe()
         if self._closing and self._runner.idle:
             return True
-        if self._accepting and not self._closing:  # once stopping, images not started wait
-            for work in self._runner.dispatch():
-                self._started(work)
         self._flush()
         self._cond.wait(self._next_wakeup())
         return False
+
+    def _completed(self) -> None:
+        """An image finished (on the executor's thread, holding the condition): settle it
+        and hand its worker the next image now, without waking the engine thread."""
+        if not self._advancing:  # else the engine is in the midst of it on this thread
+            self._advance()
+
+    def _advance(self) -> None:
+        """Settle the images that finished; hand images to free workers."""
+        self._advancing = True
+        try:
+            for outcome in self._runner.collect():
+                self._settle(outcome)
+            if self._accepting and not self._closing:  # once stopping, queued images wait
+                for work in self._runner.dispatch():
+                    self._started(work)
+        finally:
+            self._advancing = False
 
     def _next_wakeup(self) -> float | None:
         moments = [a.written_at + STATUS_INTERVAL for a in self._active.values() if a.dirty]
@@ -589,12 +614,15 @@ class Engine:
                    progress["total"], waited, seconds)
 
     def _finish(self, active: _Active) -> None:
-        self._write(active)
+        # The status file is the record, written before anyone is answered; the index
+        # follows (a crash in between leaves a row that start-up checks against the file).
+        self._write(active, index=False)
         self._active.pop(active.job.id, None)
         document = active.job.to_document()
         for waiter in active.waiters:
             waiter.set_result(document)
         active.waiters.clear()
+        self._index(document)
         if active.lock_fd is not None:
             os.close(active.lock_fd)
             active.lock_fd = None
@@ -607,14 +635,20 @@ class Engine:
             if active.dirty and (force or moment - active.written_at >= STATUS_INTERVAL):
                 self._write(active)
 
-    def _write(self, active: _Active) -> None:
+    def _write(self, active: _Active, *, index: bool = True) -> None:
         try:
-            self.outbox.write_status(active.job.to_document())
+            self.outbox.write_status(active.job.to_document(), index=index)
         except OSError as exc:
             logger.error("cannot write the status of job %s: %s", active.job.id, exc)
             return
         active.dirty = False
         active.written_at = time.monotonic()
+
+    def _index(self, document: dict) -> None:
+        try:
+            self.outbox.index.put(summary(document))
+        except OSError as exc:
+            logger.error("cannot index job %s: %s", document["id"], exc)
 
     def _emit(self, kind: type[JobEvent], job_id: str, *fields: object) -> None:
         """Number an event and hand it to every listener (holding the condition)."""

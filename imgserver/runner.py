@@ -88,6 +88,9 @@ class Runner:
         self._retry_at = 0.0
         #: Worker processes ended by the runner's doing, by reason ("died", "timeout").
         self.restarts: Counter[str] = Counter()
+        #: Called on the executor's thread, holding the condition, when an image finishes
+        #: (the engine settles it at once there, rather than waking its own thread).
+        self.on_complete: Callable[[], None] | None = None
 
     # -- state --------------------------------------------------------------------------
 
@@ -191,6 +194,8 @@ class Runner:
     def _on_done(self, future: Future) -> None:
         with self._cond:
             self._completed.append(future)
+            if self.on_complete is not None:
+                self.on_complete()
             self._cond.notify_all()
 
     # -- outcomes -----------------------------------------------------------------------

@@ -252,8 +252,9 @@ class Outbox:
 
     # -- status, requests, removal --------------------------------------------------------
 
-    def write_status(self, document: dict[str, Any]) -> None:
-        """Replace the status file of ``document['id']`` atomically, then its index row."""
+    def write_status(self, document: dict[str, Any], *, index: bool = True) -> None:
+        """Replace the status file of ``document['id']`` atomically, then its index row
+        (unless ``index`` is False: the caller puts the row itself, a moment later)."""
         temp = self._temp()
         data = (json.dumps(document, indent=2) + "\n").encode()
         try:
@@ -267,7 +268,8 @@ class Outbox:
             os.replace(temp, self.status_path(document["id"]))
         finally:
             _unlink(temp)
-        self.index.put(summary(document))
+        if index:
+            self.index.put(summary(document))
         if document["state"] in FINAL_STATES:
             _unlink(self.cancel_path(document["id"]))  # the status says it from now on
 
