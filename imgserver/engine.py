@@ -619,6 +619,8 @@ class Engine:
         self._write(active, index=False)
         self._active.pop(active.job.id, None)
         document = active.job.to_document()
+        self._emit(StateChanged, active.job.id, active.job.state, active.job.progress())
+        self._emit(JobFinished, active.job.id, document)
         for waiter in active.waiters:
             waiter.set_result(document)
         active.waiters.clear()
@@ -626,8 +628,6 @@ class Engine:
         if active.lock_fd is not None:
             os.close(active.lock_fd)
             active.lock_fd = None
-        self._emit(StateChanged, active.job.id, active.job.state, active.job.progress())
-        self._emit(JobFinished, active.job.id, document)
 
     def _flush(self, force: bool = False) -> None:
         moment = time.monotonic()
