@@ -183,7 +183,8 @@ def test_cluster_worker_killed_mid_batch_loses_only_its_unfinished_images(
     with distributed.Client(cluster.scheduler_address, set_as_default=False) as client:
         pids = client.run(os.getpid)
     before = {output: os.stat(root / output).st_ino for output in wait_for(finished_some)}
-    os.kill(next(iter(pids.values())), signal.SIGKILL)
+    killed = next(iter(pids.values()))
+    os.kill(killed, signal.SIGKILL)
     final = final_status(dask_engine, job["id"], timeout=120)
     assert [image["state"] for image in final["images"]] == ["done"] * 60
     # Finished images were not run again (an output written again is a new file) ...
@@ -191,6 +192,14 @@ def test_cluster_worker_killed_mid_batch_loses_only_its_unfinished_images(
     # ... and only the image the worker was on counts as a crash: the others were given
     # back to the queue, not retried one by one as suspects.
     assert dask_engine.stats()["restarts"].get("died", 0) <= 1
+    # The worker started again runs without Dask's sampling profiler, as the others do.
+    with distributed.Client(cluster.scheduler_address, set_as_default=False) as client:
+        wait_for(lambda: (lambda now: len(now) == 2 and killed not in now)(
+            list(client.run(os.getpid).values())), timeout=60)
+        profiling = client.run(lambda dask_worker: any(
+            callback.is_running() for name, callback in dask_worker.periodic_callbacks.items()
+            if name.startswith("profile")))
+    assert list(profiling.values()) == [False, False]
 
 
 def test_cluster_worker_that_cannot_see_root_refuses_start(
