@@ -166,6 +166,7 @@ class DaskPool(Executor):
         self._gone: set[str] = set()            # removed, as the scheduler said
         self._restarting: set[str] = set()
         self._estimate = Estimate()             # what an image is expected to take
+        self._pump_due = False                  # the courier is to send batches
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()  # from Dask's threads
         self._closed = False
         self._capacity = 0
@@ -217,7 +218,11 @@ class DaskPool(Executor):
             self._estimate.handed(cost)
             self._items[ours] = item
             self._waiting.append(item)
-            self._pump()
+            # Sent from the courier's thread, once the engine has handed over all it had:
+            # the first batches of a job are then as full as its later ones.
+            if not self._pump_due:
+                self._pump_due = True
+                self._inbox.put(("pump",))
         return ours
 
     def _check(self) -> None:
@@ -358,6 +363,10 @@ class DaskPool(Executor):
                     self._on_ended(message[1], message[2])
                 elif message[0] == "end":
                     _end(message[1])
+                elif message[0] == "pump":
+                    with self._lock:
+                        self._pump_due = False
+                        self._pump()
                 else:
                     self._on_worker(message[1], message[2])
             except Exception:  # a bug must not stop every image's delivery

@@ -18,11 +18,6 @@ def test_plan_big_image_goes_alone() -> None:
     assert plan([0.01, 0.5], 1, budget=0.2) == 1
 
 
-def test_plan_image_of_unknown_time_goes_alone() -> None:
-    assert plan([None, 0.01, 0.01], 1) == 1
-    assert plan([0.01, None, 0.01], 1) == 1
-
-
 def test_plan_spreads_the_last_images_over_the_threads() -> None:
     assert plan([0.01] * 8, 4, budget=0.2) == 2
     assert plan([0.01] * 3, 4, budget=0.2) == 1
@@ -30,7 +25,10 @@ def test_plan_spreads_the_last_images_over_the_threads() -> None:
 
 def test_estimate_follows_the_time_per_byte() -> None:
     estimate = Estimate()
-    assert estimate.seconds(1000) is None and estimate.batch_size() == 1
+    assert estimate.batch_size() == 1
+    # Untimed: pessimistic, so that a 12 MP photo goes alone and 1080p JPEGs go in pairs.
+    assert plan([estimate.seconds(3_500_000)] + [estimate.seconds(100)] * 9, 1) == 1
+    assert plan([estimate.seconds(520_000)] * 20, 1) == 2
     for _ in range(50):
         estimate.handed(500_000)
         estimate.timed(500_000, 0.02)
