@@ -8,9 +8,9 @@
         v      ["start", n, size]   ["ended", n, [[i, ok, result or error], ...]]
     each image's own HeldFuture: started (its time limit starts), then done or failed
 
-Every Dask task costs the scheduler, the worker and the client a few milliseconds of CPU
-and a round trip; an image of a tenth of a megapixel costs about as much. A batch pays that
-once for several images. Its images still end one by one: the worker reports them as they
+Every Dask task costs the scheduler, the worker and the client several milliseconds of CPU
+and a round trip: about what resizing a 1080p JPEG costs. A batch pays that once for several
+images. Its images still end one by one: the worker reports them as they
 end (a few at a time, within ``REPORT_INTERVAL``), through the scheduler's event topics, so
 progress, results and time limits stay per image, and a worker that dies costs only the
 images it had not finished (or not reported).

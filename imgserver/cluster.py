@@ -30,6 +30,10 @@ back. What differs is translated at this seam, so the engine does not branch on 
 
 Workers read inputs and write outputs under ROOT themselves, so ROOT must be the same path
 on the server and on every worker: ``DaskPool`` checks that at start with a marker file.
+
+Dask's handlers and callbacks only pass what they hear to the courier thread, which keeps
+the batches and ends the images' futures in order (never holding the pool's lock then: the
+futures' callbacks take the engine's).
 """
 
 from __future__ import annotations
