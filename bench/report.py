@@ -13,7 +13,7 @@ def write_report(path: Path, results: dict[str, dict[str, Any]], workloads: list
                  machine: dict[str, str], processes: int, quick: bool,
                  processing_ms: float | None = None,
                  exact: dict[str, Any] | None = None,
-                 dask_overhead: tuple[float, float] | None = None) -> None:
+                 dask_cost: Any = None) -> None:
     lines = ["# Benchmarks", "",
              f"Measured by `scripts/bench{' --quick' if quick else ''}` on "
              f"{datetime.date.today().isoformat()}; every contender ran in the same run, "
@@ -50,11 +50,18 @@ def write_report(path: Path, results: dict[str, dict[str, Any]], workloads: list
                   "processes as the local pool has, on the same machine (the scheduler and the "
                   "nannies share its cores), against the local pool:", ""]
         lines += [f"- {name}: **{ratio:.2f}×** the local pool" for name, ratio in dask_rows]
-        if dask_overhead:
-            rate, one = dask_overhead
-            lines += [f"- Dask's own cost: {rate:.0f} empty tasks/s through the cluster, and "
-                      f"{one:.2f} ms per task submitted one at a time (the model in "
-                      f"docs/scaling.md starts from these)"]
+        if dask_cost:
+            cost = dask_cost
+            lines += [f"- Dask's own cost, on a scheduler process of its own with the same "
+                      f"workers (docs/scaling.md models the scheduler's limit from it): "
+                      f"{cost.tasks_per_s:.0f} empty tasks/s through the cluster, "
+                      f"{cost.one_ms:.2f} ms per task submitted one at a time; the "
+                      f"scheduler's CPU: **{cost.scheduler_task_ms:.2f} ms per task**, "
+                      f"**{cost.scheduler_message_ms:.2f} ms per message** a worker reports",
+                      f"- Near-empty images (8×8 PNG) through imgserver's batches: "
+                      f"{cost.images_per_s:.0f} images/s, {cost.images_per_task:.0f} per "
+                      f"task, {cost.messages_per_task:.1f} messages per task, "
+                      f"**{cost.scheduler_image_ms:.3f} ms** of the scheduler's CPU per image"]
     lines += ["", "p50 / p99: for imgserver, one request from sending to the answer (or the "
               "status file); for the loops, one image inside its worker. Peak RSS: the server "
               "process plus its workers (imgserver, Dask workers included), or the pool's "

@@ -36,6 +36,7 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(HERE))
+import daskcost  # noqa: E402
 from inputs import make_inputs  # noqa: E402
 from loops import peak_kib  # noqa: E402
 
@@ -321,23 +322,6 @@ def dask_cluster(processes: int) -> Iterator[tuple[str, list[int]]]:
         yield cluster.scheduler_address, list(client.run(os.getpid).values())
 
 
-def dask_overhead(processes: int, tasks: int = 2000) -> tuple[float, float]:
-    """Dask's own cost per task: tasks/s for empty tasks, and ms per task one at a time."""
-    import distributed
-
-    with dask_cluster(processes) as (address, _), distributed.Client(address) as client:
-        executor = client.get_executor(pure=False)
-        list(executor.map(abs, range(200)))  # warm
-        started = time.perf_counter()
-        list(executor.map(abs, range(tasks)))
-        rate = tasks / (time.perf_counter() - started)
-        started = time.perf_counter()
-        for number in range(100):
-            executor.submit(abs, number).result()
-        one = (time.perf_counter() - started) * 10
-    return rate, one
-
-
 # -- agreement ----------------------------------------------------------------------------
 
 def agreement(reference: Path, other: Path) -> Agreement:
@@ -436,8 +420,8 @@ def main() -> int:
             processing_ms = processing_time(work, inputs[0], workload.operations)
     from report import write_report
 
-    overhead = (dask_overhead(args.processes) if "imgserver-dask" in args.contenders
-                else None)
+    overhead = (daskcost.measure(work, args.processes, args.quick)
+                if "imgserver-dask" in args.contenders else None)
     write_report(args.output, results, WORKLOADS, machine(), args.processes, args.quick,
                  processing_ms, exact, overhead)
     print(args.output.read_text())

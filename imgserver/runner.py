@@ -7,11 +7,16 @@
     or retried alone:          its worker died (a second death fails it)
 
 An image is handed over only when the executor has room (its ``capacity``), so it starts
-when it is handed over: that is when its time limit starts. The executor is any
-``concurrent.futures.Executor``; a pool may also offer ``capacity`` (images to hand over at
-once; otherwise one per worker), ``problem`` (why no image can run now: the queue waits and
-/healthz says it) and ``reset(futures)`` (end these images: they ran over their time limit).
-``LocalPool`` and ``DaskPool`` offer all three.
+when it is handed over: that is when its time limit starts (but see ``backlog`` below). The
+executor is any ``concurrent.futures.Executor``; a pool may also offer ``capacity`` (images
+it runs at once; otherwise one per worker), ``problem`` (why no image can run now: the queue
+waits and /healthz says it) and ``reset(futures)`` (end these images: they ran over their
+time limit). ``LocalPool`` and ``DaskPool`` offer all three.
+
+A pool that batches images (``DaskPool``) also offers ``backlog``: images it takes beyond its
+capacity, to wait inside it for a batch. Its futures then say when their image really starts
+(``add_start_callback(fn)``, ``fn(future, moment)``), and the time limit starts then, so an
+image's limit never counts its wait behind others.
 
 The runner has no thread and no lock of its own: the engine calls it on its thread, holding
 the condition it was given, which the executor's callbacks notify.
@@ -20,6 +25,7 @@ the condition it was given, which the executor's callbacks notify.
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections import Counter, deque
@@ -120,11 +126,13 @@ class Runner:
     @property
     def capacity(self) -> int:
         """Images the executor runs at once (its workers)."""
-        return self._room()
+        # A pool may know its size (a Dask cluster's changes); else, as many as workers.
+        return self._capacity or int(getattr(self._executor, "capacity", 1))
 
     def next_wakeup(self) -> float | None:
         """The next moment (time.monotonic) the runner has something to do, if any."""
-        moments = [work.deadline for work in self._running.values() if not work.abandoned]
+        moments = [work.deadline for work in self._running.values()
+                   if not work.abandoned and work.deadline < math.inf]
         if self._crash_streak >= CRASH_STREAK and self._probing is None:
             moments.append(self._retry_at)
         if self.queue or self._retries:
@@ -173,8 +181,10 @@ class Runner:
         return started
 
     def _room(self) -> int:
-        # A pool may know its size (a Dask cluster's changes); else, as many as workers.
-        return self._capacity or int(getattr(self._executor, "capacity", 1))
+        # Images to hand over at once: a pool that batches takes a backlog beyond them.
+        if self._capacity:
+            return self._capacity
+        return self.capacity + int(getattr(self._executor, "backlog", 0))
 
     def _hand_over(self, work: Work) -> bool:
         try:
@@ -186,10 +196,22 @@ class Runner:
             return False
         self._refused = ""
         work.started_at = work.started_at or time.monotonic()
-        work.deadline = time.monotonic() + self._timeout
         self._running[future] = work
+        on_start = getattr(future, "add_start_callback", None)
+        if on_start is None:
+            work.deadline = time.monotonic() + self._timeout
+        else:  # it may wait inside the pool: its time limit starts when the image does
+            work.deadline = math.inf
+            on_start(self._on_start)
         future.add_done_callback(self._on_done)
         return True
+
+    def _on_start(self, future: Future, moment: float) -> None:
+        with self._cond:
+            work = self._running.get(future)
+            if work is not None and work.deadline == math.inf:
+                work.deadline = moment + self._timeout
+                self._cond.notify_all()
 
     def _on_done(self, future: Future) -> None:
         with self._cond:

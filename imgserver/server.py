@@ -80,12 +80,15 @@ class _Server(uvicorn.Server):
 def build_executor(settings: Settings) -> Executor:
     """The executor images run on: the local process pool, or a Dask cluster."""
     if settings.executor == "dask":
+        from imgserver.batch import REPORT_INTERVAL
         from imgserver.cluster import DaskPool  # imports distributed only when asked for
 
         if not settings.scheduler:
             raise ConfigError("--executor dask needs --scheduler tcp://HOST:PORT "
                               "(or IMGSERVER_SCHEDULER)")
-        return DaskPool(settings.scheduler, settings.root, max_pixels=settings.max_pixels)
+        # A worker's reports of ended images may lag: by much less than a time limit.
+        return DaskPool(settings.scheduler, settings.root, max_pixels=settings.max_pixels,
+                        report_interval=min(REPORT_INTERVAL, settings.image_timeout / 10))
     pool = LocalPool(settings.workers, max_pixels=settings.max_pixels,
                      max_tasks_per_child=settings.max_tasks_per_child)
     pool.warm()

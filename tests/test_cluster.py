@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import signal
 import subprocess
 import sys
 import time
+from collections import defaultdict
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -19,11 +22,12 @@ distributed = pytest.importorskip("distributed")
 # A second cluster finds the first one's HTTP port taken and says so; it takes another.
 pytestmark = pytest.mark.filterwarnings("ignore:Port 8787 is already in use")
 
+from imgserver.cluster import DaskPool  # noqa: E402
 from imgserver.engine import Engine  # noqa: E402
 from imgserver.pool import LocalPool  # noqa: E402
 from imgserver.settings import Settings  # noqa: E402
 
-from conftest import request_body, wait_for  # noqa: E402
+from conftest import final_status, request_body, wait_for  # noqa: E402
 from serving import Server, start_server  # noqa: E402
 
 
@@ -43,6 +47,36 @@ def dask_server(root: Path, cluster: distributed.LocalCluster) -> Iterator[Serve
     server = start_server(root, "--executor", "dask", "--scheduler", cluster.scheduler_address)
     yield server
     server.stop(signal.SIGKILL if server.process.poll() is None else signal.SIGTERM)
+
+
+@pytest.fixture
+def dask_engine(root: Path, cluster: distributed.LocalCluster) -> Iterator[Engine]:
+    """An engine in this process on the module's cluster (its pool is ``engine.pool``)."""
+    pool = DaskPool(cluster.scheduler_address, root, max_pixels=200_000_000)
+    engine = Engine(Settings.build({"root": str(root)}, environ={}), pool)
+    engine.pool = pool  # type: ignore[attr-defined]
+    engine.start(recover=False)
+    yield engine
+    engine.close()
+    pool.shutdown()
+
+
+def batches(address: str, topic: str | None = None) -> dict[int, dict[str, Any]]:
+    """What the workers reported on a pool's topic (the only pool's, when None): per batch,
+    its size and the outputs of each image that ended, by its place in the batch."""
+    with distributed.Client(address, set_as_default=False) as client:
+        events = client.get_events()
+    if topic is None:
+        [topic] = [name for name in events if name.startswith("imgserver-")]
+    found: dict[int, dict[str, Any]] = defaultdict(lambda: {"size": None, "ended": {}})
+    for _, message in events[topic]:
+        if message[0] == "start":
+            found[message[1]]["size"] = message[2]
+        else:
+            for place, _, payload in message[2]:
+                result = pickle.loads(payload)
+                found[message[1]]["ended"][place] = getattr(result, "outputs", result)
+    return dict(found)
 
 
 def images(make_image: Callable[..., Path]) -> list[tuple[str, str]]:
@@ -99,6 +133,73 @@ def test_cluster_worker_killed_mid_job_loses_nothing(
     done = [image["output"] for image in final["images"] if image["state"] == "done"]
     assert sorted(p.relative_to(root).as_posix() for p in (root / "out").iterdir()) == sorted(done)
     assert len(done) >= 5
+
+
+def test_cluster_small_images_go_in_batches_and_all_finish(
+        dask_engine: Engine, root: Path, make_image: Callable[..., Path],
+        cluster: distributed.LocalCluster) -> None:
+    for number in range(4):
+        make_image(f"in/{number}.png", 48, 32, seed=number)
+    pairs = [(f"in/{n % 4}.png", f"out/{n:02d}.png") for n in range(48)]
+    job = dask_engine.submit(request_body(pairs, ["resize=50"]), source="cli")
+    final = final_status(dask_engine, job["id"])
+    assert [image["state"] for image in final["images"]] == ["done"] * 48
+    reported = batches(cluster.scheduler_address, dask_engine.pool.topic)  # type: ignore
+    outputs = sorted(o for batch in reported.values() for ended in batch["ended"].values()
+                     for o in ended)
+    assert outputs == [f"out/{n:02d}.png" for n in range(48)]  # each image once
+    assert len(reported) < 48 / 2, reported  # a task per two images at most, not per image
+    assert max(batch["size"] for batch in reported.values()) >= 4
+
+
+def test_cluster_big_image_goes_alone(
+        dask_engine: Engine, root: Path, make_image: Callable[..., Path],
+        cluster: distributed.LocalCluster) -> None:
+    make_image("small.png", 48, 32)
+    make_image("big.png", 3000, 2000)  # a thousand times the bytes: expected to take long
+    pairs = [("small.png", f"out/{n:02d}.png") for n in range(30)]
+    pairs.insert(20, ("big.png", "out/big.png"))
+    job = dask_engine.submit(request_body(pairs, ["resize=50"]), source="cli")
+    final = final_status(dask_engine, job["id"])
+    assert all(image["state"] == "done" for image in final["images"])
+    reported = batches(cluster.scheduler_address, dask_engine.pool.topic)  # type: ignore
+    [big] = [batch for batch in reported.values() if ["out/big.png"] in batch["ended"].values()]
+    assert big["size"] == 1
+    assert any(batch["size"] > 1 for batch in reported.values())
+
+
+def test_cluster_worker_killed_mid_batch_loses_only_its_unfinished_images(
+        dask_engine: Engine, root: Path, make_image: Callable[..., Path],
+        cluster: distributed.LocalCluster) -> None:
+    make_image("in.png", 1200, 800)  # about 0.1 s each: several in a batch, for seconds
+    pairs = [("in.png", f"out/{n:02d}.png") for n in range(60)]
+    job = dask_engine.submit(request_body(pairs, ["blur=61"]), source="cli")
+
+    def finished_some() -> list[str] | None:
+        done = [image["output"] for image in dask_engine.status(job["id"])["images"]
+                if image["state"] == "done"]
+        return done if len(done) >= 6 else None
+
+    with distributed.Client(cluster.scheduler_address, set_as_default=False) as client:
+        pids = client.run(os.getpid)
+    before = {output: os.stat(root / output).st_ino for output in wait_for(finished_some)}
+    killed = next(iter(pids.values()))
+    os.kill(killed, signal.SIGKILL)
+    final = final_status(dask_engine, job["id"], timeout=120)
+    assert [image["state"] for image in final["images"]] == ["done"] * 60
+    # Finished images were not run again (an output written again is a new file) ...
+    assert {output: os.stat(root / output).st_ino for output in before} == before
+    # ... and only the image the worker was on counts as a crash: the others were given
+    # back to the queue, not retried one by one as suspects.
+    assert dask_engine.stats()["restarts"].get("died", 0) <= 1
+    # The worker started again runs without Dask's sampling profiler, as the others do.
+    with distributed.Client(cluster.scheduler_address, set_as_default=False) as client:
+        wait_for(lambda: (lambda now: len(now) == 2 and killed not in now)(
+            list(client.run(os.getpid).values())), timeout=60)
+        profiling = client.run(lambda dask_worker: any(
+            callback.is_running() for name, callback in dask_worker.periodic_callbacks.items()
+            if name.startswith("profile")))
+    assert list(profiling.values()) == [False, False]
 
 
 def test_cluster_worker_that_cannot_see_root_refuses_start(
@@ -172,22 +273,36 @@ def test_cluster_lost_scheduler_makes_health_503_and_keeps_jobs(
     assert saved["state"] == "queued"  # kept for the next start, not failed
 
 
-def test_cluster_image_over_time_limit_fails_and_the_rest_runs(
+def test_cluster_image_over_time_limit_inside_a_batch_fails_alone(
         root: Path, make_image: Callable[..., Path]) -> None:
-    make_image("huge.png", 6000, 4000)
     make_image("small.png", 40, 30)
+    # A small file (one flat colour) that takes long: nothing tells it from the others, so
+    # it goes in a batch with them.
+    assert cv2.imwrite(str(root / "slow.png"), np.full((4000, 6000, 3), 128, np.uint8))
+    names = ["1", "2", "slow", "3", "4", "5"]
+    pairs = [("slow.png" if name == "slow" else "small.png", f"out/{name}.png")
+             for name in names]
     with local_cluster(workers=1) as one:
         server = start_server(root, "--executor", "dask", "--scheduler", one.scheduler_address,
                               "--image-timeout", "1")
         try:
-            body = request_body([("huge.png", "out/huge.png"), ("small.png", "out/1.png"),
-                                 ("small.png", "out/2.png")], ["blur=61,9"])
-            reply = server.request("POST", "/jobs?wait=true", body, timeout=120)
+            # A first job tells the pool how long such images take.
+            warm = [("small.png", f"warm/{n}.png") for n in range(3)]
+            assert server.request("POST", "/jobs?wait=true", request_body(
+                warm, ["blur=61,9"])).json()["state"] == "done"
+            reply = server.request("POST", "/jobs?wait=true",
+                                   request_body(pairs, ["blur=61,9"]), timeout=120)
         finally:
             server.stop()
-    huge, first, second = reply.json()["images"]
-    assert huge["state"] == "failed" and "--image-timeout" in huge["error"]
-    assert first["state"] == "done" and second["state"] == "done"  # their wait is not counted
+        reported = batches(one.scheduler_address)
+    states = {image["output"]: image for image in reply.json()["images"]}
+    slow = states.pop("out/slow.png")
+    assert slow["state"] == "failed" and "--image-timeout" in slow["error"], slow
+    assert {image["state"] for image in states.values()} == {"done"}  # their wait not counted
+    # The one batch that did not end is the slow image's, and it held others too.
+    [unfinished] = [batch for batch in reported.values()
+                    if len(batch["ended"]) < batch["size"]]
+    assert unfinished["size"] > 1, reported
 
 
 def test_cluster_bad_scheduler_address_is_refused(root: Path) -> None:
