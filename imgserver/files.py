@@ -44,11 +44,12 @@ def router(engine: Engine, authorized: Callable[..., Any],
     output = Query(None, ge=0, description="The index of the file in the image's `outputs` "
                                            "(tiles after a split); absent: its input.")
     match = Header(None, alias="If-None-Match", description="The ETag of a copy you have.")
-    answers = {304: {"description": "Not modified: the copy you have is current."},
-               404: {"model": ErrorResponse, "description": "No such job, image or file, or "
-                     "the file cannot be read or decoded (the detail says why)."},
-               422: {"model": ErrorResponse, "description": "A parameter is invalid."},
-               **errors}
+    answers: dict[int | str, dict[str, Any]] = {
+        304: {"description": "Not modified: the copy you have is current."},
+        404: {"model": ErrorResponse, "description": "No such job, image or file, or the file "
+              "cannot be read or decoded (the detail says why)."},
+        422: {"model": ErrorResponse, "description": "A parameter is invalid."},
+        **errors}
 
     @routes.get("/jobs/{job_id}/images/{index}/thumbnail", summary="A thumbnail of a job's file",
                 response_class=Response, responses={200: {"content": {

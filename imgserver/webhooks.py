@@ -21,6 +21,7 @@ import asyncio
 import base64
 import contextlib
 import email.utils
+import functools
 import hashlib
 import hmac
 import json
@@ -153,7 +154,10 @@ class Notifier:
                 continue
             task = self._loop.create_task(self._deliver(job_id, index, document))
             self._tasks[key] = task
-            task.add_done_callback(lambda _, key=key: self._tasks.pop(key, None))
+            task.add_done_callback(functools.partial(self._forget, key))
+
+    def _forget(self, key: tuple[str, int], task: asyncio.Task) -> None:
+        self._tasks.pop(key, None)
 
     async def _deliver(self, job_id: str, index: int, document: dict[str, Any]) -> None:
         """Attempt one notification until it is delivered or fails for good."""
