@@ -457,9 +457,10 @@ class Engine:
         if write:
             self._write(active)
         else:
-            # Written by the engine thread at once, off the request's path: until then the
+            # Written by the engine thread with its next flush, off the request's path: a
+            # short job is done before, and only its final status is written. Until then the
             # request file is the job's record (a restart makes the job from it).
-            active.dirty = True
+            active.dirty, active.written_at = True, time.monotonic()
         self._emit(JobAccepted, job.id, job.summary())
         document = job.to_document()  # as accepted: queued
         self._advance()  # a free worker starts it now, not when the engine thread wakes
