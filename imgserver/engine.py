@@ -28,7 +28,7 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Executor, Future
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,7 +52,7 @@ from imgserver.job import (
     ImageStatus,
     Job,
     Notification,
-    expires_at,
+    served,
     summary,
 )
 from imgserver.keys import check_key
@@ -62,7 +62,6 @@ from imgserver.request import Request, RequestLimits, parse_request
 from imgserver.runner import Outcome, Runner, Work
 from imgserver.settings import Settings
 from imgserver.store import Outbox
-from imgserver.thumbnail import ThumbnailTask, make_thumbnail
 from imgserver.urls import redacted
 
 logger = logging.getLogger("imgserver.engine")
@@ -112,8 +111,8 @@ class Engine:
         # Event numbers start from the clock, so that they keep growing across restarts.
         self._seq = time.time_ns() // 1000
         self._thread = threading.Thread(target=self._loop, name="imgserver-engine", daemon=True)
-        self._scanner = threading.Thread(target=self._scan, name="imgserver-index-scan",
-                                         daemon=True)
+        self._scanner = threading.Thread(target=self.outbox.rebuild, name="imgserver-index-scan",
+                                         args=(self.resume, lambda: self._closing), daemon=True)
 
     # -- public interface -------------------------------------------------------------
 
@@ -164,14 +163,11 @@ class Engine:
     def _replay(self, key: str, body: bytes) -> dict | None:
         """The status of the job ``key`` created, if it exists; RequestError if that job's
         request is not ``body``."""
-        job_id = self.outbox.keys.lookup(key)
-        if job_id is None:
+        earlier = self.outbox.keyed(key)
+        if earlier is None:
             return None
-        try:
-            earlier = self.outbox.read_request(job_id)
-        except OSError:
-            return None  # never stored (a crash), or removed since: the key is free
-        if earlier != body:
+        job_id, request = earlier
+        if request != body:
             raise RequestError.single("Idempotency-Key", (
                 f"was used for another request (job {job_id}) in the last 24 hours; "
                 f"use a new key for a new request"))
@@ -187,15 +183,12 @@ class Engine:
         request becomes a failed job, since nobody is there to answer.
         """
         try:
-            peeked: Request | None = parse_request(peek, self.settings.root, self._limits)
+            peeked: Request | None = self._parse(peek)
         except RequestError:
             peeked = None  # it will be recorded as failed once taken
-        count = len(peeked.images) if peeked else 0
         with self._cond:
-            if not self._accepting:
-                raise CapacityError("the server is shutting down", retry_after=5)
-            if count:
-                self._admit(min(count, self.settings.max_queue))
+            # Room for what it asks (at most a full queue: more fails below, once taken).
+            self._admit(min(len(peeked.images), self.settings.max_queue) if peeked else 0)
             placeholder = Job(id="", source=source, operations=[], images=[])
 
             def reserved(job_id: str) -> None:
@@ -222,12 +215,9 @@ class Engine:
                 if self.settings.notify_url:
                     placeholder.notifications = [Notification(redacted(self.settings.notify_url))]
                 placeholder.reject(str(error), self.settings.keep_finished)
-                document = placeholder.to_document()
-                self.outbox.write_status(document)
-                self._emit(JobAccepted, job_id, summary(document))
-                self._emit(StateChanged, job_id, placeholder.state, placeholder.progress())
-                self._emit(JobFinished, job_id, document)
-                return document
+                self._emit(JobAccepted, job_id, placeholder.summary())
+                self._finish(_Active(placeholder))
+                return placeholder.to_document()
             job = self._new_job(job_id, source, request)
             job.created_at = placeholder.created_at
             return self._accept(job, request, None, write=True)
@@ -241,7 +231,7 @@ class Engine:
         document = self.outbox.read_status(job_id)
         if document is None:
             raise JobNotFound(f"no job with id {job_id!r}")
-        return self._served(document)
+        return served(document, self.settings.keep_finished)
 
     def snapshot(self, job_id: str) -> tuple[dict, int]:
         """The status document of ``job_id`` and the ``seq`` of the last event it reflects
@@ -249,12 +239,10 @@ class Engine:
         with self._cond:
             return self.status(job_id), self._seq
 
-    def thumbnail(self, path: Path, size: int) -> Future:
-        """A future of the thumbnail of ``path`` (a file a job lists) and its media type,
-        made by a worker; CapacityError when the workers cannot take it."""
-        return self._runner.run_now(make_thumbnail, ThumbnailTask(
-            str(self.settings.root), str(path), size, self.settings.max_pixels,
-            self.settings.max_file_bytes))
+    def run_now(self, fn: Callable[..., Any], *args: Any) -> Future:
+        """Run ``fn(*args)`` on a worker at once, outside the jobs' queue (a thumbnail);
+        CapacityError when the workers cannot take it."""
+        return self._runner.run_now(fn, *args)
 
     def stats(self) -> dict[str, Any]:
         """What the engine is doing now: images queued and running, workers, restarts."""
@@ -270,12 +258,8 @@ class Engine:
 
     def note_delivery(self, job_id: str, index: int, notification: Notification) -> None:
         """Record how the job's notification ``index`` went (the webhooks' progress)."""
-        with self._cond:
-            document = self.outbox.read_status(job_id)
-            if document is None or index >= len(document.get("notifications", [])):
-                return  # removed meanwhile (--keep-finished)
-            document["notifications"][index] = notification.to_document()
-            self.outbox.write_status(document)
+        with self._cond:  # not while the job's own status is being written
+            self.outbox.note_delivery(job_id, index, notification.to_document())
 
     def jobs(self, *, states: Sequence[str] = (), source: str | None = None, limit: int = 50,
              cursor: str | None = None) -> tuple[list[dict], str | None]:
@@ -288,7 +272,7 @@ class Engine:
                                                   cursor=cursor)
         with self._cond:  # a running job's row lags its status by up to STATUS_INTERVAL
             summaries = [self._active[s["id"]].job.summary() if s["id"] in self._active
-                         else self._served(s) for s in summaries]
+                         else served(s, self.settings.keep_finished) for s in summaries]
         return [s for s in summaries if not states or s["state"] in states], after
 
     def wait(self, job_id: str) -> Future:
@@ -489,19 +473,6 @@ class Engine:
             self._finish(active)
         return active
 
-    def _scan(self) -> None:
-        """Give every job on disk a row in the index, resuming the unfinished ones."""
-        started = time.monotonic()
-        logger.info("building the job index from the files in %s", self.outbox.path)
-        try:
-            added = self.outbox.scan(self.resume, stopping=lambda: self._closing)
-        except Exception:
-            logger.exception("cannot build the job index; listing jobs stays unavailable")
-            return
-        if not self.outbox.index.needs_scan:
-            logger.info("job index built: %d jobs added in %.1f s", added,
-                        time.monotonic() - started)
-
     def _parse(self, body: bytes) -> Request:
         return parse_request(body, self.settings.root, self._limits)
 
@@ -515,13 +486,6 @@ class Engine:
     def _shutting_down(job_id: str) -> CapacityError:
         return CapacityError(f"the server is shutting down; job {job_id} resumes at the next start",
                              retry_after=5)
-
-    def _served(self, document: dict) -> dict:
-        """A stored document as served: its expiry by the current ``--keep-finished``."""
-        if document.get("state") in FINAL_STATES and "finished_at" in document:
-            document["expires_at"] = expires_at(document["finished_at"],
-                                                self.settings.keep_finished)
-        return document
 
     # -- the engine thread --------------------------------------------------------------
 

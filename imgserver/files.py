@@ -31,7 +31,13 @@ from imgserver.engine import Engine
 from imgserver.errors import JobNotFound
 from imgserver.paths import OutsideRoot, open_file
 from imgserver.schema import ErrorResponse
-from imgserver.thumbnail import DEFAULT_SIZE, MAX_SIZE, listed_file
+from imgserver.thumbnail import (
+    DEFAULT_SIZE,
+    MAX_SIZE,
+    ThumbnailTask,
+    listed_file,
+    make_thumbnail,
+)
 
 CHUNK = 1 << 20
 
@@ -63,7 +69,10 @@ def router(engine: Engine, authorized: Callable[..., Any],
         etag = await run_in_threadpool(_etag, path, f"thumbnail-{size}")
         if if_none_match == etag:
             return Response(status_code=304, headers=_cache(etag))
-        data, media_type = await asyncio.wrap_future(engine.thumbnail(path, size))
+        settings = engine.settings
+        task = ThumbnailTask(str(settings.root), str(path), size, settings.max_pixels,
+                             settings.max_file_bytes)  # as strict as a job's image
+        data, media_type = await asyncio.wrap_future(engine.run_now(make_thumbnail, task))
         return Response(data, media_type=media_type, headers=_cache(etag))
 
     @routes.get("/jobs/{job_id}/images/{index}/file", summary="A job's file itself",

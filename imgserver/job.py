@@ -39,6 +39,14 @@ def expires_at(finished_at: str | None, keep: float) -> str | None:
     return timestamp(datetime.fromisoformat(finished_at) + timedelta(seconds=keep))
 
 
+def served(document: dict[str, Any], keep: float) -> dict[str, Any]:
+    """A stored status document as served: its expiry by the current ``keep``
+    (--keep-finished), which may have changed since it was written."""
+    if document.get("state") in FINAL_STATES and "finished_at" in document:
+        document["expires_at"] = expires_at(document["finished_at"], keep)
+    return document
+
+
 @dataclass
 class ImageStatus:
     """The state of one image of a job."""

@@ -21,6 +21,7 @@ import contextlib
 import errno
 import fcntl
 import json
+import logging
 import os
 import re
 import secrets
@@ -34,6 +35,8 @@ from typing import Any
 from imgserver.index import Index
 from imgserver.job import FINAL_STATES, now, summary
 from imgserver.keys import IdempotencyKeys
+
+logger = logging.getLogger("imgserver.store")
 
 REQUEST_SUFFIX = ".request.json"
 STATUS_SUFFIX = ".status.json"
@@ -283,6 +286,26 @@ class Outbox:
         except (OSError, ValueError):
             return None
 
+    def keyed(self, key: str) -> tuple[str, bytes] | None:
+        """The job the idempotency ``key`` made in the last 24 hours and its request; None
+        if there is none, or its request is not kept (never stored, or removed since)."""
+        job_id = self.keys.lookup(key)
+        if job_id is None:
+            return None
+        try:
+            return job_id, self.read_request(job_id)
+        except OSError:
+            return None
+
+    def note_delivery(self, job_id: str, index: int, notification: dict[str, Any]) -> None:
+        """Replace the job's notification ``index`` in its status file (a webhook's
+        progress); nothing if the file is gone (--keep-finished removed it meanwhile)."""
+        document = self.read_status(job_id)
+        if document is None or index >= len(document.get("notifications", [])):
+            return
+        document["notifications"][index] = notification
+        self.write_status(document)
+
     def read_summary(self, job_id: str) -> dict[str, Any] | None:
         """The status document of ``job_id`` without its images, or None.
 
@@ -373,6 +396,20 @@ class Outbox:
         self.index.add(found)
         self.index.scanned()
         return added + len(found)
+
+    def rebuild(self, unfinished: Callable[[str], None], stopping: Callable[[], bool]) -> None:
+        """``scan``, logged (a thread of its own at start, when the index needs it): a
+        failure leaves listing unavailable until the next start tries again."""
+        started = time.monotonic()
+        logger.info("building the job index from the files in %s", self.path)
+        try:
+            added = self.scan(unfinished, stopping)
+        except Exception:
+            logger.exception("cannot build the job index; listing jobs stays unavailable")
+            return
+        if not self.index.needs_scan:
+            logger.info("job index built: %d jobs added in %.1f s", added,
+                        time.monotonic() - started)
 
     def _ids_on_disk(self) -> Iterator[str]:
         seen: set[str] = set()
