@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
 import threading
 import time
@@ -107,6 +108,7 @@ class Engine:
         self._storage_error: str | None = None
         self._listeners: list[Listener] = []
         self._advancing = False
+        self._sleeping_until = 0.0  # when the engine thread wakes by itself (monotonic)
         self._runner.on_complete = self._completed
         # Event numbers start from the clock, so that they keep growing across restarts.
         self._seq = time.time_ns() // 1000
@@ -518,14 +520,24 @@ class Engine:
         if self._closing and self._runner.idle:
             return True
         self._flush()
-        self._cond.wait(self._next_wakeup())
+        timeout = self._next_wakeup()
+        self._sleeping_until = math.inf if timeout is None else time.monotonic() + timeout
+        self._cond.wait(timeout)
+        self._sleeping_until = 0.0
         return False
 
     def _completed(self) -> None:
         """An image finished (on the executor's thread, holding the condition): settle it
         and hand its worker the next image now, without waking the engine thread."""
-        if not self._advancing:  # else the engine is in the midst of it on this thread
-            self._advance()
+        if self._advancing:  # the engine is in the midst of it on this thread
+            return
+        self._advance()
+        # The engine thread is woken only when it must act sooner than it planned to (a
+        # status to write, a time limit, the end at closing), not for every image.
+        timeout = self._next_wakeup()
+        if self._closing or (timeout is not None
+                             and time.monotonic() + timeout < self._sleeping_until):
+            self._cond.notify_all()
 
     def _advance(self) -> None:
         """Settle the images that finished; hand images to free workers."""

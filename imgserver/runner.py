@@ -217,8 +217,9 @@ class Runner:
         with self._cond:
             self._completed.append(future)
             if self.on_complete is not None:
-                self.on_complete()
-            self._cond.notify_all()
+                self.on_complete()  # settles it now, and wakes the engine thread if it must
+            else:
+                self._cond.notify_all()
 
     # -- outcomes -----------------------------------------------------------------------
 

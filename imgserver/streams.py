@@ -5,8 +5,10 @@
                  append the bytes to the buffer of every stream that wants them
     GET /jobs/{id}/events, GET /events <-- one Stream each: joined buffers, sent as they come
 
-The engine only appends to a deque and, when it was empty, wakes the event loop: a stream
-never slows the engine. Each event is encoded once whatever the number of streams, and a
+The engine only appends to a deque and, when it was empty and a stream is open, wakes the
+event loop: a stream never slows the engine, and with nobody listening the events wait
+(for the history) until a stream opens or HISTORY of them gathered, rather than waking the
+loop for every image. Each event is encoded once whatever the number of streams, and a
 stream sends what gathered while it was sending in one write, so a hundred listeners cost
 little more than one. A stream whose client does not read stops at its buffer's bound:
 a job's stream then skips to a fresh ``status`` event, the all-jobs stream is closed.
@@ -81,6 +83,7 @@ class EventHub:
         self._scheduled = False
         self._history: deque[_Frame] = deque(maxlen=HISTORY)
         self._streams: dict[str | None, set[_Stream]] = {}
+        self._listening = 0  # streams open; read by the engine's thread
         self._closed = False
 
     # -- the engine's side ----------------------------------------------------------------
@@ -90,8 +93,10 @@ class EventHub:
         loop = self._loop
         if loop is None:
             return  # nobody can be listening before the server runs
+        # Appended before the check: a stream that opens meanwhile catches up after it is
+        # counted (``_open``), so an event is either caught up with or scheduled.
         self._pending.append(event)
-        if not self._scheduled:
+        if not self._scheduled and (self._listening or len(self._pending) >= HISTORY):
             self._scheduled = True
             try:
                 loop.call_soon_threadsafe(self._drain)
@@ -122,10 +127,13 @@ class EventHub:
     @property
     def streams(self) -> int:
         """Streams open now."""
-        return sum(len(streams) for streams in self._streams.values())
+        return self._listening
 
     def _drain(self) -> None:
         self._scheduled = False
+        self._catch_up()
+
+    def _catch_up(self) -> None:
         while self._pending:
             self._publish(_encode(self._pending.popleft()))
 
@@ -163,7 +171,7 @@ class EventHub:
             async for chunk in self._chunks(stream):
                 yield chunk
         finally:
-            self._streams[job_id].discard(stream)
+            self._close_stream(stream)
 
     async def all_streams(self, last_id: str | None) -> AsyncIterator[bytes]:
         """Every job's events, each data object carrying ``job``, and ``job`` when a job is
@@ -174,11 +182,12 @@ class EventHub:
             async for chunk in self._chunks(stream):
                 yield chunk
         finally:
-            self._streams[None].discard(stream)
+            self._close_stream(stream)
 
     def _open(self, job_id: str | None, last_id: str | None) -> _Stream:
         """Register a stream; queue what followed ``last_id`` when the history holds all of
         it, or else mark a fresh status as due."""
+        self._catch_up()  # the history first: events waited while nobody listened
         after = _seq(last_id)
         stream = _Stream(job_id, cursor=0, ended=self._closed)
         history = self._history
@@ -191,7 +200,13 @@ class EventHub:
             stream.fresh = job_id is not None or after is not None
             stream.cursor = history[-1].seq if history else 0
         self._streams.setdefault(job_id, set()).add(stream)
+        self._listening += 1
+        self._catch_up()  # what came while it was being counted
         return stream
+
+    def _close_stream(self, stream: _Stream) -> None:
+        self._streams[stream.job_id].discard(stream)
+        self._listening -= 1
 
     async def _status(self, stream: _Stream) -> tuple[bytes, bool]:
         """Fresh ``status`` events: of the stream's job (and ``end`` if it is finished), or of
