@@ -65,6 +65,7 @@ from imgserver.batch import (
     plan,
     run_batch,
 )
+from imgserver.daskworkers import WorkerSetup, check_shared_root, shared_root_workers
 from imgserver.errors import ConfigError, LostWork
 from imgserver.pipeline import run_image
 
@@ -76,60 +77,6 @@ WATCH_INTERVAL = 1.0
 
 #: What becomes of a future: set_result(value) or set_exception(error).
 Ending = tuple[Future, Any, BaseException | None]
-
-
-def read_marker(path: str) -> str:
-    """What a worker reads at ``path`` (run on every worker to prove the root is shared)."""
-    try:
-        return Path(path).read_text()
-    except OSError as exc:
-        return f"cannot read it: {exc.strerror or exc}"
-
-
-try:
-    from distributed.diagnostics.plugin import WorkerPlugin as _WorkerPlugin
-except ImportError:  # the dask extra is not installed: DaskPool says so when asked for
-    _WorkerPlugin = object  # type: ignore[misc, assignment]
-
-
-class WorkerSetup(_WorkerPlugin):  # type: ignore[misc, valid-type]
-    """A Dask worker plugin: the settings a local worker gets from ``init_worker``, and no
-    sampling profiler."""
-
-    name = "imgserver"
-    #: Dask's statistical profiler samples a worker's threads a hundred times a second (for
-    #: its dashboard): 5-10% of a tiles image's time on two busy cores. Off while this
-    #: plugin is on a worker.
-    PROFILER = ("profile", "profile-cycle")
-
-    def __init__(self, max_pixels: int) -> None:
-        self.max_pixels = max_pixels
-        self._stopped: dict[str, Any] = {}
-
-    def setup(self, worker: Any) -> None:
-        os.environ.setdefault("OPENCV_IO_MAX_IMAGE_PIXELS", str(self.max_pixels))
-        import cv2
-
-        import imgserver.batch  # noqa: F401 (loaded now, not by the first batch)
-        import imgserver.pipeline  # noqa: F401
-        from imgserver.pool import keep_freed_memory
-
-        cv2.setNumThreads(1)
-        keep_freed_memory()
-        # Taken out, not only stopped: a worker starting (or restarted) sets up its plugins
-        # first, then starts every periodic callback it has.
-        callbacks = getattr(worker, "periodic_callbacks", {})
-        for name in self.PROFILER:
-            if name in callbacks:
-                self._stopped[name] = callbacks.pop(name)
-                self._stopped[name].stop()
-
-    def teardown(self, worker: Any) -> None:
-        """Turn the profiler back on."""
-        for name, callback in self._stopped.items():
-            worker.periodic_callbacks[name] = callback
-            callback.start()
-        self._stopped.clear()
 
 
 class DaskPool(Executor):
@@ -631,42 +578,3 @@ def _end(endings: Iterable[Ending]) -> None:
                 future.set_result(value)
             else:
                 future.set_exception(error)
-
-
-def check_shared_root(client: Any, root: Path) -> set[str]:
-    """The workers, all of which see ``root`` as this server does; ConfigError otherwise."""
-    seen = _read_markers(client, root, None)
-    if not seen:
-        raise ConfigError("the Dask cluster has no workers")
-    for worker, found in sorted(seen.items()):
-        if found is not True:
-            raise ConfigError(
-                f"Dask worker {worker} does not see the root {root} as this server does "
-                f"({found}); every worker must mount the root at the same path (shared "
-                f"storage)")
-    return set(seen)
-
-
-def shared_root_workers(client: Any, root: Path, workers: list[str] | None = None) -> list[str]:
-    """Of ``workers`` (all when None), those that see ``root``; the others are logged."""
-    good = []
-    for worker, found in sorted(_read_markers(client, root, workers).items()):
-        if found is True:
-            good.append(worker)
-        else:
-            logger.error("Dask worker %s does not see the root %s (%s); images it runs "
-                         "will fail: give it the shared storage, or stop it", worker, root, found)
-    return good
-
-
-def _read_markers(client: Any, root: Path, workers: list[str] | None) -> dict[str, Any]:
-    token = secrets.token_hex(16)
-    marker = root / f".imgserver-shared-{token}"
-    marker.write_text(token)
-    try:
-        seen = client.run(read_marker, str(marker), workers=workers)
-    finally:
-        marker.unlink()
-    return {worker: True if found == token else
-            (found if found.startswith("cannot") else "it holds other files")
-            for worker, found in seen.items()}
