@@ -147,7 +147,7 @@ def scale(work: Path, code: Path | None, count: int, processes: int,
     root = history(work, count)
     extra = ["--keep-finished", "0"] if code is None else []
     result: dict[str, float] = {}
-    if code is None and rebuild:
+    if code is None and rebuild and count:
         for leftover in (root / "outbox").glob(".jobs.sqlite3*"):
             leftover.unlink()
         server = Server(root, processes, extra, code=code, start_timeout=600)
@@ -161,8 +161,9 @@ def scale(work: Path, code: Path | None, count: int, processes: int,
         result["start_s"] = server.started_in
         if code is None:
             result["list_ms"] = _p50(server, lambda: "/jobs")
-        ids = [f"{random.randrange(count):032x}" for _ in range(200)]
-        result["get_ms"] = _p50(server, lambda: f"/jobs/{ids.pop()}")
+        if count:
+            ids = [f"{random.randrange(count):032x}" for _ in range(200)]
+            result["get_ms"] = _p50(server, lambda: f"/jobs/{ids.pop()}")
     finally:
         server.stop()
     return result
@@ -235,7 +236,8 @@ def report(args: argparse.Namespace, results: dict[str, object]) -> str:
                   "N finished jobs of 10 images each in the outbox. Start: seconds from "
                   "`imgserver serve` to its first healthy `/healthz` (worker start-up "
                   "included). Rebuild: with the index deleted, seconds until `GET /jobs` "
-                  "answers again (the server is healthy meanwhile).", "",
+                  "answers again (the server is healthy meanwhile). 0 jobs: an empty outbox, "
+                  "what starting costs without any history.", "",
                   "| jobs | start s | GET /jobs p50 ms | GET /jobs/<id> p50 ms | rebuild s "
                   "| baseline start s | baseline GET /jobs/<id> p50 ms |",
                   "|---:|---:|---:|---:|---:|---:|---:|"]
@@ -243,9 +245,10 @@ def report(args: argparse.Namespace, results: dict[str, object]) -> str:
             current, old = measured["current"], measured.get("baseline") or {}
             lines.append(
                 f"| {count:,} | {current['start_s']:.2f} | {current['list_ms']:.2f} | "
-                f"{current['get_ms']:.2f} | {current.get('rebuild_s', float('nan')):.1f} | "
+                f"{current.get('get_ms', float('nan')):.2f} | "
+                f"{current.get('rebuild_s', float('nan')):.1f} | "
                 f"{old.get('start_s', float('nan')):.2f} | {old.get('get_ms', float('nan')):.2f} |")
-        counts = sorted(sizes)
+        counts = sorted(count for count in sizes if count)
         if len(counts) >= 2:
             small, large = sizes[counts[0]]["current"], sizes[counts[-1]]["current"]
             lines += ["", f"From {counts[0]:,} to {counts[-1]:,} jobs "
@@ -281,7 +284,8 @@ def main() -> int:
     parser.add_argument("--only", nargs="*", default=["fairness", "scale", "cost"])
     parser.add_argument("--batch", type=int, default=1000)
     parser.add_argument("--samples", type=int, default=5)
-    parser.add_argument("--sizes", type=int, nargs="*", default=[10_000, 300_000])
+    parser.add_argument("--sizes", type=int, nargs="*", default=[0, 10_000, 300_000],
+                        help="histories to measure (0: an empty outbox, the floor)")
     parser.add_argument("--baseline-sizes", type=int, nargs="*", default=[10_000],
                         help="sizes at which the baseline's start is measured too")
     parser.add_argument("--rounds", type=int, default=3)
