@@ -41,8 +41,10 @@ HISTORY = 10_000
 BACKLOG_BYTES = 1 << 20
 #: An idle stream gets a comment this often (seconds), so that proxies keep it open.
 KEEPALIVE = 15.0
-#: A stream waits this long after an event for others to send with it (seconds).
-GATHER = 0.02
+#: A stream writes at most once in this many seconds: the first event after a quiet spell
+#: goes at once, those of a busy job gather (a hundred streams then write twice a
+#: second each, not once per image); a job's end is never held back.
+GATHER = 0.5
 
 
 @dataclass(frozen=True)
@@ -67,6 +69,7 @@ class _Stream:
     ready: asyncio.Event = field(default_factory=asyncio.Event)
     ended: bool = False       # nothing more to send after the buffer (the job's end)
     fresh: bool = False       # a fresh status is due before anything else
+    sent_at: float = -GATHER  # when it last wrote (the event loop's clock)
 
 
 class EventHub:
@@ -241,6 +244,7 @@ class EventHub:
                 chunk = b"".join(item for _, item in stream.buffer)
                 stream.buffer.clear()
                 stream.size = 0
+                stream.sent_at = asyncio.get_running_loop().time()
                 yield chunk
             elif stream.ended:
                 return
@@ -251,8 +255,9 @@ class EventHub:
                 except asyncio.TimeoutError:
                     yield KEEPALIVE_COMMENT
                     continue
-                if not stream.ended:
-                    await asyncio.sleep(GATHER)  # let the events of this moment gather
+                wait = stream.sent_at + GATHER - asyncio.get_running_loop().time()
+                if wait > 0 and not stream.ended:
+                    await asyncio.sleep(wait)  # let the events of this moment gather
 
 
 def _encode(event: Event) -> _Frame:

@@ -41,6 +41,28 @@ def listed_when_ready(server: Server) -> list[dict]:
     return listing(server)
 
 
+def test_server_small_job_behind_a_large_batch_waits_for_a_turn_not_the_batch(
+        root: Path, make_image: Callable[..., Path]) -> None:
+    make_image("big.png", 2400, 1800)
+    make_image("a.png")
+    server = start_server(root, "--workers", "1")
+    try:
+        batch = server.request("POST", "/jobs", request_body(
+            [("big.png", f"batch/{n}.png") for n in range(12)], ["blur=31"])).json()["id"]
+        wait_for(lambda: server.request("GET", f"/jobs/{batch}").json()["state"] == "running")
+        small = server.request("POST", "/jobs?wait=true", request_body(
+            [("a.png", "small.png")], ["resize=10"]))
+        behind = server.request("GET", f"/jobs/{batch}").json()["progress"]["done"]
+        assert small.status == 200 and small.json()["state"] == "done"
+        # Round-robin: the small job took the next turn, after at most the image running
+        # when it came and the one handed over with it; the batch has far to go.
+        assert behind <= 3, behind
+        assert server.request("POST", f"/jobs/{batch}/cancel").status == 202
+        wait_state(server, batch, FINAL)
+    finally:
+        server.stop()
+
+
 def test_server_lists_jobs_newest_first_with_filters_across_a_restart(
         root: Path, make_image: Callable[..., Path]) -> None:
     make_image("a.png")
