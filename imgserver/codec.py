@@ -122,9 +122,7 @@ def decode_resized(data: bytes, limits: Limits, resize: Resize) -> np.ndarray | 
     flags = (_REDUCED_GRAY if header.channels == 1 else _REDUCED)[reduce]
     image, orientation = _decode(data, header, limits, flags | cv2.IMREAD_IGNORE_ORIENTATION)
     # The exact size comes from the full picture, upright.
-    width, height = header.width, header.height
-    if orientation in (5, 6, 7, 8):
-        width, height = height, width
+    width, height = _upright(header, orientation)
     size = resize.size(width, height)
     if (image.shape[1], image.shape[0]) != size:
         image = cv2.resize(image, size, interpolation=cv2.INTER_AREA)
@@ -144,12 +142,17 @@ def decode_blurred(data: bytes, limits: Limits, blur: Blur) -> np.ndarray | None
         return None
     flags = (_REDUCED_GRAY if header.channels == 1 else _REDUCED)[BLOCK]
     blocks, orientation = _decode(data, header, limits, flags | cv2.IMREAD_IGNORE_ORIENTATION)
-    width, height = header.width, header.height
-    if orientation in (5, 6, 7, 8):
-        width, height = height, width
+    width, height = _upright(header, orientation)
     if blocks.shape[:2] != (height // BLOCK, width // BLOCK) or blocks.dtype != np.uint8:
         return None  # not what a 1/8 decode gives (a 12-bit JPEG, say): decode in full
     return blur_blocks(blocks, width, height, blur.ksize, blur.sigma)
+
+
+def _upright(header: Header, orientation: int) -> tuple[int, int]:
+    """The picture's width and height once its EXIF ``orientation`` is applied."""
+    if orientation in (5, 6, 7, 8):  # turned a quarter: the sides swap
+        return header.height, header.width
+    return header.width, header.height
 
 
 #: Shrink on load only for JPEGs of at most this many bits per sample (colour photos take
