@@ -57,7 +57,7 @@ class JobRequest(BaseModel):
     notify: str | None = Field(
         None, pattern=r"^https?://", description=(
             "A URL to tell when the job is finished: a signed webhook (Standard Webhooks v1), "
-            "retried for about a day and a half until it is answered 2xx. Accepted only when "
+            "retried for about 28 hours until it is answered 2xx. Accepted only when "
             "it starts with one of the server's --notify-allow prefixes."),
         examples=["https://hooks.example.com/imgserver"])
 
