@@ -204,8 +204,11 @@ class Notifier:
                    "webhook-signature": sign(self._key, identifier, moment, body)}
         assert self._client is not None
         try:
-            response = await self._client.post(url, content=body, headers=headers)
-        except httpx2.TimeoutException:
+            # The client's timeout is per step (connect, each read); the whole attempt has
+            # its own, or a receiver that drips its answer would hold a slot for ever.
+            response = await asyncio.wait_for(
+                self._client.post(url, content=body, headers=headers), TIMEOUT)
+        except (httpx2.TimeoutException, asyncio.TimeoutError):
             return f"no answer within {TIMEOUT:g} s", None
         except httpx2.HTTPError as exc:
             return f"cannot connect: {exc or type(exc).__name__}", None

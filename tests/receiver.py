@@ -24,7 +24,7 @@ class Receiver:
     """Answers POSTs with the statuses queued in ``answers`` (then 200), recording each.
 
     An answer is a status code, or ``(status, headers)``, or ``"hang"`` (answer nothing for
-    a minute).
+    a minute), or ``"drip"`` (a 200 whose body comes a byte a second, for a minute).
     """
 
     answers: list[Any] = field(default_factory=list)
@@ -43,6 +43,15 @@ class Receiver:
                 answer = receiver.answers.pop(0) if receiver.answers else 200
                 if answer == "hang":
                     time.sleep(60)
+                    return
+                if answer == "drip":
+                    self.send_response(200)
+                    self.send_header("content-length", "60")
+                    self.end_headers()
+                    for _ in range(60):
+                        self.wfile.write(b"x")
+                        self.wfile.flush()
+                        time.sleep(1)
                     return
                 status, headers = answer if isinstance(answer, tuple) else (answer, {})
                 self.send_response(status)
