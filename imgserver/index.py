@@ -191,10 +191,11 @@ class Index:
             "ORDER BY created_at, id", ())]
 
     def expired(self, cutoff: str, limit: int) -> list[str]:
-        """Ids of jobs finished at or before ``cutoff`` (ISO-8601), at most ``limit``."""
+        """Ids of jobs finished at or before ``cutoff`` (ISO-8601), at most ``limit``; not
+        those with a webhook still to deliver (their status file holds its progress)."""
         return [job_id for (job_id,) in self._query(
             "SELECT id FROM jobs WHERE finished_at IS NOT NULL AND finished_at <= ? "
-            "ORDER BY finished_at LIMIT ?", (cutoff, limit))]
+            "AND notify = 0 ORDER BY finished_at LIMIT ?", (cutoff, limit))]
 
     def notify_pending(self) -> list[str]:
         """Ids of finished jobs with a webhook still to deliver."""

@@ -23,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -85,6 +85,7 @@ class EventHub:
         self._pending: deque[Event] = deque()
         self._scheduled = False
         self._history: deque[_Frame] = deque(maxlen=HISTORY)
+        self._ended: OrderedDict[str, int] = OrderedDict()  # job -> its end's seq, recent
         self._streams: dict[str | None, set[_Stream]] = {}
         self._listening = 0  # streams open; read by the engine's thread
         self._closed = False
@@ -142,6 +143,10 @@ class EventHub:
 
     def _publish(self, frame: _Frame) -> None:
         self._history.append(frame)
+        if frame.last:
+            self._ended[frame.job_id] = frame.seq
+            if len(self._ended) > HISTORY:
+                self._ended.popitem(last=False)
         for key in (frame.job_id, None):
             for stream in self._streams.get(key, ()):
                 self._deliver(stream, frame)
@@ -194,7 +199,14 @@ class EventHub:
         after = _seq(last_id)
         stream = _Stream(job_id, cursor=0, ended=self._closed)
         history = self._history
-        if (after is not None and history and history[0].seq - 1 <= after <= history[-1].seq):
+        ended = self._ended.get(job_id) if job_id is not None else None
+        if after is not None and ended is not None and ended <= after:
+            # Back after its job's end (EventSource reconnects by itself when a stream
+            # closes): the finished job's status and end again, then the stream closes.
+            stream.fresh = True
+            stream.cursor = history[-1].seq if history else 0
+        elif (after is not None and history
+              and history[0].seq - 1 <= after <= history[-1].seq):
             stream.cursor = after
             for frame in history:
                 if job_id is None or frame.job_id == job_id:
@@ -225,7 +237,7 @@ class EventHub:
             data = _sse("status", document, seq)
             if document["state"] in FINAL_STATES:
                 final = True
-                data += _sse("end", document, seq)
+                data += _sse("end", document, seq + 1)  # ids grow within the stream
         # Events queued meanwhile that the snapshot reflects are not sent again.
         stream.buffer = [(number, item) for number, item in stream.buffer if number > seq]
         stream.size = sum(len(item) for _, item in stream.buffer)

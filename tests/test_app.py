@@ -97,8 +97,8 @@ def test_app_too_many_images_is_422(root: Path, pool: LocalPool) -> None:
         assert "lists 3 images, the limit is 2" in response.json()["detail"]
 
 
-def test_app_token_guards_jobs_but_not_health_or_docs(root: Path, pool: LocalPool,
-                                                      make_image: Callable[..., Path]) -> None:
+def test_app_token_guards_every_job_route_but_not_health_docs_or_metrics(
+        root: Path, pool: LocalPool, make_image: Callable[..., Path]) -> None:
     make_image("a.png")
     settings = Settings.build({"root": str(root)}, environ={"IMGSERVER_TOKEN": "s3cret"})
     for client in client_for(settings, pool):
@@ -111,9 +111,14 @@ def test_app_token_guards_jobs_but_not_health_or_docs(root: Path, pool: LocalPoo
         assert good.status_code == 202
         job = client.get(good.headers["location"], headers={"Authorization": "bearer s3cret"})
         assert job.status_code == 200
-        assert client.get("/healthz").status_code == 200
-        assert client.get("/docs").status_code == 200
-        assert client.get("/openapi.json").status_code == 200
+        job_id = good.json()["id"]
+        for method, path in [("GET", "/jobs"), ("POST", f"/jobs/{job_id}/cancel"),
+                             ("GET", f"/jobs/{job_id}/events"), ("GET", "/events"),
+                             ("GET", f"/jobs/{job_id}/images/0/thumbnail"),
+                             ("GET", f"/jobs/{job_id}/images/0/file")]:
+            assert client.request(method, path).status_code == 401, path
+        for path in ("/healthz", "/docs", "/openapi.json", "/metrics", "/ui"):
+            assert client.get(path).status_code == 200, path
 
 
 def test_app_healthz(client: TestClient) -> None:

@@ -97,6 +97,23 @@ def test_streams_resume_after_last_event_id_or_fresh_status() -> None:
     asyncio.run(scenario())
 
 
+def test_streams_finished_job_reconnecting_after_its_end_gets_status_and_end() -> None:
+    async def scenario() -> None:
+        final = document("c", "done", 3)
+        hub = EventHub(lambda job_id: (final, 1002), lambda: ([], 1002))
+        hub.attach(asyncio.get_running_loop())
+        hub(JobAccepted(1000, "c", {"id": "c"}))
+        hub(StateChanged(1001, "c", "done", {"done": 3, "total": 3}))
+        hub(JobFinished(1002, "c", final))
+        # What EventSource does by itself once the server has closed the stream.
+        again = await asyncio.wait_for(collect(hub.job_stream("c", "1002"), 99), 5)
+        assert names(again) == ["status", "end"]
+        ids = [line for line in b"".join(again).decode().splitlines() if line.startswith("id:")]
+        assert ids == ["id: 1002", "id: 1003"]  # each event its own id, growing
+
+    asyncio.run(scenario())
+
+
 # -- real streams --------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")

@@ -117,6 +117,27 @@ def test_webhooks_retry_after_500_then_delivered_with_the_same_id(
         server.stop()
 
 
+def test_webhooks_pending_delivery_keeps_its_job_past_keep_finished(
+        root: Path, receiver: Receiver, make_image: Callable[..., Path]) -> None:
+    make_image("a.png")
+    receiver.answers = [(500, {"Retry-After": "3"}), 200]
+    server = start_server(root, "--notify-url", receiver.url, "--keep-finished", "1s",
+                          env={"IMGSERVER_NOTIFY_SECRET": SECRET})
+    try:
+        job_id = server.request("POST", "/jobs?wait=true", request_body(
+            [("a.png", "kept.png")])).json()["id"]
+        deadline = time.monotonic() + 30
+        while len(receiver.deliveries) < 2:  # past --keep-finished, its webhook pending
+            assert time.monotonic() < deadline, "the second attempt never came"
+            reply = server.request("GET", f"/jobs/{job_id}")
+            assert reply.status == 200, "removed while its webhook was pending"
+            time.sleep(0.1)
+        wait_for(lambda: server.request("GET", f"/jobs/{job_id}").status == 404)  # then
+        assert (root / "kept.png").exists()
+    finally:
+        server.stop()
+
+
 def test_webhooks_410_stops_at_once(root: Path, receiver: Receiver,
                                     make_image: Callable[..., Path]) -> None:
     make_image("a.png")
