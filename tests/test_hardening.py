@@ -249,6 +249,10 @@ SHADOWS = {
     "a package named imgserver": ["imgserver/__init__.py", "cv2.py", "numpy.py", "socket.py",
                                   "select.py", "signal.py", "ctypes.py", "json.py", "struct.py"],
 }
+#: For ``python -m imgserver``: a package of that name where it is started is what Python
+#: runs (its own rule for -m), so only the names it imports after.
+MODULE_SHADOWS = ["cv2.py", "numpy/__init__.py", "json.py", "struct.py", "pickle.py",
+                  "multiprocessing.py", "concurrent.py"]
 
 
 @pytest.mark.parametrize("layout", list(SHADOWS))
@@ -258,8 +262,24 @@ def test_hardening_working_folder_does_not_reach_the_workers(
     command = Path(sys.executable).parent / "imgserver"  # as scripts/run and the unit start it
     if not command.exists():
         pytest.skip("imgserver is not installed in this environment")
+    serve_from_a_shadowed_folder(root, make_image, tmp_path_factory, SHADOWS[layout],
+                                 [str(command)])
+
+
+def test_hardening_working_folder_does_not_reach_python_m_imgserver(
+        root: Path, make_image: Callable[..., Path],
+        tmp_path_factory: pytest.TempPathFactory) -> None:
+    serve_from_a_shadowed_folder(root, make_image, tmp_path_factory, MODULE_SHADOWS,
+                                 [sys.executable, "-m", "imgserver"])
+
+
+def serve_from_a_shadowed_folder(root: Path, make_image: Callable[..., Path],
+                                 tmp_path_factory: pytest.TempPathFactory, names: list[str],
+                                 command: list[str]) -> None:
+    """Plant ``names`` in the root, start the server there, run an HTTP job and a drop-folder
+    job: every image is done and nothing planted was imported."""
     imported = tmp_path_factory.mktemp("imported")
-    for name in SHADOWS[layout]:
+    for name in names:
         path = root / name
         path.parent.mkdir(parents=True, exist_ok=True)
         if not name.endswith("/"):
@@ -267,7 +287,7 @@ def test_hardening_working_folder_does_not_reach_the_workers(
                             f"raise ImportError('imported from the working folder: ' + __name__)\n")
     make_image("a.png", 40, 30)
     make_image("b.png", 30, 40)
-    server = start_server(root, "--workers", "2", command=[str(command)], cwd=root)
+    server = start_server(root, "--workers", "2", command=command, cwd=root)
     try:
         reply = server.request("POST", "/jobs", request_body(
             [("a.png", "out/a.png"), ("b.png", "out/b.png")], ["resize=50", "blur=3"]))
