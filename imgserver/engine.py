@@ -32,6 +32,7 @@ import uuid
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor, Future
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +56,7 @@ from imgserver.job import (
     Notification,
     served,
     summary,
+    timestamp,
 )
 from imgserver.keys import check_key
 from imgserver.pipeline import ImageTask
@@ -69,6 +71,9 @@ logger = logging.getLogger("imgserver.engine")
 
 #: A running job's status file is rewritten at most this often (and at every state change).
 STATUS_INTERVAL = 0.5
+#: A client back on the all-jobs stream after its events are gone hears of at most this
+#: many jobs that finished meanwhile.
+RECENTLY_FINISHED = 1000
 
 
 @dataclass(eq=False)
@@ -253,10 +258,19 @@ class Engine:
             return {"queued": self._open_images - running, "running": running,
                     "workers": self._runner.capacity, "restarts": dict(self._runner.restarts)}
 
-    def unfinished(self) -> tuple[list[dict], int]:
-        """Summaries of the jobs not finished, and the ``seq`` of the last event they reflect."""
-        with self._cond:
-            return [active.job.summary() for active in self._active.values()], self._seq
+    def unfinished(self, since: int | None = None) -> tuple[list[dict], int]:
+        """Summaries of the jobs not finished, and of those finished since the event
+        ``since`` (at most RECENTLY_FINISHED, newest first); and the ``seq`` of the last event
+        they reflect. An event's number is at most the clock's microseconds when it
+        happened, so the jobs finished since are those with a ``finished_at`` from that
+        moment on (and a few from the same millisecond)."""
+        with self._cond:  # the index is written under it: a job is in one list or the other
+            summaries = [active.job.summary() for active in self._active.values()]
+            if since is not None:
+                moment = timestamp(datetime.fromtimestamp(since / 1e6, timezone.utc))
+                summaries += [served(s, self.settings.keep_finished) for s in
+                              self.outbox.index.finished_since(moment, RECENTLY_FINISHED)]
+            return summaries, self._seq
 
     def note_delivery(self, job_id: str, index: int, notification: Notification) -> None:
         """Record how the job's notification ``index`` went (the webhooks' progress)."""
@@ -629,7 +643,9 @@ class Engine:
 
     def _emit(self, kind: type[JobEvent], job_id: str, *fields: object) -> None:
         """Number an event and hand it to every listener (holding the condition)."""
-        self._seq += 1
+        # Numbers follow the clock (microseconds) when it is ahead: they keep growing across
+        # restarts, and a number says when its event happened, at the latest.
+        self._seq = max(self._seq + 1, time.time_ns() // 1000)
         event: Event = kind(self._seq, job_id, *fields)  # type: ignore[assignment]
         for listener in self._listeners:
             try:

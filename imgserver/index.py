@@ -197,6 +197,13 @@ class Index:
             "SELECT id FROM jobs WHERE finished_at IS NOT NULL AND finished_at <= ? "
             "AND notify = 0 ORDER BY finished_at LIMIT ?", (cutoff, limit))]
 
+    def finished_since(self, moment: str, limit: int) -> list[dict[str, Any]]:
+        """Summaries of the jobs finished at or after ``moment`` (ISO-8601), newest first, at
+        most ``limit``."""
+        return [json.loads(summary) for (summary,) in self._query(
+            "SELECT summary FROM jobs WHERE finished_at >= ? ORDER BY finished_at DESC "
+            "LIMIT ?", (moment, limit))]
+
     def notify_pending(self) -> list[str]:
         """Ids of finished jobs with a webhook still to deliver."""
         return [job_id for (job_id,) in self._query("SELECT id FROM jobs WHERE notify = 1", ())]

@@ -69,6 +69,7 @@ class _Stream:
     ready: asyncio.Event = field(default_factory=asyncio.Event)
     ended: bool = False       # nothing more to send after the buffer (the job's end)
     fresh: bool = False       # a fresh status is due before anything else
+    since: int | None = None  # the stale id it came back with (all jobs: what changed since)
     sent_at: float = -GATHER  # when it last wrote (the event loop's clock)
 
 
@@ -76,9 +77,10 @@ class EventHub:
     """Fans the engine's events out to Server-Sent Event streams."""
 
     def __init__(self, snapshot: Callable[[str], tuple[dict, int]],
-                 active: Callable[[], tuple[list[dict], int]]) -> None:
+                 active: Callable[[int | None], tuple[list[dict], int]]) -> None:
         """``snapshot(job_id)``: a job's status document and the seq it reflects;
-        ``active()``: the summaries of the unfinished jobs, and the seq they reflect."""
+        ``active(since)``: the summaries of the unfinished jobs, and of those finished since
+        event ``since`` (None: none), and the seq they reflect."""
         self._snapshot = snapshot
         self._active = active
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -213,6 +215,7 @@ class EventHub:
                     self._deliver(stream, frame)
         else:
             stream.fresh = job_id is not None or after is not None
+            stream.since = after
             stream.cursor = history[-1].seq if history else 0
         self._streams.setdefault(job_id, set()).add(stream)
         self._listening += 1
@@ -229,7 +232,7 @@ class EventHub:
         stream.fresh = False
         final = False
         if stream.job_id is None:
-            documents, seq = await asyncio.to_thread(self._active)
+            documents, seq = await asyncio.to_thread(self._active, stream.since)
             data = b"".join(_sse("status", {**document, "job": document["id"]}, seq)
                             for document in documents)
         else:

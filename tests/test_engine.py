@@ -297,6 +297,33 @@ def test_engine_cancel_running_job_lets_running_image_finish(
     assert not (root / "outbox" / f"{job_id}.cancel").exists()
 
 
+def test_engine_unfinished_since_an_event_adds_the_jobs_finished_after_it(
+        root: Path, settings: Settings, pool: LocalPool, make_image: Callable[..., Path]) -> None:
+    make_image("a.png")
+    engine = Engine(settings, pool)
+    engine.start()
+
+    def run(name: str) -> str:
+        time.sleep(0.005)  # finished_at counts milliseconds: keep the jobs apart in time
+        job_id = engine.submit(request_body([("a.png", f"{name}.png")]), source="http")["id"]
+        engine.wait(job_id).result(timeout=60)
+        return job_id
+
+    try:
+        before = run("before")
+        between = run("between")
+        _, since = engine.unfinished()  # the number of between's last event
+        after = run("after")
+        summaries, seq = engine.unfinished(since)
+        ids = [s["id"] for s in summaries]
+        assert after in ids and before not in ids
+        assert all(s["state"] == "done" for s in summaries) and seq > since
+        assert engine.unfinished() == ([], seq)  # without: only the jobs not finished
+        assert [s["id"] for s in engine.unfinished(0)[0]] == [after, between, before]
+    finally:
+        engine.close()
+
+
 def test_engine_cancelled_job_is_not_resumed(root: Path, settings: Settings, pool: LocalPool,
                                              make_image: Callable[..., Path]) -> None:
     make_image("a.png")

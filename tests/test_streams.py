@@ -43,7 +43,7 @@ def test_streams_slow_client_is_bounded_then_skipped_ahead_or_closed() -> None:
     async def scenario() -> None:
         state = {"seq": 0}
         hub = EventHub(lambda job_id: (document(job_id, "running", 1), state["seq"]),
-                       lambda: ([], state["seq"]))
+                       lambda since: ([], state["seq"]))
         hub.attach(asyncio.get_running_loop())
         job_stream = hub.job_stream("a", None).__aiter__()
         all_stream = hub.all_streams(None).__aiter__()
@@ -76,8 +76,9 @@ def test_streams_slow_client_is_bounded_then_skipped_ahead_or_closed() -> None:
 
 def test_streams_resume_after_last_event_id_or_fresh_status() -> None:
     async def scenario() -> None:
+        asked: list[int | None] = []
         hub = EventHub(lambda job_id: (document(job_id, "running", 2), 1003),
-                       lambda: ([document("b", "running")], 1003))
+                       lambda since: (asked.append(since) or [document("b", "running")], 1003))
         hub.attach(asyncio.get_running_loop())
         hub(JobAccepted(1000, "b", {"id": "b"}))
         hub(StateChanged(1001, "b", "running", {"done": 0, "total": 3}))
@@ -93,6 +94,7 @@ def test_streams_resume_after_last_event_id_or_fresh_status() -> None:
         lost = hub.all_streams("5").__aiter__()
         chunk = await lost.__anext__()
         assert names([chunk]) == ["status"] and b'"job":"b"' in chunk
+        assert asked == [5]  # and the jobs finished since that event, the engine adds
 
     asyncio.run(scenario())
 
@@ -100,7 +102,7 @@ def test_streams_resume_after_last_event_id_or_fresh_status() -> None:
 def test_streams_finished_job_reconnecting_after_its_end_gets_status_and_end() -> None:
     async def scenario() -> None:
         final = document("c", "done", 3)
-        hub = EventHub(lambda job_id: (final, 1002), lambda: ([], 1002))
+        hub = EventHub(lambda job_id: (final, 1002), lambda since: ([], 1002))
         hub.attach(asyncio.get_running_loop())
         hub(JobAccepted(1000, "c", {"id": "c"}))
         hub(StateChanged(1001, "c", "done", {"done": 3, "total": 3}))
