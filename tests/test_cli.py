@@ -10,7 +10,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from imgserver.settings import OPTIONS
+from imgserver.settings import OPTIONS, Settings
 
 from conftest import request_body
 
@@ -113,3 +113,23 @@ def test_cli_python_dash_m_shows_help() -> None:
     result = subprocess.run([sys.executable, "-m", "imgserver", "--help"], capture_output=True,
                             text=True, timeout=60)
     assert result.returncode == 0 and "serve" in result.stdout and "run" in result.stdout
+
+
+def test_cli_defaults_and_variables_are_the_contracts() -> None:
+    defaults = Settings.build({}, environ={})
+    assert (defaults.max_pixels, defaults.max_file_bytes, defaults.max_body_bytes,
+            defaults.max_images, defaults.max_queue, defaults.image_timeout,
+            defaults.read_timeout, defaults.keep_finished) == (
+        200000000, 536870912, 1048576, 1000, 10000, 300, 10, 30 * 86400)
+    for text, seconds in [("30d", 30 * 86400), ("12h", 43200), ("15m", 900), ("90s", 90),
+                          ("0", 0)]:
+        assert Settings.build({}, environ={"IMGSERVER_KEEP_FINISHED": text}).keep_finished \
+            == seconds, text
+    chosen = Settings.build({}, environ={
+        "IMGSERVER_MAX_PIXELS": "5", "IMGSERVER_MAX_FILE_BYTES": "6",
+        "IMGSERVER_MAX_BODY_BYTES": "7", "IMGSERVER_MAX_IMAGES": "8",
+        "IMGSERVER_MAX_QUEUE": "9", "IMGSERVER_IMAGE_TIMEOUT": "1.5",
+        "IMGSERVER_READ_TIMEOUT": "2.5"})
+    assert (chosen.max_pixels, chosen.max_file_bytes, chosen.max_body_bytes, chosen.max_images,
+            chosen.max_queue, chosen.image_timeout, chosen.read_timeout) == (
+        5, 6, 7, 8, 9, 1.5, 2.5)
