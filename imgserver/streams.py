@@ -233,8 +233,10 @@ class EventHub:
         final = False
         if stream.job_id is None:
             documents, seq = await asyncio.to_thread(self._active, stream.since)
-            data = b"".join(_sse("status", {**document, "job": document["id"]}, seq)
-                            for document in documents)
+            # Each its own id, growing, the last one ``seq``: all are as of that event.
+            first = seq - len(documents) + 1
+            data = b"".join(_sse("status", {**document, "job": document["id"]}, first + number)
+                            for number, document in enumerate(documents))
         else:
             document, seq = await asyncio.to_thread(self._snapshot, stream.job_id)
             data = _sse("status", document, seq)

@@ -78,7 +78,8 @@ def test_streams_resume_after_last_event_id_or_fresh_status() -> None:
     async def scenario() -> None:
         asked: list[int | None] = []
         hub = EventHub(lambda job_id: (document(job_id, "running", 2), 1003),
-                       lambda since: (asked.append(since) or [document("b", "running")], 1003))
+                       lambda since: (asked.append(since) or [document("b", "running"),
+                                                              document("z", "done", 3)], 1003))
         hub.attach(asyncio.get_running_loop())
         hub(JobAccepted(1000, "b", {"id": "b"}))
         hub(StateChanged(1001, "b", "running", {"done": 0, "total": 3}))
@@ -93,7 +94,9 @@ def test_streams_resume_after_last_event_id_or_fresh_status() -> None:
         assert names([await too_old.__anext__()]) == ["status"]
         lost = hub.all_streams("5").__aiter__()
         chunk = await lost.__anext__()
-        assert names([chunk]) == ["status"] and b'"job":"b"' in chunk
+        assert names([chunk]) == ["status", "status"] and b'"job":"b"' in chunk
+        assert [line for line in chunk.decode().splitlines() if line.startswith("id:")] == [
+            "id: 1002", "id: 1003"]  # growing, the last one the snapshot's
         assert asked == [5]  # and the jobs finished since that event, the engine adds
 
     asyncio.run(scenario())
