@@ -284,8 +284,11 @@ class Engine:
         if self.outbox.index.needs_scan:
             raise CapacityError("the job index is being rebuilt from the status files; "
                                 "listing is back when it is done", retry_after=5)
-        summaries, after = self.outbox.index.page(states=states, source=source, limit=limit,
-                                                  cursor=cursor)
+        asked = set(states)
+        if asked & {QUEUED, RUNNING}:  # a live job's row may still say the other one
+            asked |= {QUEUED, RUNNING}
+        summaries, after = self.outbox.index.page(states=sorted(asked), source=source,
+                                                  limit=limit, cursor=cursor)
         with self._cond:  # a running job's row lags its status by up to STATUS_INTERVAL
             summaries = [self._active[s["id"]].job.summary() if s["id"] in self._active
                          else served(s, self.settings.keep_finished) for s in summaries]

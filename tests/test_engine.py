@@ -237,6 +237,23 @@ def test_engine_small_job_takes_its_turn_behind_a_batch(
     assert [index for job, index in finished if job == batch] == list(range(20))
 
 
+def test_engine_lists_a_job_by_its_live_state_before_its_row_catches_up(
+        root: Path, make_image: Callable[..., Path],
+        blocked: tuple[ThreadPoolExecutor, threading.Event]) -> None:
+    executor, release = blocked
+    make_image("a.png")
+    engine = Engine(Settings.build({"root": str(root)}, environ={}), executor, concurrency=1)
+    engine.start()
+    try:
+        job_id = engine.submit(request_body([("a.png", "a2.png")]), source="http")["id"]
+        wait_for(lambda: engine.status(job_id)["state"] == "running")  # its row: queued
+        assert [s["id"] for s in engine.jobs(states=["running"])[0]] == [job_id]
+        assert engine.jobs(states=["queued"])[0] == []
+    finally:
+        release.set()
+        engine.close()
+
+
 def test_engine_cancel_queued_job_runs_nothing(
         root: Path, make_image: Callable[..., Path],
         blocked: tuple[ThreadPoolExecutor, threading.Event]) -> None:
