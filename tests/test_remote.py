@@ -114,6 +114,12 @@ def test_remote_jobs_and_cancel(server: Server) -> None:
     lines = listed.stdout.splitlines()
     assert lines[0].split()[:3] == [slow, "running", "http"]
     assert lines[1].split()[:4] == [small.json()["id"], "done", "http", "1/1"]
+    by_variable = subprocess.run(  # no --server: IMGSERVER_URL says where
+        [sys.executable, "-m", "imgserver", "jobs", "--limit", "2"], capture_output=True,
+        text=True, timeout=120,
+        env={**os.environ, "IMGSERVER_URL": f"http://127.0.0.1:{server.port}"})
+    assert by_variable.returncode == 0
+    assert by_variable.stdout.splitlines()[0].split()[:3] == [slow, "running", "http"]
     done = imgserver(server, "jobs", "--state", "done").stdout.splitlines()
     assert done[0] == lines[1] and all(" done " in line for line in done)
     as_json = [json.loads(line) for line in imgserver(

@@ -10,7 +10,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from fastapi.sse import KEEPALIVE_COMMENT
 
+from imgserver import streams
 from imgserver.events import ImageFinished, JobAccepted, JobFinished, StateChanged
 from imgserver.job import ImageStatus
 from imgserver.streams import BACKLOG_BYTES, EventHub
@@ -115,6 +117,20 @@ def test_streams_finished_job_reconnecting_after_its_end_gets_status_and_end() -
         assert names(again) == ["status", "end"]
         ids = [line for line in b"".join(again).decode().splitlines() if line.startswith("id:")]
         assert ids == ["id: 1002", "id: 1003"]  # each event its own id, growing
+
+    asyncio.run(scenario())
+
+
+def test_streams_idle_stream_gets_a_keepalive_comment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(streams, "KEEPALIVE", 0.2)  # 15 s in the server
+
+    async def scenario() -> None:
+        hub = EventHub(lambda job_id: (document(job_id, "running"), 1), lambda since: ([], 1))
+        hub.attach(asyncio.get_running_loop())
+        idle = hub.all_streams(None).__aiter__()
+        begun = asyncio.get_running_loop().time()
+        assert await asyncio.wait_for(idle.__anext__(), 5) == KEEPALIVE_COMMENT
+        assert asyncio.get_running_loop().time() - begun >= 0.15
 
     asyncio.run(scenario())
 
