@@ -173,21 +173,19 @@ class EventHub:
 
     # -- streams ---------------------------------------------------------------------------
 
-    async def job_stream(self, job_id: str, last_id: str | None) -> AsyncIterator[bytes]:
+    def job_stream(self, job_id: str, last_id: str | None) -> AsyncIterator[bytes]:
         """The events of ``job_id``: ``status``, then ``image`` and ``state`` as they happen,
         then ``end``; after ``last_id``, the events that followed it if they are held."""
-        stream = self._open(job_id, last_id)
-        try:
-            async for chunk in self._chunks(stream):
-                yield chunk
-        finally:
-            self._close_stream(stream)
+        return self._serve(job_id, last_id)
 
-    async def all_streams(self, last_id: str | None) -> AsyncIterator[bytes]:
+    def all_streams(self, last_id: str | None) -> AsyncIterator[bytes]:
         """Every job's events, each data object carrying ``job``, and ``job`` when a job is
         accepted; after ``last_id``, the events that followed it if they are held, otherwise
-        a ``status`` event for each unfinished job."""
-        stream = self._open(None, last_id)
+        a ``status`` event for each job unfinished or finished since."""
+        return self._serve(None, last_id)
+
+    async def _serve(self, job_id: str | None, last_id: str | None) -> AsyncIterator[bytes]:
+        stream = self._open(job_id, last_id)
         try:
             async for chunk in self._chunks(stream):
                 yield chunk
