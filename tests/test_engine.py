@@ -185,7 +185,7 @@ def test_engine_recovers_unfinished_job_without_redoing_done_images(
         final = final_status(engine, "old")
     finally:
         engine.close()
-    assert final["state"] == "done" and final["source"] == "inbox"
+    assert final["state"] == "done" and final["source"] == "inbox", final
     assert final["created_at"] == "2026-01-01T00:00:00Z"
     assert not (root / "done.png").exists()  # it was done before: not redone
     assert (root / "todo.png").exists()
