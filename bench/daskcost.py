@@ -98,7 +98,7 @@ def measure(work: Path, processes: int, quick: bool = False) -> DaskCost:
 
     sys.path.insert(0, str(HERE.parent))
     from imgserver.cluster import DaskPool
-    from imgserver.pipeline import ImageTask, run_image
+    from imgserver.images.pipeline import ImageTask, run_image
 
     tasks, messages, images = (300, 60, 600) if quick else (2000, 300, 4000)
     with scheduler_of_its_own(processes) as (address, pid), \

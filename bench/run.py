@@ -270,8 +270,8 @@ def _descendants(pid: int) -> list[int]:
 def processing_time(work: Path, source: Path, operations: list[str]) -> float:
     """p50 of imgserver's own image function on one image, in this process (no server)."""
     sys.path.insert(0, str(REPO))
-    from imgserver.operations import parse_operations
-    from imgserver.pipeline import ImageTask, process_image
+    from imgserver.images.operations import parse_operations
+    from imgserver.images.pipeline import ImageTask, process_image
 
     cv2.setNumThreads(1)  # as in a worker
     task = ImageTask(root=str(work), input=str(source),
@@ -313,8 +313,8 @@ def exactness(work: Path, source: Path, operations: list[str]) -> Agreement:
     """imgserver's result against the plain OpenCV chain, both lossless."""
     sys.path.insert(0, str(REPO))
     sys.path.insert(0, str(HERE))
-    from imgserver.operations import output_suffixes, parse_operations
-    from imgserver.pipeline import ImageTask, process_image
+    from imgserver.images.operations import output_suffixes, parse_operations
+    from imgserver.images.pipeline import ImageTask, process_image
 
     from loops import opencv_image
 

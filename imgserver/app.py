@@ -43,7 +43,6 @@ from starlette.concurrency import run_in_threadpool
 
 from imgserver import __version__, files, page
 from imgserver.connection import Disconnects
-from imgserver.engine import Engine
 from imgserver.errors import (
     CapacityError,
     ImageError,
@@ -52,8 +51,9 @@ from imgserver.errors import (
     Problem,
     RequestError,
 )
-from imgserver.job import SOURCES, STATES
-from imgserver.keys import HEADER as IDEMPOTENCY_KEY
+from imgserver.jobs.engine import Engine
+from imgserver.jobs.job import SOURCES, STATES
+from imgserver.jobs.keys import HEADER as IDEMPOTENCY_KEY
 from imgserver.metrics import CONTENT_TYPE, HTTPMetrics, Metrics
 from imgserver.schema import ErrorResponse, Health, JobList, JobRequest, StatusDocument
 from imgserver.settings import Settings

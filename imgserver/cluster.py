@@ -67,7 +67,7 @@ from imgserver.batch import (
 )
 from imgserver.daskworkers import WorkerSetup, check_shared_root, shared_root_workers
 from imgserver.errors import ConfigError, LostWork
-from imgserver.pipeline import run_image
+from imgserver.images.pipeline import run_image
 
 logger = logging.getLogger("imgserver.cluster")
 

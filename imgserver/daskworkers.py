@@ -53,7 +53,7 @@ class WorkerSetup(_WorkerPlugin):  # type: ignore[misc, valid-type]
         import cv2
 
         import imgserver.batch  # noqa: F401 (loaded now, not by the first batch)
-        import imgserver.pipeline  # noqa: F401
+        import imgserver.images.pipeline  # noqa: F401
         from imgserver.pool import keep_freed_memory
 
         cv2.setNumThreads(1)

@@ -27,17 +27,17 @@ from fastapi import Path as PathParameter
 from fastapi.responses import Response, StreamingResponse
 from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
 
-from imgserver.engine import Engine
 from imgserver.errors import JobNotFound
-from imgserver.paths import OutsideRoot, open_file
-from imgserver.schema import ErrorResponse
-from imgserver.thumbnail import (
+from imgserver.images.paths import OutsideRoot, open_file
+from imgserver.images.thumbnail import (
     DEFAULT_SIZE,
     MAX_SIZE,
     ThumbnailTask,
     listed_file,
     make_thumbnail,
 )
+from imgserver.jobs.engine import Engine
+from imgserver.schema import ErrorResponse
 
 CHUNK = 1 << 20
 

@@ -43,11 +43,11 @@ from watchdog.events import (
 )
 from watchdog.observers import Observer
 
-from imgserver.engine import Engine
 from imgserver.errors import CapacityError, RequestError
-from imgserver.events import Event
-from imgserver.request import load_json
-from imgserver.store import job_name
+from imgserver.jobs.engine import Engine
+from imgserver.jobs.events import Event
+from imgserver.jobs.outbox import job_name
+from imgserver.jobs.request import load_json
 
 logger = logging.getLogger("imgserver.inbox")
 

@@ -25,8 +25,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from imgserver.events import Event, ImageFinished, JobFinished
-from imgserver.job import FINAL_STATES, SOURCES
+from imgserver.jobs.events import Event, ImageFinished, JobFinished
+from imgserver.jobs.job import FINAL_STATES, SOURCES
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 _WORKER_BUCKETS = (.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60, 120, 300)

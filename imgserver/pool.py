@@ -36,7 +36,7 @@ logger = logging.getLogger("imgserver.pool")
 #: Imported once in the forkserver. Python 3.10 cannot keep the current folder off the
 #: forkserver's path (see ``_start_forkserver``): there each worker imports the image code
 #: itself, after multiprocessing has given it the server's own sys.path.
-_PRELOAD = ["imgserver.pipeline"] if sys.version_info >= (3, 11) else []
+_PRELOAD = ["imgserver.images.pipeline"] if sys.version_info >= (3, 11) else []
 
 
 def _start_forkserver() -> None:

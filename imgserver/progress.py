@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from typing import TextIO
 
-from imgserver.events import Event, ImageFinished
+from imgserver.jobs.events import Event, ImageFinished
 
 
 class Progress:

@@ -1,6 +1,6 @@
 """Typed models of the HTTP API's bodies, for its OpenAPI schema and its /docs page.
 
-Requests are validated by ``imgserver.request`` (the one place every road shares); these
+Requests are validated by ``imgserver.jobs.request`` (the one place every road shares); these
 models describe the same documents so that the schema documents every field and the grammar
 of each operation.
 """

@@ -34,10 +34,10 @@ import uvicorn
 
 from imgserver.app import create_app
 from imgserver.connection import protocol
-from imgserver.engine import Engine
 from imgserver.errors import ConfigError
-from imgserver.housekeeping import Housekeeper
 from imgserver.inbox import DropFolder
+from imgserver.jobs.engine import Engine
+from imgserver.jobs.housekeeping import Housekeeper
 from imgserver.pool import LocalPool
 from imgserver.settings import Settings
 from imgserver.webhooks import Notifier

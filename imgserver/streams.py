@@ -30,8 +30,8 @@ from typing import Any
 
 from fastapi.sse import KEEPALIVE_COMMENT, format_sse_event
 
-from imgserver.events import Event, ImageFinished, JobAccepted, JobFinished, StateChanged
-from imgserver.job import FINAL_STATES
+from imgserver.jobs.events import Event, ImageFinished, JobAccepted, JobFinished, StateChanged
+from imgserver.jobs.job import FINAL_STATES
 
 logger = logging.getLogger("imgserver.streams")
 

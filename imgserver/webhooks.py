@@ -36,9 +36,9 @@ from typing import Any
 
 import httpx2
 
-from imgserver.engine import Engine
-from imgserver.events import Event, JobFinished
-from imgserver.job import DELIVERED, PENDING, Notification, timestamp
+from imgserver.jobs.engine import Engine
+from imgserver.jobs.events import Event, JobFinished
+from imgserver.jobs.job import DELIVERED, PENDING, Notification, timestamp
 from imgserver.urls import redacted
 
 logger = logging.getLogger("imgserver.webhooks")

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 from hypothesis import strategies as st
 
-from imgserver.engine import Engine
 from imgserver.errors import JobNotFound
+from imgserver.jobs.engine import Engine
 from imgserver.pool import LocalPool
 from imgserver.settings import Settings
 

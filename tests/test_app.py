@@ -11,7 +11,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from imgserver.app import create_app
-from imgserver.engine import Engine
+from imgserver.jobs.engine import Engine
 from imgserver.pool import LocalPool
 from imgserver.settings import Settings
 

@@ -23,7 +23,7 @@ distributed = pytest.importorskip("distributed")
 pytestmark = pytest.mark.filterwarnings("ignore:Port 8787 is already in use")
 
 from imgserver.cluster import DaskPool  # noqa: E402
-from imgserver.engine import Engine  # noqa: E402
+from imgserver.jobs.engine import Engine  # noqa: E402
 from imgserver.pool import LocalPool  # noqa: E402
 from imgserver.settings import Settings  # noqa: E402
 

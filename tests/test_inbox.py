@@ -18,8 +18,8 @@ from fastapi.testclient import TestClient
 
 from imgserver import inbox
 from imgserver.app import create_app
-from imgserver.engine import Engine
 from imgserver.inbox import DropFolder
+from imgserver.jobs.engine import Engine
 from imgserver.pool import LocalPool
 from imgserver.settings import Settings
 

@@ -20,8 +20,8 @@ import pytest
 from fastapi.testclient import TestClient
 
 from imgserver.app import create_app
-from imgserver.engine import Engine
-from imgserver.pipeline import TEMP_SUFFIX, ImageTask
+from imgserver.images.pipeline import TEMP_SUFFIX, ImageTask
+from imgserver.jobs.engine import Engine
 from imgserver.pool import LocalPool
 from imgserver.settings import Settings
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import cv2
 import pytest
 
-from imgserver.pipeline import TEMP_SUFFIX
+from imgserver.images.pipeline import TEMP_SUFFIX
 
 from conftest import job_files, request_body, wait_for
 from serving import Server, start_server, wait_state

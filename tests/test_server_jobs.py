@@ -13,7 +13,7 @@ from collections.abc import Callable
 from datetime import datetime, timedelta
 from pathlib import Path
 
-from imgserver.index import FILENAME
+from imgserver.jobs.index import FILENAME
 
 from conftest import request_body, wait_for
 from serving import Server, start_server, wait_state

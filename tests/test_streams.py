@@ -13,8 +13,8 @@ import pytest
 from fastapi.sse import KEEPALIVE_COMMENT
 
 from imgserver import streams
-from imgserver.events import ImageFinished, JobAccepted, JobFinished, StateChanged
-from imgserver.job import ImageStatus
+from imgserver.jobs.events import ImageFinished, JobAccepted, JobFinished, StateChanged
+from imgserver.jobs.job import ImageStatus
 from imgserver.streams import BACKLOG_BYTES, EventHub
 
 from conftest import request_body, wait_for

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from imgserver.errors import ImageError
-from imgserver.operations import parse_operations
-from imgserver.pipeline import TEMP_SUFFIX, ImageTask, process_image, remove_partial
+from imgserver.images.operations import parse_operations
+from imgserver.images.pipeline import TEMP_SUFFIX, ImageTask, process_image, remove_partial
 
 from conftest import photo
 

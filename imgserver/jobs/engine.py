@@ -37,7 +37,8 @@ from pathlib import Path
 from typing import Any
 
 from imgserver.errors import CapacityError, JobConflict, JobNotFound, RequestError
-from imgserver.events import (
+from imgserver.images.pipeline import ImageTask
+from imgserver.jobs.events import (
     Event,
     ImageFinished,
     JobAccepted,
@@ -46,7 +47,7 @@ from imgserver.events import (
     Listener,
     StateChanged,
 )
-from imgserver.job import (
+from imgserver.jobs.job import (
     CANCELLED,
     FINAL_STATES,
     QUEUED,
@@ -58,16 +59,15 @@ from imgserver.job import (
     summary,
     timestamp,
 )
-from imgserver.keys import check_key
-from imgserver.pipeline import ImageTask
-from imgserver.recovery import recover
-from imgserver.request import Request, RequestLimits, parse_request
-from imgserver.runner import Outcome, Runner, Work
+from imgserver.jobs.keys import check_key
+from imgserver.jobs.outbox import Outbox
+from imgserver.jobs.recovery import recover
+from imgserver.jobs.request import Request, RequestLimits, parse_request
+from imgserver.jobs.runner import Outcome, Runner, Work
 from imgserver.settings import Settings
-from imgserver.store import Outbox
 from imgserver.urls import redacted
 
-logger = logging.getLogger("imgserver.engine")
+logger = logging.getLogger("imgserver.jobs.engine")
 
 #: A running job's status file is rewritten at most this often (and at every state change).
 STATUS_INTERVAL = 0.5
@@ -141,7 +141,7 @@ class Engine:
         self._thread.start()
 
     def subscribe(self, listener: Listener) -> None:
-        """Call ``listener`` for every event (``imgserver.events``), holding the engine's lock."""
+        """Call ``listener`` for every event (``jobs.events``), holding the engine's lock."""
         self._listeners.append(listener)
 
     def submit(self, body: bytes, *, source: str, name: str | None = None) -> dict:

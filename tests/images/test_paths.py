@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from imgserver.paths import OutsideRoot, confine, open_folder
+from imgserver.images.paths import OutsideRoot, confine, open_folder
 
 
 @pytest.fixture

@@ -35,11 +35,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from imgserver.errors import CapacityError, ImageError, LostWork
-from imgserver.fairqueue import FairQueue
-from imgserver.job import DONE, FAILED
-from imgserver.pipeline import ImageTask, ping, remove_partial, run_image
+from imgserver.images.pipeline import ImageTask, ping, remove_partial, run_image
+from imgserver.jobs.fairqueue import FairQueue
+from imgserver.jobs.job import DONE, FAILED
 
-logger = logging.getLogger("imgserver.runner")
+logger = logging.getLogger("imgserver.jobs.runner")
 
 #: After the executor refused work, try again after this many seconds.
 RETRY_DELAY = 1.0

@@ -14,12 +14,12 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from imgserver.codec import Limits, decode, decode_resized, encode
 from imgserver.errors import ImageError, JobNotFound
-from imgserver.operations import Resize
-from imgserver.paths import OutsideRoot, confine
-from imgserver.pipeline import read_input
-from imgserver.probe import read_header
+from imgserver.images.codec import Limits, decode, decode_resized, encode
+from imgserver.images.operations import Resize
+from imgserver.images.paths import OutsideRoot, confine
+from imgserver.images.pipeline import read_input
+from imgserver.images.probe import read_header
 
 #: Thumbnails are at most this many pixels on their longer side, by default and at most.
 DEFAULT_SIZE, MAX_SIZE = 256, 1024

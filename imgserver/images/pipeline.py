@@ -28,10 +28,10 @@ from pathlib import Path
 
 import cv2
 
-from imgserver.codec import Limits, decode, decode_blurred, decode_resized, encode
 from imgserver.errors import ImageError
-from imgserver.operations import Blur, Operation, Resize, apply
-from imgserver.paths import OutsideRoot, open_file, open_folder, relative
+from imgserver.images.codec import Limits, decode, decode_blurred, decode_resized, encode
+from imgserver.images.operations import Blur, Operation, Resize, apply
+from imgserver.images.paths import OutsideRoot, open_file, open_folder, relative
 
 #: Temporary outputs end with this; they are hidden (dot files) in the output's folder.
 TEMP_SUFFIX = ".imgserver-tmp"

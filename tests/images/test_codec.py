@@ -10,8 +10,9 @@ import cv2
 import numpy as np
 import pytest
 
-from imgserver.blur import gaussian_blur
-from imgserver.codec import (
+from imgserver.errors import ImageError
+from imgserver.images.blur import gaussian_blur
+from imgserver.images.codec import (
     FORMATS,
     Limits,
     decode,
@@ -20,8 +21,7 @@ from imgserver.codec import (
     encode,
     shrink_factor,
 )
-from imgserver.errors import ImageError
-from imgserver.operations import Blur, Resize
+from imgserver.images.operations import Blur, Resize
 
 from conftest import mean_abs_diff, photo, png_chunk
 from test_probe import exif_block

@@ -19,10 +19,10 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from imgserver.codec import FORMATS
 from imgserver.errors import Problem, RequestError
-from imgserver.operations import Operation, Split, output_suffixes, parse_operation
-from imgserver.paths import OutsideRoot, confine
+from imgserver.images.codec import FORMATS
+from imgserver.images.operations import Operation, Split, output_suffixes, parse_operation
+from imgserver.images.paths import OutsideRoot, confine
 from imgserver.urls import check_url, redacted
 
 #: Most files one request may write (each split multiplies an image's files by four).

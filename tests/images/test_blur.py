@@ -6,9 +6,9 @@ import cv2
 import numpy as np
 import pytest
 
-from imgserver import blur
-from imgserver.blur import blocks_suffice, blur_blocks, gaussian_blur, kernel_parameters
-from imgserver.operations import parse_operation
+from imgserver.images import blur
+from imgserver.images.blur import blocks_suffice, blur_blocks, gaussian_blur, kernel_parameters
+from imgserver.images.operations import parse_operation
 
 from conftest import mean_abs_diff, photo
 

@@ -13,10 +13,10 @@ from pathlib import Path
 import cv2
 import pytest
 
-from imgserver.engine import Engine
 from imgserver.errors import CapacityError, JobConflict, JobNotFound, RequestError
-from imgserver.events import ImageFinished, JobFinished
-from imgserver.pipeline import TEMP_SUFFIX
+from imgserver.images.pipeline import TEMP_SUFFIX
+from imgserver.jobs.engine import Engine
+from imgserver.jobs.events import ImageFinished, JobFinished
 from imgserver.pool import LocalPool
 from imgserver.settings import Settings
 

@@ -14,12 +14,12 @@ import logging
 from collections.abc import Callable
 
 from imgserver.errors import RequestError
-from imgserver.job import FINAL_STATES, QUEUED, RUNNING, SOURCES, Job, summary
-from imgserver.pipeline import remove_partial
-from imgserver.request import Request
-from imgserver.store import Outbox
+from imgserver.images.pipeline import remove_partial
+from imgserver.jobs.job import FINAL_STATES, QUEUED, RUNNING, SOURCES, Job, summary
+from imgserver.jobs.outbox import Outbox
+from imgserver.jobs.request import Request
 
-logger = logging.getLogger("imgserver.recovery")
+logger = logging.getLogger("imgserver.jobs.recovery")
 
 
 def recover(outbox: Outbox, job_id: str, parse: Callable[[bytes], Request],

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from imgserver.job import ImageStatus
+from imgserver.jobs.job import ImageStatus
 
 
 @dataclass(frozen=True)

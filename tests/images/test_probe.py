@@ -7,7 +7,7 @@ import struct
 import cv2
 import pytest
 
-from imgserver.probe import exif_orientation, read_header
+from imgserver.images.probe import exif_orientation, read_header
 
 from conftest import photo
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from imgserver.errors import RequestError
-from imgserver.keys import TTL, IdempotencyKeys, check_key
+from imgserver.jobs.keys import TTL, IdempotencyKeys, check_key
 
 
 def test_keys_bind_lookup_replace_and_expire(tmp_path: Path) -> None:

@@ -3,8 +3,8 @@
     OUTBOX/<id>.request.json   the job's durable record, written before the job is accepted
     OUTBOX/<id>.status.json    the status document, replaced atomically as the job moves
     OUTBOX/<id>.cancel         the job was cancelled (until its final status says so)
-    OUTBOX/.jobs.sqlite3       the index: a row per job, for listing (imgserver.index)
-    OUTBOX/.keys/              idempotency keys (imgserver.keys)
+    OUTBOX/.jobs.sqlite3       the index: a row per job, for listing (imgserver.jobs.index)
+    OUTBOX/.keys/              idempotency keys (imgserver.jobs.keys)
     OUTBOX/.tmp/               files being written
 
 Files are written to ``.tmp/`` first and then renamed into place, so a reader (or a restart
@@ -32,11 +32,11 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from imgserver.index import Index
-from imgserver.job import FINAL_STATES, now, summary
-from imgserver.keys import IdempotencyKeys
+from imgserver.jobs.index import Index
+from imgserver.jobs.job import FINAL_STATES, now, summary
+from imgserver.jobs.keys import IdempotencyKeys
 
-logger = logging.getLogger("imgserver.store")
+logger = logging.getLogger("imgserver.jobs.outbox")
 
 REQUEST_SUFFIX = ".request.json"
 STATUS_SUFFIX = ".status.json"

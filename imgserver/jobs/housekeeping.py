@@ -17,10 +17,10 @@ import time
 from datetime import datetime, timedelta, timezone
 from types import TracebackType
 
-from imgserver.engine import Engine
-from imgserver.job import timestamp
+from imgserver.jobs.engine import Engine
+from imgserver.jobs.job import timestamp
 
-logger = logging.getLogger("imgserver.housekeeping")
+logger = logging.getLogger("imgserver.jobs.housekeeping")
 
 #: Jobs removed per batch (one index transaction); the thread yields in between.
 BATCH = 200

@@ -24,10 +24,10 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from imgserver.blur import BLOCK, blocks_suffice, blur_blocks
 from imgserver.errors import ImageError
-from imgserver.operations import Blur, Resize
-from imgserver.probe import Header, exif_orientation, read_header
+from imgserver.images.blur import BLOCK, blocks_suffice, blur_blocks
+from imgserver.images.operations import Blur, Resize
+from imgserver.images.probe import Header, exif_orientation, read_header
 
 #: Output extensions and the encoder parameters used for each.
 FORMATS: dict[str, list[int]] = {

@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from imgserver.errors import RequestError
-from imgserver.request import RequestLimits, parse_request
+from imgserver.jobs.request import RequestLimits, parse_request
 
 from conftest import json_values
 

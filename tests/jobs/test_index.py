@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from imgserver.engine import Engine
 from imgserver.errors import RequestError
-from imgserver.index import FILENAME, Index
+from imgserver.jobs.engine import Engine
+from imgserver.jobs.index import FILENAME, Index
 from imgserver.pool import LocalPool
 from imgserver.settings import Settings
 

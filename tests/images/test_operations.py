@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from imgserver.operations import (
+from imgserver.images.operations import (
     Blur,
     Resize,
     Split,

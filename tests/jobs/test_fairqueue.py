@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from imgserver.fairqueue import FairQueue
+from imgserver.jobs.fairqueue import FairQueue
 
 
 def drain(queue: FairQueue[str]) -> list[str]:
