@@ -97,7 +97,7 @@ def measure(work: Path, processes: int, quick: bool = False) -> DaskCost:
     import distributed
 
     sys.path.insert(0, str(HERE.parent))
-    from imgserver.cluster import DaskPool
+    from imgserver.executors.cluster import DaskPool
     from imgserver.images.pipeline import ImageTask, run_image
 
     tasks, messages, images = (300, 60, 600) if quick else (2000, 300, 4000)

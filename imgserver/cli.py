@@ -83,9 +83,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def run(settings: Settings, request_file: Path) -> int:
     """Run one request in the foreground; print its final status document."""
+    from imgserver.executors.pool import LocalPool
     from imgserver.jobs.engine import Engine
     from imgserver.jobs.outbox import job_name
-    from imgserver.pool import LocalPool
     from imgserver.progress import Progress
 
     try:

@@ -35,10 +35,10 @@ import uvicorn
 from imgserver.app import create_app
 from imgserver.connection import protocol
 from imgserver.errors import ConfigError
+from imgserver.executors.pool import LocalPool
 from imgserver.inbox import DropFolder
 from imgserver.jobs.engine import Engine
 from imgserver.jobs.housekeeping import Housekeeper
-from imgserver.pool import LocalPool
 from imgserver.settings import Settings
 from imgserver.webhooks import Notifier
 
@@ -80,8 +80,8 @@ class _Server(uvicorn.Server):
 def build_executor(settings: Settings) -> Executor:
     """The executor images run on: the local process pool, or a Dask cluster."""
     if settings.executor == "dask":
-        from imgserver.batch import REPORT_INTERVAL
-        from imgserver.cluster import DaskPool  # imports distributed only when asked for
+        from imgserver.executors.batch import REPORT_INTERVAL
+        from imgserver.executors.cluster import DaskPool  # imports distributed only when asked for
 
         if not settings.scheduler:
             raise ConfigError("--executor dask needs --scheduler tcp://HOST:PORT "

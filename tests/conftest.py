@@ -16,8 +16,8 @@ import pytest
 from hypothesis import strategies as st
 
 from imgserver.errors import JobNotFound
+from imgserver.executors.pool import LocalPool
 from imgserver.jobs.engine import Engine
-from imgserver.pool import LocalPool
 from imgserver.settings import Settings
 
 

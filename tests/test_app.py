@@ -11,8 +11,8 @@ import pytest
 from fastapi.testclient import TestClient
 
 from imgserver.app import create_app
+from imgserver.executors.pool import LocalPool
 from imgserver.jobs.engine import Engine
-from imgserver.pool import LocalPool
 from imgserver.settings import Settings
 
 from conftest import CORPUS_LIMITS, INVALID_BODIES, job_files, request_body

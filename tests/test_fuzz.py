@@ -11,8 +11,8 @@ from hypothesis.errors import Unsatisfiable
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 
 from imgserver.app import create_app
+from imgserver.executors.pool import LocalPool
 from imgserver.jobs.engine import Engine
-from imgserver.pool import LocalPool
 from imgserver.settings import Settings
 
 

@@ -18,9 +18,9 @@ from fastapi.testclient import TestClient
 
 from imgserver import inbox
 from imgserver.app import create_app
+from imgserver.executors.pool import LocalPool
 from imgserver.inbox import DropFolder
 from imgserver.jobs.engine import Engine
-from imgserver.pool import LocalPool
 from imgserver.settings import Settings
 
 from conftest import CORPUS_LIMITS, INVALID_BODIES, job_files, json_values, request_body, wait_for

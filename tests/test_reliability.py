@@ -20,9 +20,9 @@ import pytest
 from fastapi.testclient import TestClient
 
 from imgserver.app import create_app
+from imgserver.executors.pool import LocalPool
 from imgserver.images.pipeline import TEMP_SUFFIX, ImageTask
 from imgserver.jobs.engine import Engine
-from imgserver.pool import LocalPool
 from imgserver.settings import Settings
 
 from conftest import photo, png_chunk, request_body, wait_for

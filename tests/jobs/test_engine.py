@@ -14,10 +14,10 @@ import cv2
 import pytest
 
 from imgserver.errors import CapacityError, JobConflict, JobNotFound, RequestError
+from imgserver.executors.pool import LocalPool
 from imgserver.images.pipeline import TEMP_SUFFIX
 from imgserver.jobs.engine import Engine
 from imgserver.jobs.events import ImageFinished, JobFinished
-from imgserver.pool import LocalPool
 from imgserver.settings import Settings
 
 from conftest import final_status, job_files, request_body, wait_for

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 from imgserver.errors import RequestError
+from imgserver.executors.pool import LocalPool
 from imgserver.jobs.engine import Engine
 from imgserver.jobs.index import FILENAME, Index
-from imgserver.pool import LocalPool
 from imgserver.settings import Settings
 
 from conftest import final_status, request_body, wait_for

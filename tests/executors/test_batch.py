@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from concurrent.futures import Future
 
-from imgserver.batch import Estimate, HeldFuture, plan
+from imgserver.executors.batch import Estimate, HeldFuture, plan
 
 
 def test_plan_small_images_go_together_up_to_the_budget() -> None:

@@ -1,6 +1,6 @@
 """What imgserver needs of each Dask worker: its setup, and proof that it sees ROOT.
 
-Both run on the workers, so they live apart from the pool (``imgserver.cluster``): a
+Both run on the workers, so they live apart from the pool (``imgserver.executors.cluster``): a
 worker imports this small module, not the server's side of the cluster.
 
     DaskPool --register_plugin(WorkerSetup)--> every worker: OpenCV's settings, no profiler
@@ -17,7 +17,7 @@ from typing import Any
 
 from imgserver.errors import ConfigError
 
-logger = logging.getLogger("imgserver.cluster")
+logger = logging.getLogger("imgserver.executors.cluster")
 
 
 def read_marker(path: str) -> str:
@@ -52,9 +52,9 @@ class WorkerSetup(_WorkerPlugin):  # type: ignore[misc, valid-type]
         os.environ.setdefault("OPENCV_IO_MAX_IMAGE_PIXELS", str(self.max_pixels))
         import cv2
 
-        import imgserver.batch  # noqa: F401 (loaded now, not by the first batch)
+        import imgserver.executors.batch  # noqa: F401 (loaded now, not by the first batch)
         import imgserver.images.pipeline  # noqa: F401
-        from imgserver.pool import keep_freed_memory
+        from imgserver.executors.pool import keep_freed_memory
 
         cv2.setNumThreads(1)
         keep_freed_memory()

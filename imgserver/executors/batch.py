@@ -26,7 +26,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
-logger = logging.getLogger("imgserver.batch")
+logger = logging.getLogger("imgserver.executors.batch")
 
 #: A batch takes images while their expected times add up to at most this many seconds; an
 #: image expected to take as long goes alone. A Dask task costs 5-10 ms of CPU across the

@@ -31,7 +31,7 @@ from concurrent.futures import BrokenExecutor, Executor, Future, ProcessPoolExec
 from multiprocessing import forkserver
 from typing import Any
 
-logger = logging.getLogger("imgserver.pool")
+logger = logging.getLogger("imgserver.executors.pool")
 
 #: Imported once in the forkserver. Python 3.10 cannot keep the current folder off the
 #: forkserver's path (see ``_start_forkserver``): there each worker imports the image code

@@ -22,9 +22,9 @@ distributed = pytest.importorskip("distributed")
 # A second cluster finds the first one's HTTP port taken and says so; it takes another.
 pytestmark = pytest.mark.filterwarnings("ignore:Port 8787 is already in use")
 
-from imgserver.cluster import DaskPool  # noqa: E402
+from imgserver.executors.cluster import DaskPool  # noqa: E402
+from imgserver.executors.pool import LocalPool  # noqa: E402
 from imgserver.jobs.engine import Engine  # noqa: E402
-from imgserver.pool import LocalPool  # noqa: E402
 from imgserver.settings import Settings  # noqa: E402
 
 from conftest import final_status, request_body, wait_for  # noqa: E402

@@ -8,7 +8,7 @@
 submits the very function the local pool runs, with plain data, and gets plain futures
 back. What differs is translated at this seam, so the engine does not branch on it:
 
-- images go to the workers in batches (``imgserver.batch``): while every worker thread has
+- images go to the workers in batches (``imgserver.executors.batch``): while every worker thread has
   its batches, the images handed over wait in the pool, and the next batch takes several
   small images or one big one. The pool takes a ``backlog`` beyond its ``capacity`` for
   that, and says when each image really starts, so that its time limit is its own. Other
@@ -53,7 +53,8 @@ from concurrent.futures import BrokenExecutor, Executor, Future, InvalidStateErr
 from pathlib import Path
 from typing import Any
 
-from imgserver.batch import (
+from imgserver.errors import ConfigError, LostWork
+from imgserver.executors.batch import (
     BATCH_IMAGES,
     BATCH_SECONDS,
     REPORT_INTERVAL,
@@ -65,11 +66,10 @@ from imgserver.batch import (
     plan,
     run_batch,
 )
-from imgserver.daskworkers import WorkerSetup, check_shared_root, shared_root_workers
-from imgserver.errors import ConfigError, LostWork
+from imgserver.executors.daskworkers import WorkerSetup, check_shared_root, shared_root_workers
 from imgserver.images.pipeline import run_image
 
-logger = logging.getLogger("imgserver.cluster")
+logger = logging.getLogger("imgserver.executors.cluster")
 
 INSTALL_HINT = "install it with: pip install 'imgserver[dask]' (it brings distributed)"
 #: How often the connection to the scheduler is checked, and re-made once lost (seconds).
