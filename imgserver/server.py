@@ -7,7 +7,7 @@
 
 At start the open-file soft limit is raised to the hard limit (a systemd service starts
 with 1024): clients holding connections open must not starve the engine of descriptors.
-Connections are served by ``imgserver.connection``'s protocol, which closes one that has
+Connections are served by ``imgserver.http.connection``'s protocol, which closes one that has
 not sent a whole request within ``--read-timeout`` seconds.
 
 Shutdown (SIGTERM or Ctrl-C): the engine stops accepting and releases ``wait=true``
@@ -32,10 +32,10 @@ from types import FrameType
 
 import uvicorn
 
-from imgserver.app import create_app
-from imgserver.connection import protocol
 from imgserver.errors import ConfigError
 from imgserver.executors.pool import LocalPool
+from imgserver.http.app import create_app
+from imgserver.http.connection import protocol
 from imgserver.inbox import DropFolder
 from imgserver.jobs.engine import Engine
 from imgserver.jobs.housekeeping import Housekeeper

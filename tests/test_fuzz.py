@@ -10,8 +10,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis.errors import Unsatisfiable
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 
-from imgserver.app import create_app
 from imgserver.executors.pool import LocalPool
+from imgserver.http.app import create_app
 from imgserver.jobs.engine import Engine
 from imgserver.settings import Settings
 

@@ -17,8 +17,8 @@ import pytest
 from fastapi.testclient import TestClient
 
 from imgserver import inbox
-from imgserver.app import create_app
 from imgserver.executors.pool import LocalPool
+from imgserver.http.app import create_app
 from imgserver.inbox import DropFolder
 from imgserver.jobs.engine import Engine
 from imgserver.settings import Settings

@@ -19,8 +19,8 @@ import cv2
 import pytest
 from fastapi.testclient import TestClient
 
-from imgserver.app import create_app
 from imgserver.executors.pool import LocalPool
+from imgserver.http.app import create_app
 from imgserver.images.pipeline import TEMP_SUFFIX, ImageTask
 from imgserver.jobs.engine import Engine
 from imgserver.settings import Settings

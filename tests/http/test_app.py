@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from imgserver.app import create_app
 from imgserver.executors.pool import LocalPool
+from imgserver.http.app import create_app
 from imgserver.jobs.engine import Engine
 from imgserver.settings import Settings
 

@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 from fastapi.sse import KEEPALIVE_COMMENT
 
-from imgserver import streams
+from imgserver.http import streams
+from imgserver.http.streams import BACKLOG_BYTES, EventHub
 from imgserver.jobs.events import ImageFinished, JobAccepted, JobFinished, StateChanged
 from imgserver.jobs.job import ImageStatus
-from imgserver.streams import BACKLOG_BYTES, EventHub
 
 from conftest import request_body, wait_for
 from processes import rss_kib

@@ -7,8 +7,8 @@
     POST /jobs/{id}/cancel   202 cancelled now, 200 cancelled before, 409 finished, 404
     GET  /jobs/{id}/events   Server-Sent Events of one job: status, image, state, end
     GET  /events             Server-Sent Events of every job (and job, when one is accepted)
-    GET  /jobs/{id}/images/{n}/thumbnail, /file   a job's files (imgserver.files)
-    GET  /, /ui, /ui/jobs/{id}                    the status page (imgserver.page)
+    GET  /jobs/{id}/images/{n}/thumbnail, /file   a job's files (imgserver.http.files)
+    GET  /, /ui, /ui/jobs/{id}                    the status page (imgserver.http.page)
     GET  /metrics            Prometheus metrics (open, like /healthz)
     GET  /healthz            200 {"status": "ok"} while the server can take work, else 503
     GET  /docs, /openapi.json  the API's documentation, served without internet
@@ -41,8 +41,7 @@ from fastapi.sse import EventSourceResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 
-from imgserver import __version__, files, page
-from imgserver.connection import Disconnects
+from imgserver import __version__
 from imgserver.errors import (
     CapacityError,
     ImageError,
@@ -51,13 +50,15 @@ from imgserver.errors import (
     Problem,
     RequestError,
 )
+from imgserver.http import files, page
+from imgserver.http.connection import Disconnects
+from imgserver.http.metrics import CONTENT_TYPE, HTTPMetrics, Metrics
+from imgserver.http.schema import ErrorResponse, Health, JobList, JobRequest, StatusDocument
+from imgserver.http.streams import EventHub
 from imgserver.jobs.engine import Engine
 from imgserver.jobs.job import SOURCES, STATES
 from imgserver.jobs.keys import HEADER as IDEMPOTENCY_KEY
-from imgserver.metrics import CONTENT_TYPE, HTTPMetrics, Metrics
-from imgserver.schema import ErrorResponse, Health, JobList, JobRequest, StatusDocument
 from imgserver.settings import Settings
-from imgserver.streams import EventHub
 
 #: Swagger UI 5 (renders OpenAPI 3.1) as shipped by the fastapi-offline package.
 DOCS_ASSETS = Path(fastapi_offline.__file__).parent / "static"

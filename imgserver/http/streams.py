@@ -33,7 +33,7 @@ from fastapi.sse import KEEPALIVE_COMMENT, format_sse_event
 from imgserver.jobs.events import Event, ImageFinished, JobAccepted, JobFinished, StateChanged
 from imgserver.jobs.job import FINAL_STATES
 
-logger = logging.getLogger("imgserver.streams")
+logger = logging.getLogger("imgserver.http.streams")
 
 #: Events kept for clients that reconnect with Last-Event-ID.
 HISTORY = 10_000

@@ -28,6 +28,7 @@ from fastapi.responses import Response, StreamingResponse
 from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
 
 from imgserver.errors import JobNotFound
+from imgserver.http.schema import ErrorResponse
 from imgserver.images.paths import OutsideRoot, open_file
 from imgserver.images.thumbnail import (
     DEFAULT_SIZE,
@@ -37,7 +38,6 @@ from imgserver.images.thumbnail import (
     make_thumbnail,
 )
 from imgserver.jobs.engine import Engine
-from imgserver.schema import ErrorResponse
 
 CHUNK = 1 << 20
 
