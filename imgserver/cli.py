@@ -1,5 +1,5 @@
 """The command line: ``imgserver serve`` and ``imgserver run``; the commands that talk to a
-running server (``submit``, ``jobs``, ``cancel``) are in ``imgserver.remote``.
+running server (``submit``, ``jobs``, ``cancel``) are in ``imgserver.client.commands``.
 
 Every option is a flag and an ``IMGSERVER_*`` variable (see ``imgserver.settings.OPTIONS``).
 Exit codes of ``run``: 0 every image done, 1 some image failed, 2 invalid request or
@@ -18,7 +18,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from imgserver import __version__, remote
+from imgserver import __version__
+from imgserver.client import commands as remote
 from imgserver.errors import ConfigError, RequestError
 from imgserver.settings import OPTIONS, Settings
 
@@ -83,10 +84,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def run(settings: Settings, request_file: Path) -> int:
     """Run one request in the foreground; print its final status document."""
+    from imgserver.client.progress import Progress
     from imgserver.executors.pool import LocalPool
     from imgserver.jobs.engine import Engine
     from imgserver.jobs.outbox import job_name
-    from imgserver.progress import Progress
 
     try:
         with open(request_file, "rb") as file:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from imgserver.client import Client
+from imgserver.client.client import Client
 
 from conftest import request_body
 from serving import Server, free_port, shared_server, start_server, wait_state
@@ -41,7 +41,7 @@ def write(root: Path, name: str, body: bytes) -> str:
     return str(root / name)
 
 
-def test_remote_submit_wait_exit_codes(server: Server) -> None:
+def test_commands_submit_wait_exit_codes(server: Server) -> None:
     root = server.root
     done = imgserver(server, "submit", write(root, "ok.json", request_body(
         [("a.png", "o/1.png"), ("a.png", "o/2.png")], ["resize=50"])), "--wait")
@@ -61,7 +61,7 @@ def test_remote_submit_wait_exit_codes(server: Server) -> None:
     assert queued.returncode == 0 and json.loads(queued.stdout)["state"] == "queued"
 
 
-def test_remote_unreachable_or_refused_is_exit_3(root: Path, make_image: Callable[..., Path]
+def test_commands_unreachable_or_refused_is_exit_3(root: Path, make_image: Callable[..., Path]
                                                  ) -> None:
     make_image("a.png")
     request = write(root, "ok.json", request_body([("a.png", "x.png")]))
@@ -79,7 +79,7 @@ def test_remote_unreachable_or_refused_is_exit_3(root: Path, make_image: Callabl
         server.stop()
 
 
-def test_remote_submit_wait_draws_a_bar_on_a_terminal(server: Server) -> None:
+def test_commands_submit_wait_draws_a_bar_on_a_terminal(server: Server) -> None:
     request = write(server.root, "bar.json", request_body(
         [("big.png", f"o/b{n}.png") for n in range(3)], ["blur=31"]))
     leader, follower = pty.openpty()
@@ -104,7 +104,7 @@ def test_remote_submit_wait_draws_a_bar_on_a_terminal(server: Server) -> None:
     assert json.loads(process.stdout.read())["state"] == "done"  # type: ignore[union-attr]
 
 
-def test_remote_jobs_and_cancel(server: Server) -> None:
+def test_commands_jobs_and_cancel(server: Server) -> None:
     small = server.request("POST", "/jobs?wait=true", request_body([("a.png", "j/1.png")]))
     slow = server.request("POST", "/jobs", request_body(
         [("big.png", f"j/s{n}.png") for n in range(40)], ["blur=31"])).json()["id"]
@@ -172,7 +172,7 @@ class Cutter:
             sock.close()
 
 
-def test_remote_follow_survives_a_dropped_connection(server: Server) -> None:
+def test_commands_follow_survives_a_dropped_connection(server: Server) -> None:
     job_id = server.request("POST", "/jobs", request_body(
         [("big.png", f"f/{n}.png") for n in range(4)], ["blur=31"])).json()["id"]
     cutter = Cutter(server.port, limit=1200)  # the headers, the status event, a little more

@@ -19,9 +19,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from imgserver.client import Client
+from imgserver.client.client import Client
+from imgserver.client.progress import Progress
 from imgserver.errors import JobConflict, JobNotFound, RequestError, ServerUnavailable
-from imgserver.progress import Progress
 
 EXIT_DONE, EXIT_FAILED, EXIT_INVALID, EXIT_UNAVAILABLE = 0, 1, 2, 3
 DEFAULT_URL = "http://127.0.0.1:8000"
