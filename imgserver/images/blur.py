@@ -40,6 +40,15 @@ import math
 import cv2
 import numpy as np
 
+from imgserver.images.kernels import (
+    MAX_EMULATED_TAPS,
+    folded_kernel,
+    full_size_blur,
+    kernel_parameters,
+    opencv_fixed_point,
+    to_dtype,
+)
+
 #: Below this sigma (or kernel radius) cv2.GaussianBlur is cheap enough to use as it is.
 DIRECT_SIGMA = 8.0
 DIRECT_RADIUS = 24
@@ -49,13 +58,9 @@ CELL_SIGMA = 4.0
 MIN_CELLS = 16
 #: Gaussian weights beyond this many sigmas are below 1e-13 of the peak: drop them.
 TAIL_SIGMAS = 8
-#: Kernels wider than this many taps are uniform over any period they fold onto.
-MAX_TAPS = 2_000_000
 #: Blurring at full size is exact; it is used while it costs at most this many
 #: multiply-adds per channel (a 128 x 128 image with a kernel wider than itself).
 EXACT_BUDGET = 10_000_000
-#: OpenCV's 8-bit kernel is emulated up to this size (it is built tap by tap).
-MAX_EMULATED_TAPS = 4_000_001
 #: The integral image is computed in bands of at most this many pixels: 32-bit sums of
 #: 8-bit pixels stay exact (below 2**31 / 255 pixels), and memory stays bounded.
 BAND_PIXELS = 1 << 22
@@ -70,18 +75,6 @@ LOAD_SIGMA = 40.0
 LOAD_SIDE = 1024
 
 
-def kernel_parameters(ksize: int, sigma: float, dtype: np.dtype) -> tuple[int, float]:
-    """The odd kernel size and the sigma that ``cv2.GaussianBlur(ksize, sigma)`` would use."""
-    if ksize <= 0:
-        # OpenCV's rule for a kernel computed from sigma (createGaussianKernels).
-        ksize = int(round(sigma * (3 if dtype == np.uint8 else 4) * 2 + 1)) | 1
-    elif ksize % 2 == 0:
-        ksize += 1
-    if sigma <= 0:
-        sigma = 0.3 * ((ksize - 1) * 0.5 - 1) + 0.8  # OpenCV's default sigma for ksize
-    return ksize, sigma
-
-
 def gaussian_blur(image: np.ndarray, ksize: int, sigma: float = 0.0) -> np.ndarray:
     """``cv2.GaussianBlur(image, (ksize, ksize), sigma)``, at a cost independent of ksize."""
     requested = (ksize, sigma)
@@ -94,8 +87,8 @@ def gaussian_blur(image: np.ndarray, ksize: int, sigma: float = 0.0) -> np.ndarr
     height, width = image.shape[:2]
     if _exact_cost(width, height, radius) <= EXACT_BUDGET:
         if image.dtype == np.uint8 and ksize <= MAX_EMULATED_TAPS:
-            return _opencv_fixed_point(image, ksize, sigma)
-        return _full_size(image, radius, sigma)
+            return opencv_fixed_point(image, ksize, sigma)
+        return full_size_blur(image, radius, sigma)
     scale = _finest(sigma, radius)
     x_axis = _Axis.plan(width, sigma, radius, scale)
     y_axis = _Axis.plan(height, sigma, radius, scale)
@@ -106,7 +99,7 @@ def gaussian_blur(image: np.ndarray, ksize: int, sigma: float = 0.0) -> np.ndarr
     work = cv2.sepFilter2D(work, -1, one, y_axis.kernel, borderType=y_axis.border)
     if reduced:
         return _upsample(work, x_axis, y_axis, width, height, image.dtype).reshape(image.shape)
-    return _to_dtype(work, image.dtype).reshape(image.shape)
+    return to_dtype(work, image.dtype).reshape(image.shape)
 
 
 def blocks_suffice(width: int, height: int, ksize: int, sigma: float = 0.0) -> bool:
@@ -151,7 +144,7 @@ def blur_blocks(blocks: np.ndarray, width: int, height: int, ksize: int,
     work = cv2.sepFilter2D(work, -1, one, kernels[1], borderType=cv2.BORDER_REFLECT)
     # Cell k's centre is on pixel (k + 0.5) * cell - 0.5, where cv2.resize puts it; before
     # the first centre it holds the first cell, as the reflection would.
-    return cv2.resize(_to_dtype(work, np.dtype(np.uint8)), (width, height),
+    return cv2.resize(to_dtype(work, np.dtype(np.uint8)), (width, height),
                       interpolation=cv2.INTER_LINEAR)
 
 
@@ -182,7 +175,7 @@ def _cell_kernel(radius: int, sigma: float, cell: float, cells: int,
     """The kernel on cells of ``cell`` pixels, folded onto their reflected period, its sigma
     less the ``widening`` (a variance, in pixels) that reducing and enlarging add."""
     cell_sigma = math.sqrt(max(sigma * sigma - widening, 1e-6)) / cell
-    return _folded_kernel(int(radius / cell), cell_sigma, 2 * cells, cells)
+    return folded_kernel(int(radius / cell), cell_sigma, 2 * cells, cells)
 
 
 def _cell_means(image: np.ndarray, x_axis: _Axis, y_axis: _Axis) -> np.ndarray:
@@ -251,7 +244,7 @@ def _upsample(small: np.ndarray, x_axis: _Axis, y_axis: _Axis, width: int, heigh
     pixel), and the result is cropped.
     """
     if not (x_axis.reduced or y_axis.reduced):
-        return _to_dtype(small, dtype)
+        return to_dtype(small, dtype)
     x_count, y_count = x_axis.samples(width), y_axis.samples(height)
     # The reflection the cell-level blur saw: two cells in front (the shift reads one more
     # than the sample in front) and enough behind.
@@ -261,7 +254,7 @@ def _upsample(small: np.ndarray, x_axis: _Axis, y_axis: _Axis, width: int, heigh
     shifted = cv2.sepFilter2D(padded, -1, x_axis.shift_kernel(), y_axis.shift_kernel(),
                               borderType=cv2.BORDER_REPLICATE)
     top, left = y_front // 2, x_front // 2
-    samples = _to_dtype(shifted[top:top + y_count, left:left + x_count], dtype)
+    samples = to_dtype(shifted[top:top + y_count, left:left + x_count], dtype)
     full = cv2.resize(samples, None, fx=x_axis.cell, fy=y_axis.cell,
                       interpolation=cv2.INTER_LINEAR)
     return full[y_axis.crop:y_axis.crop + height, x_axis.crop:x_axis.crop + width]
@@ -315,7 +308,7 @@ class _Axis:
     def plan(cls, length: int, sigma: float, radius: int, scale: float) -> _Axis:
         factor = min(scale / CELL_SIGMA, (length - 1) / MIN_CELLS)
         if factor < 2:
-            kernel = _folded_kernel(radius, sigma, 2 * (length - 1), length - 1)
+            kernel = folded_kernel(radius, sigma, 2 * (length - 1), length - 1)
             return cls(length, 1.0, kernel, cv2.BORDER_REFLECT_101)
         cells = round((length - 1) / factor)
         cell = (length - 1) / cells
@@ -328,85 +321,3 @@ class _Axis:
                    cv2.BORDER_REFLECT)
 
 
-def _full_size(image: np.ndarray, radius: int, sigma: float) -> np.ndarray:
-    """The exact blur, at full size, with kernels folded onto the reflected period."""
-    height, width = image.shape[:2]
-    kernel_x = _folded_kernel(radius, sigma, 2 * (width - 1), width - 1)
-    kernel_y = _folded_kernel(radius, sigma, 2 * (height - 1), height - 1)
-    work = cv2.sepFilter2D(image.astype(np.float64), cv2.CV_64F, kernel_x.astype(np.float64),
-                           kernel_y.astype(np.float64), borderType=cv2.BORDER_REFLECT_101)
-    return _to_dtype(work, image.dtype).reshape(image.shape)
-
-
-def _opencv_fixed_point(image: np.ndarray, ksize: int, sigma: float) -> np.ndarray:
-    """``cv2.GaussianBlur`` on 8-bit pixels, bit for bit, at a cost bounded by the image size.
-
-    OpenCV quantises the kernel to multiples of 1/256, rounding with error diffusion so the
-    taps sum to exactly 1 (getGaussianKernelFixedPoint_ED); it sums each row exactly and
-    rounds once at the end, ``(sum + 2^15) >> 16``. Integer taps that are a reflected period
-    apart are added up (folding), which keeps every sum exact; float64 holds them exactly.
-    """
-    half = ksize // 2
-    positions = np.arange(half) - (ksize - 1) / 2
-    weights = np.exp(-(positions * positions) / (2.0 * sigma * sigma))
-    total = 2 * weights.sum() + 1.0  # the centre tap weighs exp(0) = 1
-    # Error diffusion: each rounded tap carries its rounding error to the next one, so the
-    # running sum of rounded taps is the rounded running sum of exact taps.
-    running = np.rint(np.cumsum(weights / total * 256))
-    side = np.diff(running, prepend=0.0)
-    kernel = np.concatenate([side, [256 - 2 * side.sum()], side[::-1]])
-    height, width = image.shape[:2]
-    kernel_x = _fold_integer_taps(kernel, width)
-    kernel_y = _fold_integer_taps(kernel, height)
-    rows = cv2.sepFilter2D(image.astype(np.float64), cv2.CV_64F, kernel_x, np.ones(1),
-                           borderType=cv2.BORDER_REFLECT_101)
-    sums = cv2.sepFilter2D(rows, cv2.CV_64F, np.ones(1), kernel_y,
-                           borderType=cv2.BORDER_REFLECT_101)
-    return np.floor((sums + 32768) / 65536).astype(np.uint8).reshape(image.shape)
-
-
-def _fold_integer_taps(kernel: np.ndarray, length: int) -> np.ndarray:
-    """``kernel`` (centred) folded onto the reflect-101 period of an axis of ``length``."""
-    if length == 1:
-        return np.array([kernel.sum()])
-    period = 2 * (length - 1)
-    if len(kernel) <= period:
-        return kernel
-    offsets = np.arange(len(kernel)) - len(kernel) // 2
-    weights = np.bincount(offsets % period, weights=kernel, minlength=period)
-    folded = weights[np.arange(-(length - 1), length) % period]
-    folded[0] /= 2  # offsets -(n-1) and n-1 are one period apart: they share the weight
-    folded[-1] /= 2
-    return folded
-
-
-def _folded_kernel(radius: int, sigma: float, period: int, half: int) -> np.ndarray:
-    """Normalised Gaussian taps -radius..radius; folded onto one period when longer than it.
-
-    The reflected image repeats every ``period`` samples, so taps that are a period apart
-    touch the same samples and can be summed: the folded kernel spans -half..half, its two
-    end taps (one period apart) sharing the weight of their residue.
-    """
-    if period == 0:
-        return np.ones(1, np.float32)
-    if 2 * radius + 1 > MAX_TAPS:
-        weights: np.ndarray = np.ones(period)
-    else:
-        taps = np.arange(-radius, radius + 1)
-        gauss = np.exp(-(taps * taps) / (2.0 * sigma * sigma))
-        if 2 * radius + 1 <= period:
-            return (gauss / gauss.sum()).astype(np.float32)
-        weights = np.bincount(taps % period, weights=gauss, minlength=period)
-    kernel = weights[np.arange(-half, half + 1) % period]
-    kernel[0] /= 2
-    kernel[-1] /= 2
-    return (kernel / kernel.sum()).astype(np.float32)
-
-
-def _to_dtype(values: np.ndarray, dtype: np.dtype) -> np.ndarray:
-    if dtype == np.uint8:
-        return cv2.convertScaleAbs(values)  # rounds and saturates; values are never negative
-    info = np.iinfo(dtype) if np.issubdtype(dtype, np.integer) else None
-    if info is None:
-        return values.astype(dtype)
-    return np.clip(np.rint(values), info.min, info.max).astype(dtype)

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from imgserver.images import blur
-from imgserver.images.blur import blocks_suffice, blur_blocks, gaussian_blur, kernel_parameters
+from imgserver.images.blur import blocks_suffice, blur_blocks, gaussian_blur
+from imgserver.images.kernels import kernel_parameters
 from imgserver.images.operations import parse_operation
 
 from conftest import mean_abs_diff, photo
