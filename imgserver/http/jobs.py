@@ -1,0 +1,197 @@
+"""The routes of jobs: submit, list, status, cancel, and their event streams.
+
+    POST /jobs[?wait=true]   202 + status document + Location (200 with wait=true);
+                             with Idempotency-Key, a repeat answers 200 with the first job
+    GET  /jobs               200 a page of job summaries, newest first, and the next cursor
+    GET  /jobs/{id}          200 status document, 404 unknown
+    POST /jobs/{id}/cancel   202 cancelled now, 200 cancelled before, 409 finished, 404
+    GET  /jobs/{id}/events   Server-Sent Events of one job: status, image, state, end
+    GET  /events             Server-Sent Events of every job (and job, when one is accepted)
+
+Engine calls that touch the disk run in a worker thread, and ``wait=true`` awaits the
+engine's future: the event loop never blocks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any
+from urllib.parse import quote
+
+from fastapi import APIRouter, Depends, Header, Query, Request
+from fastapi.sse import EventSourceResponse
+from starlette.concurrency import run_in_threadpool
+
+from imgserver.errors import RequestError
+from imgserver.http.errors import BodyTooLarge
+from imgserver.http.responses import STREAM_HEADERS, EventStream, JSONResponse, json_error
+from imgserver.http.schema import ErrorResponse, JobList, StatusDocument
+from imgserver.http.streams import EventHub
+from imgserver.jobs.engine import Engine
+from imgserver.jobs.job import SOURCES, STATES
+from imgserver.jobs.keys import HEADER as IDEMPOTENCY_KEY
+from imgserver.settings import Settings
+
+
+def router(engine: Engine, hub: EventHub, settings: Settings, authorized: Callable[..., Any],
+           errors: dict[int | str, dict[str, Any]]) -> APIRouter:
+    """The routes of ``engine``'s jobs and ``hub``'s event streams, behind ``authorized``."""
+    routes = APIRouter(dependencies=[Depends(authorized)])
+
+    @routes.post("/jobs", status_code=202,
+              summary="Submit a job",
+              responses={
+                  202: {"model": StatusDocument, "description": "Accepted; the job is queued. "
+                        "The Location header points at its status."},
+                  200: {"model": StatusDocument, "description": "With wait=true: the job's "
+                        "final status. With an Idempotency-Key used before: the status of the "
+                        "job that key created (nothing new is created)."},
+                  413: {"model": ErrorResponse, "description": "The body is over the limit."},
+                  422: {"model": ErrorResponse, "description": "The request is invalid, or "
+                        "its Idempotency-Key was used for another request; nothing was read "
+                        "or written."},
+                  503: {"model": ErrorResponse, "description": "The queue is full, the "
+                        "server is stopping, or the outbox cannot store the request; nothing "
+                        "was accepted. See Retry-After."},
+                  **errors},
+              openapi_extra={"requestBody": {"required": True, "content": {"application/json": {
+                  "schema": {"$ref": "#/components/schemas/JobRequest"}}}}})
+    async def submit_job(request: Request, wait: bool = Query(
+            False, description="Wait for the job to finish and answer 200 with its final "
+                               "status."),
+            idempotency_key: str | None = Header(
+                None, alias=IDEMPOTENCY_KEY, description=(
+                    "1 to 255 visible ASCII characters. A request repeated with the same key "
+                    "within 24 hours is answered with the job the first one created (200) "
+                    "instead of creating another; the same key with another body is 422. "
+                    "Makes a POST whose answer was lost safe to retry."))) -> JSONResponse:
+        body = await _read_body(request, settings.max_body_bytes)
+        created = True
+        if idempotency_key is None:
+            document = await run_in_threadpool(engine.submit, body, source="http")
+        else:
+            document, created = await run_in_threadpool(engine.submit_once, body,
+                                                        idempotency_key, source="http")
+        location = f"/jobs/{quote(document['id'])}"
+        if not wait:
+            return JSONResponse(document, status_code=202 if created else 200,
+                                headers={"Location": location})
+        document = await asyncio.wrap_future(engine.wait(document["id"]))
+        return JSONResponse(document, status_code=200, headers={"Location": location})
+
+    @routes.get("/jobs", summary="List jobs, newest first",
+             responses={200: {"model": JobList},
+                        422: {"model": ErrorResponse, "description": "A parameter is invalid."},
+                        503: {"model": ErrorResponse, "description": "The job index is being "
+                              "rebuilt (after it was lost or damaged). See Retry-After."},
+                        **errors})
+    async def list_jobs(
+            state: str | None = Query(None, description="Only jobs in these states, "
+                                      "comma-separated: " + ", ".join(STATES) + "."),
+            source: str | None = Query(None, description="Only jobs from this source: "
+                                       + ", ".join(SOURCES) + "."),
+            limit: int = Query(50, ge=1, le=1000, description="Jobs per page."),
+            cursor: str | None = Query(None, description="The `next` of the previous page.")
+    ) -> JSONResponse:
+        states = _states(state)
+        if source is not None and source not in SOURCES:
+            raise RequestError.single("source", f"{source!r} is not a source (expected one of "
+                                                f"{', '.join(SOURCES)})")
+        jobs, after = await run_in_threadpool(engine.jobs, states=states, source=source,
+                                              limit=limit, cursor=cursor)
+        return JSONResponse({"jobs": jobs, "next": after})
+
+    @routes.get("/jobs/{job_id}", summary="A job's status",
+             responses={200: {"model": StatusDocument},
+                        404: {"model": ErrorResponse, "description": "No such job."}, **errors})
+    async def get_job(job_id: str) -> JSONResponse:
+        return JSONResponse(await run_in_threadpool(engine.status, job_id))
+
+    @routes.post("/jobs/{job_id}/cancel", status_code=202,
+              summary="Cancel a job",
+              description="Images of the job that have not started never start; running "
+                          "images finish and keep their outputs; then the job is `cancelled`. "
+                          "The cancel is on disk before the answer: a restart does not resume "
+                          "the job.",
+              responses={
+                  202: {"model": StatusDocument, "description": "Cancelled. The job is "
+                        "`cancelled`, or still `running` until its running images finish."},
+                  200: {"model": StatusDocument, "description": "The job was cancelled "
+                        "before."},
+                  404: {"model": ErrorResponse, "description": "No such job."},
+                  409: {"model": StatusDocument, "description": "The job is done or failed "
+                        "(or run by an 'imgserver run' process): its document."},
+                  **errors})
+    async def cancel_job(job_id: str) -> JSONResponse:
+        document, before = await run_in_threadpool(engine.cancel, job_id)
+        return JSONResponse(document, status_code=200 if before else 202)
+
+    last_event_id = Header(None, alias="Last-Event-ID", description=(
+        "The id of the last event received: the stream resumes after it, or starts with a "
+        "fresh status when those events are no longer held."))
+    streams: dict[int | str, dict[str, Any]] = {
+        200: {"description": "Server-Sent Events; each event has an `id`, and an idle stream "
+                             "gets a comment line every 15 s.",
+              "content": {"text/event-stream": {"schema": {"type": "string"}, "example": (
+                  'event: status\nid: 1764602000000001\ndata: {"id":"holiday",...}\n\n'
+                  'event: image\nid: 1764602000000002\ndata: {"index":0,"image":{...},'
+                  '"progress":{"done":1,"total":5}}\n\n')}}},
+        401: json_error("Missing or wrong bearer token (only when IMGSERVER_TOKEN is set)."),
+    }
+
+    @routes.get("/jobs/{job_id}/events",
+             response_class=EventStream, summary="Follow a job's events",
+             description="`status` (the status document), then `image` when an image "
+                         "finishes (`{index, image, progress}`), `state` when the job's state "
+                         "changes (`{state, progress}`), and `end` (the final document), after "
+                         "which the stream ends. A finished job's stream sends `status` and "
+                         "`end` at once. A client that falls too far behind gets a fresh "
+                         "`status`.",
+             responses={**streams, 404: json_error("No such job.")})
+    async def job_events(job_id: str, last_event: str | None = last_event_id
+                         ) -> EventSourceResponse:
+        await run_in_threadpool(engine.status, job_id)  # 404 before the stream starts
+        return EventSourceResponse(hub.job_stream(job_id, last_event), headers=STREAM_HEADERS)
+
+    @routes.get("/events", response_class=EventStream,
+             summary="Follow every job's events",
+             description="The events of every job (`image`, `state`, `end`), each data object "
+                         "carrying `job` (the id), and `job` (the summary) when a job is "
+                         "accepted. Ids increase across the stream. A client that falls too far "
+                         "behind is disconnected; one that resumes after events no longer held "
+                         "gets a `status` event for each unfinished job.",
+             responses=streams)
+    async def all_events(last_event: str | None = last_event_id) -> EventSourceResponse:
+        return EventSourceResponse(hub.all_streams(last_event), headers=STREAM_HEADERS)
+
+    return routes
+
+
+def _states(text: str | None) -> list[str]:
+    """The states a ``state`` parameter names; RequestError naming it for a wrong one."""
+    if text is None:
+        return []
+    states = [part.strip() for part in text.split(",")]
+    wrong = [part for part in states if part not in STATES]
+    if wrong:
+        raise RequestError.single("state", f"{', '.join(map(repr, wrong))}: not a state "
+                                           f"(expected one or more of {', '.join(STATES)}, "
+                                           f"comma-separated)")
+    return states
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise BodyTooLarge(declared, limit)
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise BodyTooLarge(f"more than {limit}", limit)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
