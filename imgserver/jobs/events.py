@@ -14,11 +14,15 @@ listener must only note the event and hand it on (to its own thread or event loo
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from imgserver.jobs.job import ImageStatus
+
+logger = logging.getLogger("imgserver.jobs.events")
 
 
 @dataclass(frozen=True)
@@ -65,3 +69,28 @@ class JobFinished(JobEvent):
 
 Event = JobAccepted | StateChanged | ImageFinished | JobFinished
 Listener = Callable[[Event], None]
+
+
+class Announcer:
+    """Numbers the engine's events and hands each to every listener."""
+
+    def __init__(self) -> None:
+        # Numbers start from the clock, so that they keep growing across restarts.
+        self.seq = time.time_ns() // 1000
+        self._listeners: list[Listener] = []
+
+    def subscribe(self, listener: Listener) -> None:
+        """Call ``listener`` for every event from now on."""
+        self._listeners.append(listener)
+
+    def emit(self, kind: type[JobEvent], job_id: str, *fields: object) -> None:
+        """Number an event of ``kind`` and hand it to every listener."""
+        # Numbers follow the clock (microseconds) when it is ahead: they keep growing across
+        # restarts, and a number says when its event happened, at the latest.
+        self.seq = max(self.seq + 1, time.time_ns() // 1000)
+        event: Event = kind(self.seq, job_id, *fields)  # type: ignore[assignment]
+        for listener in self._listeners:
+            try:
+                listener(event)
+            except Exception:  # a listener's bug must not stop the engine
+                logger.exception("an event listener failed")

@@ -1,0 +1,225 @@
+"""Intake: a request becomes an accepted job (validated, admitted, stored), or is refused.
+
+    submit(body)         validate -> stage: written and fsynced, outside the lock
+    submit_once(body)      -> [its Idempotency-Key used before? that job]
+                           -> admit: room in the queue? -> placed under its id -> accepted
+    take(INBOX file)     peek -> admit -> the file claimed into the outbox -> validate
+                           -> accepted, or a failed job (nobody is there to answer)
+
+A request refused over HTTP or on the command line leaves no trace. An accepted one is on
+disk before anyone is told, and is handed to the engine (``Desk.accept``), which decides
+everything that happens to it from then on.
+"""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from pathlib import Path
+from typing import Protocol
+
+from imgserver.errors import CapacityError, RequestError
+from imgserver.images.pipeline import ImageTask
+from imgserver.jobs.job import ImageStatus, Job, Notification
+from imgserver.jobs.keys import check_key
+from imgserver.jobs.outbox import Outbox
+from imgserver.jobs.request import ImageSpec, Request, RequestLimits, parse_request
+from imgserver.settings import Settings
+from imgserver.urls import redacted
+
+
+class Desk(Protocol):
+    """What intake needs of the engine: whether it takes work, how full its queue is, and
+    someone to hand each stored job to."""
+
+    @property
+    def accepting(self) -> bool:
+        """Whether new work is taken (not while starting or stopping)."""
+
+    @property
+    def open_images(self) -> int:
+        """Images accepted and not yet finished, all jobs together."""
+
+    def accept(self, job: Job, request: Request, lock_fd: int | None, *, write: bool) -> dict:
+        """Take a stored, valid request on as a queued job; its status document."""
+
+    def refuse(self, job: Job) -> dict:
+        """Record a stored request that is invalid as a failed job; its status document."""
+
+    def status(self, job_id: str) -> dict:
+        """The status document of ``job_id``."""
+
+
+class Intake:
+    """Turns requests into stored jobs and hands them to the engine."""
+
+    def __init__(self, settings: Settings, outbox: Outbox, lock: threading.Condition,
+                 desk: Desk, *, lock_jobs: bool = False) -> None:
+        """Intake into ``outbox`` for ``desk``, holding ``lock`` (the engine's) to admit.
+
+        ``lock_jobs``: hold a lock on each job's request file while it runs (``imgserver
+        run``), so that a server starting meanwhile leaves the job to this process.
+        """
+        self.settings = settings
+        self.outbox = outbox
+        self.storage_error: str | None = None  # why requests cannot be stored, if they cannot
+        self._lock = lock
+        self._desk = desk
+        self._lock_jobs = lock_jobs
+        self._limits = RequestLimits(settings.max_body_bytes, settings.max_images,
+                                     settings.notify_allow)
+
+    def parse(self, body: bytes) -> Request:
+        """The request ``body``, validated; RequestError naming what is wrong."""
+        return parse_request(body, self.settings.root, self._limits)
+
+    def new_job(self, job_id: str, source: str, request: Request) -> Job:
+        """A queued job for a valid ``request``, told to notify the URLs it should."""
+        urls = [url for url in (self.settings.notify_url, request.notify) if url]
+        return Job(id=job_id, source=source, operations=list(request.operations),
+                   images=[ImageStatus(spec.input, spec.output) for spec in request.images],
+                   notifications=[Notification(redacted(url)) for url in dict.fromkeys(urls)])
+
+    def task(self, spec: ImageSpec, request: Request) -> ImageTask:
+        """What a worker is given to run the image ``spec`` of ``request``."""
+        return ImageTask(
+            root=str(self.settings.root), input=str(spec.input_path),
+            outputs=tuple(str(path) for path in spec.outputs), operations=request.parsed,
+            max_pixels=self.settings.max_pixels, max_file_bytes=self.settings.max_file_bytes)
+
+    def submit(self, body: bytes, *, source: str, name: str | None = None) -> dict:
+        """Accept a request; its job's status document.
+
+        An invalid request raises RequestError and leaves no trace; CapacityError when the
+        queue is full or the request cannot be stored.
+        """
+        return self._create(body, self.parse(body), source=source, name=name)[0]
+
+    def submit_once(self, body: bytes, key: str, *, source: str) -> tuple[dict, bool]:
+        """``submit`` with an idempotency key: the document, and whether a job was created.
+
+        A key used in the last 24 hours answers with that key's job (its current status)
+        and creates nothing; RequestError if that job's request differs from ``body``.
+        """
+        check_key(key)
+        with self._lock:
+            earlier = self._replay(key, body)
+        if earlier is not None:
+            return earlier, False
+        return self._create(body, self.parse(body), source=source, name=uuid.uuid4().hex,
+                            key=key)
+
+    def take(self, path: Path, *, name: str | None, peek: bytes, source: str = "inbox") -> dict:
+        """Take the drop-folder file ``path`` as a job; its status document.
+
+        ``peek`` is the file's content as read a moment ago: it decides whether the queue has
+        room (CapacityError leaves the file where it is). The file is then moved into the
+        outbox as the job's request (``Outbox.claim``: exactly that file, once, even if it
+        was replaced meanwhile) and what was moved is what is validated and run. An invalid
+        request becomes a failed job, since nobody is there to answer.
+        """
+        try:
+            peeked: Request | None = self.parse(peek)
+        except RequestError:
+            peeked = None  # it will be recorded as failed once taken
+        with self._lock:
+            # Room for what it asks (at most a full queue: more fails below, once taken).
+            self._admit(min(len(peeked.images), self.settings.max_queue) if peeked else 0)
+            placeholder = Job(id="", source=source, operations=[], images=[])
+
+            def reserved(job_id: str) -> None:
+                # Says where the job came from, should the server stop before it is written.
+                placeholder.id = job_id
+                self.outbox.write_status(placeholder.to_document())
+
+            try:
+                job_id, body, size = self.outbox.claim(path, name, reserved,
+                                                       self.settings.max_body_bytes,
+                                                       source=source)
+            except FileNotFoundError:
+                raise  # taken already: not a storage problem
+            except OSError as exc:
+                raise self._storage_failed(exc) from None
+            self.storage_error = None
+            try:
+                request = (peeked if peeked is not None and body == peek else
+                           parse_request(body, self.settings.root, self._limits, size=size))
+                if len(request.images) > self.settings.max_queue:
+                    raise RequestError.single("images", _never_fits(len(request.images),
+                                                                    self.settings.max_queue))
+            except RequestError as error:
+                if self.settings.notify_url:
+                    placeholder.notifications = [Notification(redacted(self.settings.notify_url))]
+                placeholder.reject(str(error), self.settings.keep_finished)
+                return self._desk.refuse(placeholder)
+            job = self.new_job(job_id, source, request)
+            job.created_at = placeholder.created_at
+            return self._desk.accept(job, request, None, write=True)
+
+    def _replay(self, key: str, body: bytes) -> dict | None:
+        """The status of the job ``key`` created, if it exists; RequestError if that job's
+        request is not ``body``."""
+        earlier = self.outbox.keyed(key)
+        if earlier is None:
+            return None
+        job_id, request = earlier
+        if request != body:
+            raise RequestError.single("Idempotency-Key", (
+                f"was used for another request (job {job_id}) in the last 24 hours; "
+                f"use a new key for a new request"))
+        return self._desk.status(job_id)
+
+    def _admit(self, count: int) -> None:
+        """Whether ``count`` more images fit in the queue now (holding the lock)."""
+        if not self._desk.accepting:
+            raise CapacityError("the server is shutting down", retry_after=5)
+        limit, waiting = self.settings.max_queue, self._desk.open_images
+        if count > limit:
+            raise RequestError.single("images", _never_fits(count, limit))
+        if waiting + count > limit:
+            raise CapacityError(
+                f"the queue is full: {waiting} images are waiting or running, "
+                f"this request adds {count}, the limit is {limit} (--max-queue)")
+
+    def _create(self, body: bytes, request: Request, *, source: str, name: str | None,
+                key: str | None = None) -> tuple[dict, bool]:
+        """Store a valid request and accept it as a queued job: its status document, and
+        True; with an idempotency ``key`` used before, that key's job, and False.
+
+        The request is written and fsynced before the lock is taken (the engine goes on
+        meanwhile), then placed under its id and handed over.
+        """
+        try:
+            staged = self.outbox.stage(body, lock=self._lock_jobs)
+        except OSError as exc:
+            with self._lock:
+                raise self._storage_failed(exc) from None
+        try:
+            with self._lock:
+                if key is not None:
+                    earlier = self._replay(key, body)  # the same key sent twice at once
+                    if earlier is not None:
+                        return earlier, False
+                self._admit(len(request.images))
+                if key is not None and name is not None:
+                    # Bound before the job exists: a crash in between binds it to nothing.
+                    self.outbox.keys.bind(key, name)
+                try:
+                    job_id = self.outbox.place(staged, name, source=source)
+                except OSError as exc:
+                    raise self._storage_failed(exc) from None
+                self.storage_error = None
+                lock_fd = staged.detach() if self._lock_jobs else None
+                return self._desk.accept(self.new_job(job_id, source, request), request,
+                                         lock_fd, write=False), True
+        finally:
+            staged.close()
+
+    def _storage_failed(self, exc: OSError) -> CapacityError:
+        self.storage_error = (f"the outbox {self.outbox.path} cannot store requests: "
+                              f"{exc.strerror or exc}")
+        return CapacityError(self.storage_error, retry_after=30)
+
+
+def _never_fits(count: int, limit: int) -> str:
+    return f"lists {count} images, more than the queue holds ({limit}, --max-queue)"

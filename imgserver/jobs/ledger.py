@@ -1,0 +1,225 @@
+"""The ledger: every job's current status. The jobs the engine is working on are held in
+memory (``Entry``); the others live in the outbox.
+
+A live job's status file is rewritten at most every STATUS_INTERVAL (and at once at every
+decision that must survive a crash), so that a short job costs one write; its index row
+follows its status file. Questions about jobs (one job's status, a page of the listing,
+the unfinished jobs) are answered from memory for live jobs and from the outbox for the
+rest, under the engine's lock, so that a job is always in exactly one of the two.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+from imgserver.errors import CapacityError, JobConflict, JobNotFound
+from imgserver.jobs.job import (
+    CANCELLED,
+    FINAL_STATES,
+    QUEUED,
+    RUNNING,
+    Job,
+    Notification,
+    served,
+    summary,
+    timestamp,
+)
+from imgserver.jobs.outbox import Outbox
+
+logger = logging.getLogger("imgserver.jobs.ledger")
+
+#: A running job's status file is rewritten at most this often (and at every state change).
+STATUS_INTERVAL = 0.5
+#: A client back on the all-jobs stream after its events are gone hears of at most this
+#: many jobs that finished meanwhile.
+RECENTLY_FINISHED = 1000
+
+
+@dataclass(eq=False)
+class Entry:
+    """A job the engine is working on."""
+
+    job: Job
+    lock_fd: int | None = None  # holds the request's lock (``imgserver run``)
+    dirty: bool = False         # changed since its status file was written
+    written_at: float = 0.0
+    waiters: list[Future] = field(default_factory=list)
+
+    def release(self) -> None:
+        """Let go of the request's lock, if held."""
+        if self.lock_fd is not None:
+            os.close(self.lock_fd)
+            self.lock_fd = None
+
+
+class Ledger:
+    """The live jobs, and the questions asked about any job."""
+
+    def __init__(self, outbox: Outbox, keep_finished: float, lock: threading.Condition) -> None:
+        """A ledger over ``outbox``; ``lock`` is the engine's, held around every change."""
+        self.outbox = outbox
+        self._keep = keep_finished
+        self._lock = lock
+        self._live: dict[str, Entry] = {}
+
+    # -- the live jobs (the engine holds the lock) -----------------------------------------
+
+    def __len__(self) -> int:
+        return len(self._live)
+
+    def __iter__(self) -> Iterator[Entry]:
+        return iter(self._live.values())
+
+    def get(self, job_id: str) -> Entry | None:
+        """The live job ``job_id``, or None."""
+        return self._live.get(job_id)
+
+    def __getitem__(self, job_id: str) -> Entry:
+        return self._live[job_id]
+
+    def add(self, entry: Entry) -> None:
+        """Hold ``entry`` as a live job."""
+        self._live[entry.job.id] = entry
+
+    def retire(self, entry: Entry) -> None:
+        """A finished job: its status file written (the record, written before anyone is
+        answered), and no longer live. Its index row is the caller's to put once it has
+        answered (``put_row``): a crash in between leaves a row that start-up checks
+        against the file."""
+        self.write(entry, index=False)
+        self._live.pop(entry.job.id, None)
+
+    def answer(self, entry: Entry, document: dict) -> None:
+        """Tell everyone waiting for the finished ``entry`` its final ``document``; then put
+        its index row, and let go of its request's lock."""
+        for waiter in entry.waiters:
+            waiter.set_result(document)
+        entry.waiters.clear()
+        self.put_row(summary(document))
+        entry.release()
+
+    def wait(self, job_id: str, refusal: Callable[[str], Exception] | None) -> Future:
+        """A future of the job's final status document (the caller holds the lock); for a
+        live job, with ``refusal``, at once its error instead."""
+        future: Future = Future()
+        entry = self._live.get(job_id)
+        if entry is None:
+            future.set_result(self.status(job_id))
+        elif refusal is not None:
+            future.set_exception(refusal(job_id))
+        else:
+            entry.waiters.append(future)
+        return future
+
+    def release_waiters(self, refusal: Callable[[str], Exception]) -> None:
+        """Answer everyone waiting for a live job with its ``refusal`` (the engine stops)."""
+        for entry in self._live.values():
+            for waiter in entry.waiters:
+                waiter.set_exception(refusal(entry.job.id))
+            entry.waiters.clear()
+
+    def write(self, entry: Entry, *, index: bool = True) -> None:
+        """Write the job's status file (and, unless ``index`` is False, its index row)."""
+        try:
+            self.outbox.write_status(entry.job.to_document(), index=index)
+        except OSError as exc:
+            logger.error("cannot write the status of job %s: %s", entry.job.id, exc)
+            return
+        entry.dirty = False
+        entry.written_at = time.monotonic()
+
+    def flush(self, *, force: bool = False) -> None:
+        """Write the status files that changed and have waited STATUS_INTERVAL (all that
+        changed, with ``force``)."""
+        moment = time.monotonic()
+        for entry in self._live.values():
+            if entry.dirty and (force or moment - entry.written_at >= STATUS_INTERVAL):
+                self.write(entry)
+
+    def next_write(self) -> float | None:
+        """When (``time.monotonic``) the next changed status file is due; None if none is."""
+        due = [entry.written_at + STATUS_INTERVAL for entry in self._live.values()
+               if entry.dirty]
+        return min(due, default=None)
+
+    def put_row(self, job_summary: dict[str, Any]) -> None:
+        """Put a job's index row (a failure is logged: the status file is the record)."""
+        try:
+            self.outbox.index.put(job_summary)
+        except OSError as exc:
+            logger.error("cannot index job %s: %s", job_summary["id"], exc)
+
+    def release_all(self) -> None:
+        """Let go of every live job's request lock (the engine is stopping)."""
+        for entry in self._live.values():
+            entry.release()
+
+    # -- questions (any thread) ------------------------------------------------------------
+
+    def status(self, job_id: str) -> dict:
+        """The status document of ``job_id``; JobNotFound if there is no such job."""
+        with self._lock:
+            entry = self._live.get(job_id)
+            if entry is not None:
+                return entry.job.to_document()
+        document = self.outbox.read_status(job_id)
+        if document is None:
+            raise JobNotFound(f"no job with id {job_id!r}")
+        return served(document, self._keep)
+
+    def unfinished(self, since: int | None = None) -> list[dict]:
+        """Summaries of the jobs not finished, and of those finished since the event
+        ``since`` (at most RECENTLY_FINISHED, newest first; the caller holds the lock).
+
+        An event's number is at most the clock's microseconds when it happened, so the jobs
+        finished since are those with a ``finished_at`` from that moment on (and a few from
+        the same millisecond).
+        """
+        summaries = [entry.job.summary() for entry in self._live.values()]
+        if since is not None:
+            moment = timestamp(datetime.fromtimestamp(since / 1e6, timezone.utc))
+            summaries += [served(s, self._keep) for s in
+                          self.outbox.index.finished_since(moment, RECENTLY_FINISHED)]
+        return summaries
+
+    def page(self, *, states: Sequence[str] = (), source: str | None = None, limit: int = 50,
+             cursor: str | None = None) -> tuple[list[dict], str | None]:
+        """Summaries of jobs (documents without images), newest first, and the cursor of the
+        next page (None on the last). CapacityError while the index is being rebuilt."""
+        if self.outbox.index.needs_scan:
+            raise CapacityError("the job index is being rebuilt from the status files; "
+                                "listing is back when it is done", retry_after=5)
+        asked = set(states)
+        if asked & {QUEUED, RUNNING}:  # a live job's row may still say the other one
+            asked |= {QUEUED, RUNNING}
+        summaries, after = self.outbox.index.page(states=sorted(asked), source=source,
+                                                  limit=limit, cursor=cursor)
+        with self._lock:  # a running job's row lags its status by up to STATUS_INTERVAL
+            summaries = [self._live[s["id"]].job.summary() if s["id"] in self._live
+                         else served(s, self._keep) for s in summaries]
+        return [s for s in summaries if not states or s["state"] in states], after
+
+    def cancelled_before(self, job_id: str) -> dict:
+        """The document of ``job_id``, not live, if it was cancelled; JobConflict if it is
+        done or failed (or run by another process), JobNotFound if there is no such job."""
+        document = self.status(job_id)
+        if document["state"] == CANCELLED:
+            return document
+        if document["state"] in FINAL_STATES:
+            raise JobConflict(f"job {job_id} is already {document['state']}; only an "
+                              f"unfinished job can be cancelled", document)
+        raise JobConflict(f"job {job_id} is run by another process ('imgserver run'); "
+                          f"stop that process to stop it", document)
+
+    def note_delivery(self, job_id: str, index: int, notification: Notification) -> None:
+        """Record how the job's notification ``index`` went (the webhooks' progress)."""
+        with self._lock:  # not while the job's own status is being written
+            self.outbox.note_delivery(job_id, index, notification.to_document())
