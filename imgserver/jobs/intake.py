@@ -20,6 +20,7 @@ from typing import Protocol
 
 from imgserver.errors import CapacityError, RequestError
 from imgserver.images.pipeline import ImageTask
+from imgserver.jobs.arrivals import Arrivals
 from imgserver.jobs.job import ImageStatus, Job, Notification
 from imgserver.jobs.keys import check_key
 from imgserver.jobs.outbox import Outbox
@@ -65,6 +66,7 @@ class Intake:
         self.storage_error: str | None = None  # why requests cannot be stored, if they cannot
         self._lock = lock
         self._desk = desk
+        self._arrivals = Arrivals(outbox)
         self._lock_jobs = lock_jobs
         self._limits = RequestLimits(settings.max_body_bytes, settings.max_images,
                                      settings.notify_allow)
@@ -133,7 +135,7 @@ class Intake:
                 self.outbox.write_status(placeholder.to_document())
 
             try:
-                job_id, body, size = self.outbox.claim(path, name, reserved,
+                job_id, body, size = self._arrivals.claim(path, name, reserved,
                                                        self.settings.max_body_bytes,
                                                        source=source)
             except FileNotFoundError:
@@ -190,7 +192,7 @@ class Intake:
         meanwhile), then placed under its id and handed over.
         """
         try:
-            staged = self.outbox.stage(body, lock=self._lock_jobs)
+            staged = self._arrivals.stage(body, lock=self._lock_jobs)
         except OSError as exc:
             with self._lock:
                 raise self._storage_failed(exc) from None
@@ -205,7 +207,7 @@ class Intake:
                     # Bound before the job exists: a crash in between binds it to nothing.
                     self.outbox.keys.bind(key, name)
                 try:
-                    job_id = self.outbox.place(staged, name, source=source)
+                    job_id = self._arrivals.place(staged, name, source=source)
                 except OSError as exc:
                     raise self._storage_failed(exc) from None
                 self.storage_error = None

@@ -8,32 +8,26 @@
     OUTBOX/.tmp/               files being written
 
 Files are written to ``.tmp/`` first and then renamed into place, so a reader (or a restart
-after ``kill -9``) sees either the old or the new file, never half of one. A new job's id is
-claimed in the index and by an empty request file made exclusively (by any number of
-producers at once, in any number of processes), then its first status is written, then its
-request is moved over the empty file: a job whose request is still empty was never
-accepted, and a crash at any point leaves a row for every job on disk.
+after ``kill -9``) sees either the old or the new file, never half of one. How a new job's
+request comes in, under an id of its own, is ``imgserver.jobs.arrivals``.
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
 import fcntl
 import json
 import logging
 import os
 import re
 import secrets
-import shutil
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from imgserver.jobs.index import Index
-from imgserver.jobs.job import FINAL_STATES, now, summary
+from imgserver.jobs.job import FINAL_STATES, summary
 from imgserver.jobs.keys import IdempotencyKeys
 
 logger = logging.getLogger("imgserver.jobs.outbox")
@@ -100,136 +94,6 @@ class Outbox:
         """The marker saying ``job_id`` was cancelled, until its final status is written."""
         return self.path / (job_id + CANCEL_SUFFIX)
 
-    # -- new jobs -----------------------------------------------------------------------
-
-    def stage(self, body: bytes, *, lock: bool = False) -> Staged:
-        """Write ``body`` to a temporary file and fsync it: the slow half of storing a new
-        job's request, done before the engine's lock is taken. ``place`` finishes it; the
-        ``Staged`` file must be closed (``Staged.close``) either way.
-
-        With ``lock``, the file stays locked (flock) while its descriptor is open, which
-        tells a starting server that a live process owns the job.
-        """
-        self.ensure()
-        temp = self._temp()
-        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
-        staged = Staged(temp, fd)
-        try:
-            if lock:
-                fcntl.flock(fd, fcntl.LOCK_EX)
-            view = memoryview(body)
-            while view:
-                view = view[os.write(fd, view):]
-            os.fsync(fd)
-        except BaseException:
-            staged.close()
-            raise
-        return staged
-
-    def place(self, staged: Staged, name: str | None, *, source: str) -> str:
-        """Put a staged request in place as a new job's request; the job's id.
-
-        The id is ``name``, or ``name-2``, ``name-3``... when taken; a random one without a
-        name. It is claimed in the index first, then by linking the file under it, which
-        fails if the name is taken (by a job the index does not know yet): a crash at any
-        point leaves a row for every request on disk.
-        """
-        created_at = now()
-        for job_id in _candidates(name):
-            if self.status_path(job_id).exists():
-                continue
-            if not self.index.reserve(job_id, source, created_at):
-                continue
-            try:
-                os.link(staged.path, self.request_path(job_id))
-            except FileExistsError:
-                self.index.remove([job_id])
-                continue
-            except BaseException:
-                self.index.remove([job_id])
-                raise
-            _unlink(staged.path)
-            self._sync_folder()
-            return job_id
-        raise AssertionError("unreachable: candidate ids are endless")
-
-    def claim(self, source_path: Path, name: str | None, reserved: Callable[[str], None],
-              max_bytes: int, *, source: str) -> tuple[str, bytes, int]:
-        """Move the file ``source_path`` in as a new job's request; its id, content and size.
-
-        The id is reserved first, then ``reserved(id)`` is called. The file is then
-        hard-linked over the reservation, and its name in INBOX removed if it still is that
-        file: what the job keeps and runs is exactly the file taken, even if a new one was
-        renamed over the name meanwhile (that one is left for later). A link, not a rename:
-        a rename out of the watched folder would hold up the watcher's next events (it waits
-        to pair moves). Where a link is refused (the file belongs to another user and hard
-        links are protected) it is renamed instead; from another file system it is copied,
-        then removed. A server stopped between the link and the removal leaves the file
-        linked twice; ``taken`` tells. At most ``max_bytes + 1`` bytes are read back.
-        """
-        self.ensure()
-        job_id, _ = self._reserve(name, source)
-        target = self.request_path(job_id)
-        try:
-            reserved(job_id)
-            self._move_in(source_path, target)
-        except BaseException:
-            self.discard(job_id)
-            raise
-        self._sync_folder()
-        with open(target, "rb") as file:
-            return job_id, file.read(max_bytes + 1), os.fstat(file.fileno()).st_size
-
-    def _reserve(self, name: str | None, source: str, *, lock: bool = False
-                 ) -> tuple[str, int | None]:
-        """Claim the first free id for ``name``: a row in the index, then an empty request
-        file made exclusively (a job on disk that the index does not know keeps its id).
-
-        With ``lock`` the empty file is locked while it waits for the request (a server
-        starting meanwhile leaves it alone); the lock is released when the request replaces
-        it, which carries its own.
-        """
-        created_at = now()
-        for job_id in _candidates(name):
-            if self.status_path(job_id).exists() or self.request_path(job_id).exists():
-                continue
-            if not self.index.reserve(job_id, source, created_at):
-                continue
-            try:
-                fd = os.open(self.request_path(job_id),
-                             os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
-            except FileExistsError:
-                self.index.remove([job_id])
-                continue
-            if not lock:
-                os.close(fd)
-                return job_id, None
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            return job_id, fd
-        raise AssertionError("unreachable: candidate ids are endless")
-
-    def _move_in(self, source: Path, target: Path) -> None:
-        temp = self._temp()
-        try:
-            os.link(source, temp, follow_symlinks=False)
-        except OSError as exc:
-            if exc.errno == errno.EXDEV:
-                self._copy_in(source, target)
-            elif exc.errno in (errno.EPERM, errno.EACCES):
-                os.rename(source, target)
-            else:
-                raise
-            return
-        try:
-            os.replace(temp, target)
-        finally:
-            _unlink(temp)
-        taken = os.stat(target)
-        with contextlib.suppress(FileNotFoundError):
-            current = os.stat(source, follow_symlinks=False)
-            if (current.st_dev, current.st_ino) == (taken.st_dev, taken.st_ino):
-                os.unlink(source)
-
     def taken(self, info: os.stat_result) -> bool:
         """Whether a file with this ``os.stat`` result is already a job's request."""
         if info.st_nlink < 2:
@@ -241,24 +105,12 @@ class Outbox:
                     return True
         return False
 
-    def _copy_in(self, source: Path, target: Path) -> None:
-        temp = self._temp()
-        try:
-            with open(source, "rb") as file, open(temp, "wb") as copy:
-                shutil.copyfileobj(file, copy)
-                copy.flush()
-                os.fsync(copy.fileno())
-            os.replace(temp, target)
-        finally:
-            _unlink(temp)
-        os.unlink(source)
-
     # -- status, requests, removal --------------------------------------------------------
 
     def write_status(self, document: dict[str, Any], *, index: bool = True) -> None:
         """Replace the status file of ``document['id']`` atomically, then its index row
         (unless ``index`` is False: the caller puts the row itself, a moment later)."""
-        temp = self._temp()
+        temp = self.temp_path()
         data = (json.dumps(document, indent=2) + "\n").encode()
         try:
             fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
@@ -270,11 +122,11 @@ class Outbox:
                 os.close(fd)
             os.replace(temp, self.status_path(document["id"]))
         finally:
-            _unlink(temp)
+            unlink(temp)
         if index:
             self.index.put(summary(document))
         if document["state"] in FINAL_STATES:
-            _unlink(self.cancel_path(document["id"]))  # the status says it from now on
+            unlink(self.cancel_path(document["id"]))  # the status says it from now on
 
     def read_status(self, job_id: str) -> dict[str, Any] | None:
         """The status document of ``job_id``, or None if it has none (or the id is invalid)."""
@@ -336,7 +188,7 @@ class Outbox:
             os.fsync(fd)
         finally:
             os.close(fd)
-        self._sync_folder()
+        self.sync_folder()
 
     def cancel_requested(self, job_id: str) -> bool:
         """Whether ``job_id`` was cancelled before its final status was written."""
@@ -351,7 +203,7 @@ class Outbox:
         for job_id in job_ids:
             for path in (self.status_path(job_id), self.request_path(job_id),
                          self.cancel_path(job_id)):
-                _unlink(path)
+                unlink(path)
         self.index.remove(job_ids)
 
     # -- the index ----------------------------------------------------------------------
@@ -434,10 +286,12 @@ class Outbox:
 
     # -- plumbing -----------------------------------------------------------------------
 
-    def _temp(self) -> Path:
+    def temp_path(self) -> Path:
+        """A new name for a file being written (in ``.tmp/``)."""
         return self.temps / f"tmp-{secrets.token_hex(8)}"
 
-    def _sync_folder(self) -> None:
+    def sync_folder(self) -> None:
+        """Make the folder's entries durable (renames and links into it)."""
         fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY)
         try:
             os.fsync(fd)
@@ -445,40 +299,8 @@ class Outbox:
             os.close(fd)
 
 
-class Staged:
-    """A request written and fsynced, waiting to be placed (``Outbox.place``)."""
-
-    def __init__(self, path: Path, fd: int) -> None:
-        self.path = path
-        self.fd: int | None = fd
-
-    def detach(self) -> int:
-        """The descriptor, now the caller's to close (it holds the request's lock)."""
-        fd, self.fd = self.fd, None
-        assert fd is not None
-        return fd
-
-    def close(self) -> None:
-        """Remove the file if it was not placed, and close it unless detached."""
-        _unlink(self.path)
-        if self.fd is not None:
-            os.close(self.fd)
-            self.fd = None
-
-
 def _indexable(document: dict[str, Any]) -> bool:
     return all(isinstance(document.get(key), str) for key in ("created_at", "state", "source"))
-
-
-def _candidates(name: str | None) -> Iterator[str]:
-    if name is None:
-        while True:
-            yield uuid.uuid4().hex
-    yield name
-    number = 2
-    while True:
-        yield f"{name}-{number}"
-        number += 1
 
 
 def _locked(path: Path) -> bool:
@@ -495,6 +317,7 @@ def _locked(path: Path) -> bool:
     return False
 
 
-def _unlink(path: Path) -> None:
+def unlink(path: Path) -> None:
+    """Remove ``path`` if it is there."""
     with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
