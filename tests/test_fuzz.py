@@ -45,7 +45,7 @@ def test_fuzz_api_follows_its_schema(root: Path, pool: LocalPool, mode: str) -> 
             "GET /jobs/{job_id}/images/{index}/thumbnail", "GET /metrics", "GET /healthz"}
         for operation in operations:
             if operation.path == "/events":
-                continue  # a stream that never ends; tests/test_streams.py covers it
+                continue  # a stream that never ends; tests/http/test_streams.py covers it
             strategy = operation.as_strategy(generation_mode=schemathesis.GenerationMode(mode))
 
             @given(strategy)

@@ -2,9 +2,12 @@
 
     pool         the local process pool (forkserver), rebuilt when a worker dies
     cluster      the same Executor over the workers of a Dask cluster
-    batch        several small images in one Dask task, each reported as it ends
+    batcher      the images handed to the Dask pool: formed into batches, tracked to the end
+    batch        what a batch is, and what runs it on a Dask worker
+    scheduler    the link to the Dask scheduler: connected, reconnected, workers checked
     daskworkers  what each Dask worker is given, and the check that it sees ROOT
 
 They run the image code's worker function and know nothing of jobs, HTTP or watchdog:
-they may import ``imgserver.images`` and ``imgserver.errors``.
+they may import ``imgserver.images`` and ``imgserver.errors``. Only ``imgserver.server``
+chooses one.
 """

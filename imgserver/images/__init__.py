@@ -5,6 +5,7 @@
     codec       strict decoding, explicit conversions, atomic encoding
     operations  the operation grammar and what each operation does
     blur        the Gaussian blur whose cost does not grow with the kernel
+    kernels     Gaussian kernels folded onto the reflected border; exact blurs at full size
     pipeline    one image from input file to outputs: the function the workers run
     thumbnail   the thumbnails the workers make of a job's files
 

@@ -21,7 +21,7 @@ periodic), so its cost is bounded by the image size, not by K. Three regimes:
   diffusion, integer sums, one rounding), which matters on a few pixels: there OpenCV's
   8-bit result strays from the true Gaussian by more than a grey level;
 - everything else runs on the reduced image: about 0.2 grey levels from OpenCV's 8-bit
-  result on average and at most one or two on photos (tests/test_blur.py measures it), most
+  result on average and at most one or two on photos (tests/images/test_blur.py measures it), most
   of it from rounding the cells to 8 bits before the one pass over the whole image.
 
 A JPEG can skip most of that work for the widest blurs on large images (``blur_blocks``):

@@ -318,7 +318,7 @@ def test_codec_blur_on_load_matches_opencv(height: int, width: int, channels: in
 @pytest.mark.parametrize("ksize, sigma", [(1001, 0), (0, 150), (1_000_001, 0), (3001, 60)])
 def test_codec_blur_on_load_matches_blur_of_full_decode(ksize: int, sigma: float) -> None:
     # Kernels whose OpenCV reference would take seconds: against the full-size blur, which
-    # tests/test_blur.py holds to OpenCV.
+    # tests/images/test_blur.py holds to OpenCV.
     jpeg = encoded(photo(1080, 1920, noise=0.02), ".jpg")
     fast = decode_blurred(jpeg, LIMITS, Blur(ksize, sigma))
     assert fast is not None
