@@ -66,6 +66,18 @@ def message_id(job_id: str, index: int) -> str:
     return "msg_" + uuid.uuid5(uuid.NAMESPACE_URL, f"imgserver:{job_id}/{index}").hex
 
 
+def retry_delay(attempts: int, retry_after: float | None = None,
+                retries: tuple[float, ...] = RETRIES) -> float | None:
+    """Seconds to wait after ``attempts`` failed attempts, or None when none is left: the
+    schedule's step with +-10 % jitter, or what the receiver asked for with Retry-After
+    (at least 1 s, at most the schedule's longest step)."""
+    if attempts > len(retries):
+        return None
+    if retry_after is not None:
+        return min(max(retry_after, 1.0), retries[-1])
+    return retries[attempts - 1] * random.uniform(0.9, 1.1)
+
+
 def payload(document: dict[str, Any]) -> bytes:
     """The body sent for a final status document (the same bytes on every attempt)."""
     data = {**document, "notifications": [Notification(entry["url"]).to_document()
@@ -174,18 +186,17 @@ class Notifier:
                 outcome, retry_after = await self._attempt(url, identifier, body)
             notification.attempts += 1
             notification.last_error = None if outcome is None else outcome
+            delay = (None if outcome is None or outcome.startswith("HTTP 410")
+                     else retry_delay(notification.attempts, retry_after, self._retries))
             if outcome is None:
                 notification.state, notification.next_attempt_at = DELIVERED, None
                 result = "delivered"
-            elif outcome.startswith("HTTP 410") or notification.attempts > len(self._retries):
+            elif delay is None:
                 notification.state, notification.next_attempt_at = FAILED, None
                 result = "failed"
                 logger.warning("webhook of job %s to %s failed for good: %s", job_id,
                                notification.url, outcome)
             else:
-                delay = self._retries[notification.attempts - 1] * random.uniform(0.9, 1.1)
-                if retry_after is not None:
-                    delay = min(max(retry_after, 1.0), self._retries[-1])
                 notification.next_attempt_at = timestamp(
                     datetime.fromtimestamp(self._clock(), timezone.utc) + timedelta(seconds=delay))
                 result = "retried"

@@ -71,10 +71,11 @@ class Server:
 
 def start_server(root: Path, *args: str, env: dict[str, str] | None = None,
                  wait: bool = True, command: list[str] | None = None, cwd: Path | None = None,
-                 preexec_fn: Callable[[], Any] | None = None) -> Server:
-    """Start ``python -m imgserver serve`` (or ``command serve``) on a free port; wait until
-    /healthz answers."""
-    port = free_port()
+                 preexec_fn: Callable[[], Any] | None = None, port: int | None = None
+                 ) -> Server:
+    """Start ``python -m imgserver serve`` (or ``command serve``) on ``port`` (by default a
+    free one); wait until /healthz answers."""
+    port = port or free_port()
     log = root.parent / f"server-{port}.log"
     process = subprocess.Popen(
         [*(command or [sys.executable, "-m", "imgserver"]), "serve", "--root", str(root),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import email.utils
 import json
 import os
 import signal
@@ -10,12 +11,13 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from datetime import datetime
 from pathlib import Path
 
 import pytest
 from standardwebhooks import Webhook
 
-from imgserver.webhooks import message_id, payload, sign
+from imgserver.webhooks import message_id, payload, retry_delay, sign
 
 from conftest import request_body, wait_for
 from receiver import Receiver
@@ -110,12 +112,62 @@ def test_webhooks_retry_after_500_then_delivered_with_the_same_id(
         first, second = receiver.deliveries
         assert first.headers["webhook-id"] == second.headers["webhook-id"]
         assert first.body == second.body
-        assert 0.9 <= second.at - first.at < 5.0  # Retry-After: 1 was honoured
+        assert 0.9 <= second.at - first.at < 4.0  # Retry-After: 1 was honoured (the
+        # schedule's first step is 5 s, 4.5 s at the least with its jitter)
         event = Webhook(SECRET).verify(second.body, second.headers)
         assert event["type"] == "job.failed"
     finally:
         server.stop()
 
+
+#: The retries SPEC §9 promises, in seconds: 5 s, 5 min, 30 min, 2 h, 5 h, 10 h and 10 h.
+SCHEDULE = (5, 300, 1800, 7200, 18000, 36000, 36000)
+
+
+def test_webhooks_retry_delay_follows_the_schedule_with_jitter() -> None:
+    for attempts, step in enumerate(SCHEDULE, 1):
+        delays = [retry_delay(attempts) for _ in range(400)]
+        assert None not in delays
+        low, high = min(delays), max(delays)
+        assert 0.9 * step <= low and high <= 1.1 * step, (attempts, low, high)  # +-10 %
+        # Jittered, both ways (by chance alone this fails once in 10^49 runs).
+        assert low < 0.95 * step and high > 1.05 * step, (attempts, low, high)
+    assert retry_delay(len(SCHEDULE) + 1) is None  # seven retries, then it has failed
+    assert retry_delay(len(SCHEDULE) + 1, retry_after=60.0) is None
+
+
+def test_webhooks_retry_delay_honours_retry_after() -> None:
+    assert retry_delay(1, retry_after=120.0) == 120.0  # longer than the first step
+    assert retry_delay(6, retry_after=30.0) == 30.0  # shorter than the sixth, 10 h
+    assert retry_delay(1, retry_after=0.0) == 1.0  # never at once, never a loop
+    assert retry_delay(1, retry_after=-50.0) == 1.0  # a date in the past
+    assert retry_delay(2, retry_after=1e9) == 36000.0  # never longer than the longest step
+
+
+def test_webhooks_next_attempt_honours_retry_after_seconds_and_dates(
+        root: Path, receiver: Receiver, make_image: Callable[..., Path]) -> None:
+    make_image("a.png")
+    later = time.time() + 7200
+    receiver.answers = [(503, {"Retry-After": "3600"}),
+                        (429, {"Retry-After": email.utils.formatdate(later, usegmt=True)}),
+                        500]
+    server = webhook_server(root, receiver.url)
+    try:
+        waits = []
+        for n in range(3):  # one job at a time: its delivery gets the next answer
+            job = server.request("POST", "/jobs?wait=true", request_body(
+                [("a.png", f"{n}.png")])).json()
+            entry = wait_for(lambda job=job: (lambda e: e if e["attempts"] == 1 else None)(
+                notifications(server, job["id"])[0]))
+            assert entry["state"] == "pending", entry
+            due = datetime.fromisoformat(entry["next_attempt_at"]).timestamp()
+            waits.append(due - receiver.deliveries[n].at)
+        assert 3599 <= waits[0] <= 3602  # Retry-After in seconds
+        assert abs(waits[1] + receiver.deliveries[1].at - later) <= 2  # an HTTP date
+        assert 4.5 - 0.1 <= waits[2] <= 5.5 + 2  # none: the schedule's first step
+        assert len(receiver.deliveries) == 3
+    finally:
+        server.stop()
 
 def test_webhooks_pending_delivery_keeps_its_job_past_keep_finished(
         root: Path, receiver: Receiver, make_image: Callable[..., Path]) -> None:

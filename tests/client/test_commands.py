@@ -79,6 +79,31 @@ def test_commands_unreachable_or_refused_is_exit_3(root: Path, make_image: Calla
         server.stop()
 
 
+def test_commands_default_server_is_port_8000_on_loopback(
+        root: Path, make_image: Callable[..., Path]) -> None:
+    try:
+        with socket.socket() as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server does
+            probe.bind(("127.0.0.1", 8000))
+    except OSError as exc:
+        pytest.skip(f"port 8000 of 127.0.0.1, where the client looks by default, is taken "
+                    f"({exc.strerror})")
+    make_image("a.png")
+    request = write(root, "default.json", request_body([("a.png", "default.png")]))
+    env = {k: v for k, v in os.environ.items() if k not in ("IMGSERVER_URL", "IMGSERVER_TOKEN")}
+    server = start_server(root, port=8000)
+    try:
+        submitted = subprocess.run(  # neither --server nor IMGSERVER_URL
+            [sys.executable, "-m", "imgserver", "submit", request, "--wait"],
+            capture_output=True, text=True, timeout=120, env=env)
+        assert submitted.returncode == 0, submitted.stderr
+        job_id = json.loads(submitted.stdout)["id"]
+        assert server.request("GET", f"/jobs/{job_id}").json()["state"] == "done"
+        assert (root / "default.png").exists()
+    finally:
+        server.stop()
+
+
 def test_commands_submit_wait_draws_a_bar_on_a_terminal(server: Server) -> None:
     request = write(server.root, "bar.json", request_body(
         [("big.png", f"o/b{n}.png") for n in range(3)], ["blur=31"]))

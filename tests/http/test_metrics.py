@@ -7,9 +7,10 @@ import signal
 from collections.abc import Callable
 from pathlib import Path
 
+import cv2
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import request_body, wait_for
+from conftest import photo, request_body, wait_for
 from processes import workers
 from serving import Server, start_server, wait_state
 
@@ -25,6 +26,13 @@ def scrape(server: Server) -> dict[tuple[str, tuple[tuple[str, str], ...]], floa
 
 def value(samples: dict, name: str, **labels: str) -> float:
     return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def large_image(path: Path, width: int, height: int) -> Path:
+    """A photo-like JPEG of ``width`` x ``height``, quick to make (an enlarged small photo)."""
+    assert cv2.imwrite(str(path), cv2.resize(photo(300, 400), (width, height),
+                                             interpolation=cv2.INTER_CUBIC))
+    return path
 
 
 def test_metrics_move_with_jobs_failures_restarts_and_requests(
@@ -85,5 +93,55 @@ def test_metrics_move_with_jobs_failures_restarts_and_requests(
         assert all(route == "unmatched" or "nope" not in route and done["id"] not in route
                    for route in routes)  # templates, never raw paths
         assert value(samples, "imgserver_notifications_total", result="delivered") == 0
+    finally:
+        server.stop()
+
+
+def test_metrics_count_a_worker_restarted_for_an_image_over_its_time_limit(root: Path) -> None:
+    large_image(root / "huge.jpg", 6000, 4000)  # seconds of work: well over 0.3 s
+    server = start_server(root, "--workers", "1", "--image-timeout", "0.3")
+    try:
+        before = scrape(server)
+        assert before[("imgserver_worker_restarts_total", (("reason", "timeout"),))] == 0
+        job = server.request("POST", "/jobs?wait=true", request_body(
+            [("huge.jpg", "huge.png")], ["blur=3"])).json()
+        assert job["state"] == "failed" and "--image-timeout" in job["images"][0]["error"]
+        samples = scrape(server)
+        assert value(samples, "imgserver_worker_restarts_total", reason="timeout") == 1
+        assert value(samples, "imgserver_worker_restarts_total", reason="died") == 0
+        assert value(samples, "imgserver_images_total", state="failed") == 1
+    finally:
+        server.stop()
+
+
+def test_metrics_count_cancelled_images_and_drop_files_waiting_for_room(
+        root: Path, make_image: Callable[..., Path]) -> None:
+    large_image(root / "big.jpg", 2400, 1800)
+    make_image("a.png", 8, 8)
+    size = 20
+    server = start_server(root, "--workers", "1", "--max-queue", str(size))
+    try:
+        busy = server.request("POST", "/jobs", request_body(
+            [("big.jpg", f"busy/{n}.png") for n in range(size)], ["blur=31"])).json()["id"]
+        # As many images as the queue holds: it waits in INBOX until the queue is empty.
+        staged = root / "inbox" / ".later.json"
+        staged.write_bytes(request_body([("a.png", f"later/{n}.png") for n in range(size)]))
+        staged.rename(root / "inbox" / "later.json")
+        wait_for(lambda: value(scrape(server), "imgserver_inbox_files_total",
+                               result="waiting") == 1, timeout=10)
+        assert (root / "inbox" / "later.json").exists()
+        assert server.request("GET", "/jobs/later").status == 404
+        assert server.request("POST", f"/jobs/{busy}/cancel").status == 202
+        cancelled = wait_state(server, busy, ("cancelled",))
+        not_run = int(cancelled["error"].split()[1])  # "cancelled: 17 of 20 images not run"
+        assert cancelled["error"] == f"cancelled: {not_run} of {size} images not run"
+        assert not_run >= size // 2
+        assert wait_state(server, "later")["state"] == "done"  # room: taken at last
+        samples = wait_for(lambda: (lambda s: s if value(
+            s, "imgserver_inbox_files_total", result="taken") == 1 else None)(scrape(server)))
+        assert value(samples, "imgserver_images_total", state="cancelled") == not_run
+        assert value(samples, "imgserver_images_total", state="done") == 2 * size - not_run
+        assert value(samples, "imgserver_inbox_files_total", result="waiting") == 1  # once
+        assert value(samples, "imgserver_jobs_total", source="http", state="cancelled") == 1
     finally:
         server.stop()

@@ -103,6 +103,35 @@ def test_page_lists_jobs_live_and_the_bar_moves(browser: object, server: Server)
     assert requested_hosts(browser) == {f"127.0.0.1:{server.port}"}
 
 
+def test_page_more_shows_the_next_page_and_goes_at_the_end(
+        browser: object, root: Path, make_image: Callable[..., Path]) -> None:
+    from selenium.webdriver.common.by import By
+
+    page = 50  # page.js's PAGE_SIZE
+    make_image("a.png", 8, 8)
+    server = start_server(root, "--workers", "2")
+    try:
+        for n in range(page + 10):
+            reply = server.request("POST", "/jobs", request_body([("a.png", f"m/{n}.png")]))
+            assert reply.status == 202
+        jobs = wait_for(lambda: (lambda listed: listed if len(listed) == page + 10 and all(
+            job["state"] == "done" for job in listed) else None)(
+            server.request("GET", "/jobs?limit=1000").json()["jobs"]), timeout=60)
+        ids = [job["id"] for job in jobs]  # newest first
+        requested_hosts(browser)  # from here on
+        browser.get(url(server, "/ui"))  # type: ignore[attr-defined]
+        shown = "return [...document.querySelectorAll('tr[data-job]')].map(r => r.dataset.job)"
+        wait_for(lambda: script(browser, shown) == ids[:page], timeout=15)  # one page
+        more = browser.find_element(By.ID, "more")  # type: ignore[attr-defined]
+        assert more.is_displayed()
+        more.click()
+        wait_for(lambda: script(browser, shown) == ids, timeout=15)  # and the next one
+        wait_for(lambda: not more.is_displayed(), timeout=10)  # nothing more: the button goes
+        assert script(browser, shown) == ids
+        assert requested_hosts(browser) == {f"127.0.0.1:{server.port}"}
+    finally:
+        server.stop()
+
 def test_page_job_shows_thumbnails_errors_and_cancels(browser: object, server: Server) -> None:
     job = server.request("POST", "/jobs?wait=true", request_body(
         [("a.png", "j/a.png"), ("missing.png", "j/m.png")], ["split"])).json()
