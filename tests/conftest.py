@@ -123,7 +123,7 @@ INVALID_BODIES: list[tuple[str, bytes, str]] = [
     ("image-not-an-object", _document(["a.png"]), "images[0]"),
     ("input-a-number", _document([{"input": 5, "output": "b.png"}]), "images[0].input"),
     ("input-missing", _document([{"output": "b.png"}]), "images[0].input"),
-    ("operation-unknown", _document(_images(1), ["sharpen=1"]), "operations[0]"),
+    ("operation-unknown", _document(_images(1), ["emboss=1"]), "operations[0]"),
     ("operation-not-a-string", _document(_images(1), [5]), "operations[0]"),
     ("blur-negative", _document(_images(1), ["blur=-1"]), "operations[0]"),
     ("resize-zero", _document(_images(1), ["resize=0"]), "operations[0]"),

@@ -6,8 +6,9 @@ decoder's stderr is captured and read. It keeps the pixels as ``IMREAD_UNCHANGED
 them (alpha, 16-bit, grayscale) and applies the EXIF orientation, which that flag ignores.
 
 ``encode`` converts explicitly where the output format cannot hold the pixels: 16-bit is
-scaled to 8-bit (``round(v / 257)``) for JPEG, WebP and BMP, and alpha is composited onto
-white for JPEG.
+scaled to 8-bit (``round(v / 257)``) for JPEG, WebP, AVIF and BMP, and alpha is composited
+onto white for JPEG. It writes no metadata but the colour profile it is given
+(``imgserver.images.profiles``): no EXIF, XMP or GPS position.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import re
 import sys
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import cv2
@@ -26,8 +27,8 @@ import numpy as np
 
 from imgserver.errors import ImageError
 from imgserver.images.blur import BLOCK, blocks_suffice, blur_blocks
-from imgserver.images.operations import Blur, Resize
 from imgserver.images.probe import Header, exif_orientation, read_header
+from imgserver.images.profiles import bmp_with_profile, tiff_with_profile
 
 #: Output extensions and the encoder parameters used for each.
 FORMATS: dict[str, list[int]] = {
@@ -35,13 +36,21 @@ FORMATS: dict[str, list[int]] = {
     ".jpeg": [cv2.IMWRITE_JPEG_QUALITY, 95],
     ".png": [],  # OpenCV's default: the fastest zlib level, as a hand-written loop gets
     ".webp": [cv2.IMWRITE_WEBP_QUALITY, 90],
+    # AVIF at quality 80 and libavif's speed 8: about as large as a JPEG at 80 costs twice
+    # less than at speed 6 and holds its quality within a few tenths of a dB (docs/api.md).
+    ".avif": [cv2.IMWRITE_AVIF_QUALITY, 80, cv2.IMWRITE_AVIF_SPEED, 8],
     ".tif": [],
     ".tiff": [],
     ".bmp": [],
 }
-_EIGHT_BIT_ONLY = (".jpg", ".jpeg", ".webp", ".bmp")
+#: Where ``quality=Q`` goes, for the formats that have one.
+_QUALITY = {".jpg": cv2.IMWRITE_JPEG_QUALITY, ".jpeg": cv2.IMWRITE_JPEG_QUALITY,
+            ".webp": cv2.IMWRITE_WEBP_QUALITY, ".avif": cv2.IMWRITE_AVIF_QUALITY}
+_EIGHT_BIT_ONLY = (".jpg", ".jpeg", ".webp", ".avif", ".bmp")
 _LARGEST = {".jpg": 65500, ".jpeg": 65500, ".webp": 16383}  # pixels a side
 _NO_ALPHA = (".jpg", ".jpeg")
+#: The formats OpenCV writes a colour profile into itself; TIFF and BMP get theirs after.
+_PROFILE_WRITTEN = (".jpg", ".jpeg", ".png", ".webp", ".avif")
 
 # libjpeg's warnings about the picture's data. libjpeg prints only the first warning of a
 # decode, so a harmless-looking one ("extraneous bytes before marker") can hide real damage
@@ -90,26 +99,48 @@ def _megapixels(pixels: int) -> str:
     return f"{pixels / 1e6:.6g}"
 
 
+@dataclass(frozen=True)
+class Picture:
+    """A decoded image, and the colour profile embedded in its file (None: none)."""
+
+    pixels: np.ndarray
+    icc: bytes | None = None
+
+
 def decode(data: bytes, limits: Limits) -> np.ndarray:
     """Decode ``data`` completely, upright, keeping depth, alpha and grayscale.
 
     Raises ImageError for anything that is not a complete, supported image.
     """
+    return decode_picture(data, limits).pixels
+
+
+def decode_picture(data: bytes, limits: Limits) -> Picture:
+    """``decode``, with the colour profile embedded in the file."""
     header = _checked_header(data, limits)
-    image, _ = _decode(data, header, limits, cv2.IMREAD_UNCHANGED)
-    return image
+    image, _, icc = _decode(data, header, limits, cv2.IMREAD_UNCHANGED)
+    return Picture(image, icc)
 
 
-def decode_resized(data: bytes, limits: Limits, resize: Resize) -> np.ndarray | None:
-    """Decode and ``resize`` in one go, shrinking a JPEG while it is decoded (its DCT is
-    scaled by 1/2, 1/4 or 1/8 inside libjpeg) and finishing with area interpolation to the
-    exact size. None when that would not be exact enough, or the input is not such a JPEG:
-    then decode and resize separately.
+def decode_scaled(data: bytes, limits: Limits,
+                  size_of: Callable[[int, int], tuple[int, int]]) -> Picture | None:
+    """Decode and shrink in one go to ``size_of(width, height)`` (of the upright picture):
+    a JPEG shrinks while it is decoded (its DCT is scaled by 1/2, 1/4 or 1/8 inside
+    libjpeg), then area interpolation gives the exact size. None when that would not be
+    exact enough, would not shrink, or the input is not such a JPEG: then decode and scale
+    separately.
     """
     header = _checked_header(data, limits)
     if header is None or header.format != "jpeg" or header.channels not in (1, 3):
         return None
-    reduce = shrink_factor(resize.percent)
+    # Both sides or neither turn with the EXIF orientation: the smaller ratio is the same.
+    target = size_of(header.width, header.height)
+    turned = size_of(header.height, header.width)
+    ratio = min(header.width / target[0], header.height / target[1],
+                header.height / turned[0], header.width / turned[1])
+    if ratio <= 1:
+        return None
+    reduce = shrink_factor(100 / ratio)
     # libjpeg's scaled decode and an area average part ways on fine detail and noise, which
     # is what a JPEG spends its bits on: a detailed file is decoded in full. Whole blocks
     # keep the two sampling grids aligned.
@@ -120,32 +151,34 @@ def decode_resized(data: bytes, limits: Limits, resize: Resize) -> np.ndarray | 
     if reduce == 1 or bits_per_sample > MAX_BITS_PER_SAMPLE[header.channels]:
         return None
     flags = (_REDUCED_GRAY if header.channels == 1 else _REDUCED)[reduce]
-    image, orientation = _decode(data, header, limits, flags | cv2.IMREAD_IGNORE_ORIENTATION)
+    image, orientation, icc = _decode(data, header, limits,
+                                      flags | cv2.IMREAD_IGNORE_ORIENTATION)
     # The exact size comes from the full picture, upright.
     width, height = _upright(header, orientation)
-    size = resize.size(width, height)
+    size = size_of(width, height)
     if (image.shape[1], image.shape[0]) != size:
         image = cv2.resize(image, size, interpolation=cv2.INTER_AREA)
-    return image
+    return Picture(image, icc)
 
 
-def decode_blurred(data: bytes, limits: Limits, blur: Blur) -> np.ndarray | None:
-    """Decode and ``blur`` in one go, for a blur wide enough to need only the means of the
-    JPEG's 8 x 8 blocks: libjpeg decodes those at 1/8, from the DC coefficients alone,
-    without the inverse DCTs and colour conversion of the full picture. None when the
-    blur or the input does not allow it (blur.blocks_suffice): then decode and blur
-    separately.
+def decode_blurred(data: bytes, limits: Limits, ksize: int, sigma: float) -> Picture | None:
+    """Decode and blur (``blur=ksize,sigma``) in one go, for a blur wide enough to need only
+    the means of the JPEG's 8 x 8 blocks: libjpeg decodes those at 1/8, from the DC
+    coefficients alone, without the inverse DCTs and colour conversion of the full picture.
+    None when the blur or the input does not allow it (blur.blocks_suffice): then decode
+    and blur separately.
     """
     header = _checked_header(data, limits)
     if (header is None or header.format != "jpeg" or header.channels not in (1, 3)
-            or not blocks_suffice(header.width, header.height, blur.ksize, blur.sigma)):
+            or not blocks_suffice(header.width, header.height, ksize, sigma)):
         return None
     flags = (_REDUCED_GRAY if header.channels == 1 else _REDUCED)[BLOCK]
-    blocks, orientation = _decode(data, header, limits, flags | cv2.IMREAD_IGNORE_ORIENTATION)
+    blocks, orientation, icc = _decode(data, header, limits,
+                                       flags | cv2.IMREAD_IGNORE_ORIENTATION)
     width, height = _upright(header, orientation)
     if blocks.shape[:2] != (height // BLOCK, width // BLOCK) or blocks.dtype != np.uint8:
         return None  # not what a 1/8 decode gives (a 12-bit JPEG, say): decode in full
-    return blur_blocks(blocks, width, height, blur.ksize, blur.sigma)
+    return Picture(blur_blocks(blocks, width, height, ksize, sigma), icc)
 
 
 def _upright(header: Header, orientation: int) -> tuple[int, int]:
@@ -164,7 +197,7 @@ MIN_REDUCED = 32
 
 
 def shrink_factor(percent: float) -> int:
-    """How much a JPEG may shrink while decoding before a resize to ``percent`` percent.
+    """How much a JPEG may shrink while decoding before scaling to ``percent`` percent.
 
     The area resize that follows must either be a whole factor (1 included) or at least
     1.5: a small fractional step after libjpeg's scaling is where the two disagree most.
@@ -187,8 +220,9 @@ def _checked_header(data: bytes, limits: Limits) -> Header | None:
 
 
 def _decode(data: bytes, header: Header | None, limits: Limits, flags: int
-            ) -> tuple[np.ndarray, int]:
-    """The decoded image, upright, and the EXIF orientation that was applied."""
+            ) -> tuple[np.ndarray, int, bytes | None]:
+    """The decoded image, upright; the EXIF orientation that was applied; and the colour
+    profile embedded in the file."""
     with _captured_stderr() as messages:
         try:
             image, kinds, blocks = cv2.imdecodeWithMetadata(np.frombuffer(data, np.uint8), flags)
@@ -211,16 +245,22 @@ def _decode(data: bytes, header: Header | None, limits: Limits, flags: int
         raise ImageError(f"input has {image.dtype} samples; only 8- and 16-bit images are "
                          f"supported")
     orientation = 1  # OpenCV applies a TIFF's own Orientation tag itself; EXIF it leaves
+    icc = None
     for kind, block in zip(kinds, blocks, strict=False):
         if kind == cv2.IMAGE_METADATA_EXIF:
             orientation = exif_orientation(bytes(np.asarray(block).ravel()))
+        elif kind == cv2.IMAGE_METADATA_ICCP:
+            icc = bytes(np.asarray(block).ravel()) or None
     if orientation in _ORIENT:
         image = _ORIENT[orientation](image)
-    return image, orientation
+    return image, orientation, icc
 
 
-def encode(image: np.ndarray, extension: str) -> bytes:
-    """Encode ``image`` for a file ending in ``extension``, converting what the format lacks."""
+def encode(image: np.ndarray, extension: str, *, quality: int | None = None,
+           icc: bytes | None = None) -> bytes:
+    """Encode ``image`` for a file ending in ``extension``, converting what the format lacks;
+    at ``quality`` (JPEG, WebP and AVIF; None: the format's default), carrying the colour
+    profile ``icc``."""
     extension = extension.lower()
     if extension not in FORMATS:
         raise ImageError(f"cannot write {extension!r} files")
@@ -233,13 +273,30 @@ def encode(image: np.ndarray, extension: str) -> bytes:
         image = composite_on_white(image)
     if extension in _EIGHT_BIT_ONLY and image.dtype == np.uint16:
         image = to_8bit(image)
+    parameters = list(FORMATS[extension])
+    if quality is not None and extension in _QUALITY:
+        parameters[parameters.index(_QUALITY[extension]) + 1] = quality
     try:
-        ok, buffer = cv2.imencode(extension, image, FORMATS[extension])
+        if icc is not None and extension in _PROFILE_WRITTEN:
+            ok, buffer = cv2.imencodeWithMetadata(
+                extension, image, [cv2.IMAGE_METADATA_ICCP], [np.frombuffer(icc, np.uint8)],
+                parameters)
+        else:
+            ok, buffer = cv2.imencode(extension, image, parameters)
     except cv2.error as exc:
         raise ImageError(f"cannot encode {extension} output: {_opencv_message(exc)}") from None
     if not ok:
-        raise ImageError(f"cannot encode {extension} output")
-    return buffer.tobytes()
+        raise ImageError(f"cannot encode {extension} output"
+                         + (" with the input's colour profile" if icc else ""))
+    if icc is None or extension in _PROFILE_WRITTEN:
+        return buffer.tobytes()
+    try:
+        if extension == ".bmp":
+            return bmp_with_profile(buffer.tobytes(), icc)
+        return tiff_with_profile(buffer.tobytes(), icc)
+    except ValueError as exc:
+        raise ImageError(f"cannot keep the input's colour profile in the {extension} "
+                         f"output: {exc}") from None
 
 
 def to_8bit(image: np.ndarray) -> np.ndarray:

@@ -1,116 +1,71 @@
-"""The operations a request can ask for: their grammar and what they do to pixels.
+"""The operations a request can ask for, found by name, and applied in order.
 
-An operation is written ``name=value``; whitespace around the name, the value and each part
-of ``K,S`` is ignored. ``parse_operation`` turns the text into one of the frozen dataclasses
-below, or raises ``ValueError`` with a message that says what was expected. The dataclasses
-are plain data, so a parsed list of them can be sent to a worker process as it is.
+    resize=F            scale both sides to F percent            (imgserver.images.geometry)
+    fit=WxH             shrink to fit inside a box
+    fill=WxH[,G]        cover a box and cut it, at a gravity or smart
+    crop=X,Y,W,H        keep a rectangle
+    rotate=A, flip=D    turn or mirror, exactly
+    split[=V]           four tiles
+    blur=K[,S]          Gaussian blur                           (imgserver.images.filters)
+    sharpen=S[,A]       unsharp mask
+    grayscale[=V]       luminance only
+    watermark=PATH,...  another image drawn on                  (imgserver.images.watermark)
+    quality=Q           the encoder's quality: a setting, not a step (below)
 
-    resize=F     scale both sides to F percent, 0.05 < F <= 100 (area interpolation)
-    split[=V]    split into 4 tiles; V = None, false or False means "do not split"
-    blur=K[,S]   Gaussian blur, K x K kernel (even K -> K+1), optional sigma S > 0
+Each is one class (``imgserver.images.operation.Operation``) holding its name, its parser
+and what it does; importing its module registers it. Adding an operation is adding a class.
 """
 
 from __future__ import annotations
 
-import math
-import re
 from dataclasses import dataclass
 
-import cv2
 import numpy as np
 
-from imgserver.images.blur import gaussian_blur
+# Importing these modules registers their operations.
+from imgserver.images import filters, geometry, watermark  # noqa: F401
+from imgserver.images.filters import Blur, Grayscale, Sharpen
+from imgserver.images.geometry import TILE_SUFFIXES, Crop, Fill, Fit, Flip, Resize, Rotate, Split
+from imgserver.images.operation import Context, Operation, Scaling, integer, needs
+from imgserver.images.watermark import Watermark
 
-_FLOAT = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
-_INT = re.compile(r"[+-]?[0-9]+")
-_NO_SPLIT = ("None", "false", "False")
-
-#: Tile suffixes in the order tiles are produced: left-top, right-top, left-bottom, right-bottom.
-TILE_SUFFIXES = ("_lt", "_rt", "_lb", "_rb")
-
-
-@dataclass(frozen=True)
-class Resize:
-    """Scale both sides to ``percent`` percent of their size."""
-
-    percent: float
-
-    def size(self, width: int, height: int) -> tuple[int, int]:
-        """The output size for an input of ``width`` x ``height``."""
-        return (max(1, round(width * self.percent / 100)),
-                max(1, round(height * self.percent / 100)))
+__all__ = ["TILE_SUFFIXES", "Blur", "Context", "Crop", "Fill", "Fit", "Flip", "Grayscale",
+           "Operation", "Quality", "Resize", "Rotate", "Scaling", "Sharpen", "Split",
+           "Watermark", "apply", "output_suffixes", "parse_operation", "parse_operations",
+           "quality"]
 
 
 @dataclass(frozen=True)
-class Split:
-    """Split into four tiles (left column ``w - w//2`` wide, top row ``h - h//2`` high)."""
+class Quality(Operation, name="quality", example="quality=80", setting=True,
+              summary="the encoder quality of JPEG, WebP and AVIF outputs, 1 to 100 (a "
+                      "setting: where it stands does not matter; once per request)"):
+    """The quality JPEG, WebP and AVIF outputs are encoded at."""
+
+    value: int
+
+    @classmethod
+    def parse(cls, value: str | None, context: Context) -> Quality:
+        """``quality=Q``."""
+        return cls(integer(needs(value, "quality=Q, from 1 to 100"), "quality", 1, 100))
 
 
-@dataclass(frozen=True)
-class Blur:
-    """Gaussian blur, ``ksize`` x ``ksize`` (odd, or 0: from sigma), ``sigma`` (0: from ksize)."""
-
-    ksize: int
-    sigma: float = 0.0
-
-
-Operation = Resize | Split | Blur
-
-
-def parse_operation(text: str) -> Operation | None:
-    """Parse one operation; ``None`` for a split that does not split.
+def parse_operation(text: str, context: Context) -> Operation | None:
+    """The operation ``text`` names; None for one that asks for nothing (``split=False``).
 
     Raises ValueError with a message for the user when the text is not valid.
     """
     name, sep, value = text.partition("=")
-    name, value = name.strip(), value.strip()
-    if name == "resize":
-        return _parse_resize(value, bool(sep))
-    if name == "split":
-        return None if sep and value in _NO_SPLIT else Split()
-    if name == "blur":
-        return _parse_blur(value, bool(sep))
-    raise ValueError(f"unknown operation {name!r} (expected resize, split or blur)")
+    name = name.strip()
+    kind = Operation.registry.get(name)
+    if kind is None:
+        known = ", ".join(Operation.registry)
+        raise ValueError(f"unknown operation {name[:40]!r} (expected one of {known})")
+    return kind.parse(value if sep else None, context)
 
 
-def _parse_resize(value: str, has_value: bool) -> Resize:
-    if not has_value or not value:
-        raise ValueError("resize needs a value: resize=F, a percentage in (0.05, 100]")
-    if not _FLOAT.fullmatch(value):
-        raise ValueError(f"scaling factor {value!r} is not a number")
-    percent = float(value)
-    if not (math.isfinite(percent) and 0.05 < percent <= 100):
-        raise ValueError("scaling factor must be in (0.05, 100]")
-    return Resize(percent)
-
-
-def _parse_blur(value: str, has_value: bool) -> Blur:
-    if not has_value or not value:
-        raise ValueError("blur needs a value: blur=K or blur=K,S")
-    k_text, comma, s_text = (part.strip() for part in value.partition(","))
-    if not _INT.fullmatch(k_text):
-        raise ValueError(f"kernel size {k_text!r} is not an integer")
-    try:
-        ksize = int(k_text)
-    except ValueError:  # more digits than Python converts
-        raise ValueError(f"kernel size {k_text[:20]}... is too long") from None
-    if ksize < 0:
-        raise ValueError(f"kernel size must be >= 0, got {ksize}")
-    sigma = 1.0 if ksize == 0 else 0.0  # K = 0 without S: OpenCV's kernel for sigma 1
-    if comma:
-        if not _FLOAT.fullmatch(s_text):
-            raise ValueError(f"sigma {s_text!r} is not a number")
-        sigma = float(s_text)
-        if not (math.isfinite(sigma) and sigma > 0):
-            raise ValueError(f"sigma must be > 0, got {s_text}")
-    if ksize % 2 == 0 and ksize > 0:
-        ksize += 1  # OpenCV needs an odd kernel; the SPEC raises an even K to K+1
-    return Blur(ksize, sigma)
-
-
-def parse_operations(texts: list[str]) -> tuple[Operation, ...]:
-    """Parse a list of operations, dropping splits that do not split."""
-    parsed = (parse_operation(text) for text in texts)
+def parse_operations(texts: list[str], context: Context) -> tuple[Operation, ...]:
+    """Parse a list of operations, dropping those that ask for nothing (``split=False``)."""
+    parsed = (parse_operation(text, context) for text in texts)
     return tuple(op for op in parsed if op is not None)
 
 
@@ -118,40 +73,21 @@ def output_suffixes(operations: tuple[Operation, ...]) -> list[str]:
     """The suffixes of every file one image produces: ``[""]``, or tile suffixes after splits."""
     suffixes = [""]
     for op in operations:
-        if isinstance(op, Split):
-            suffixes = [s + t for s in suffixes for t in TILE_SUFFIXES]
+        suffixes = [s + t for s in suffixes for t in op.suffixes()]
     return suffixes
 
 
-def split_tiles(image: np.ndarray) -> list[np.ndarray]:
-    """The four tiles of ``image``, as views, in ``TILE_SUFFIXES`` order."""
-    height, width = image.shape[:2]
-    if width < 2 or height < 2:
-        raise ValueError(f"cannot split a {width}x{height} image: a tile would be empty")
-    left, top = width - width // 2, height - height // 2
-    return [image[:top, :left], image[:top, left:], image[top:, :left], image[top:, left:]]
-
-
-def resize(image: np.ndarray, op: Resize) -> np.ndarray:
-    """Scale ``image`` as ``op`` says, with area interpolation (F <= 100 never enlarges)."""
-    height, width = image.shape[:2]
-    size = op.size(width, height)
-    if size == (width, height):
-        return image
-    return cv2.resize(image, size, interpolation=cv2.INTER_AREA)
+def quality(operations: tuple[Operation, ...]) -> int | None:
+    """The quality the request sets, or None (each format's default)."""
+    return next((op.value for op in operations if isinstance(op, Quality)), None)
 
 
 def apply(images: list[tuple[str, np.ndarray]],
           operations: tuple[Operation, ...]) -> list[tuple[str, np.ndarray]]:
     """Apply ``operations`` in order to each (suffix, image); a split multiplies the list by 4."""
     for op in operations:
-        if isinstance(op, Split):
-            images = [(suffix + tile_suffix, tile)
-                      for suffix, image in images
-                      for tile_suffix, tile in zip(TILE_SUFFIXES, split_tiles(image), strict=False)]
-        elif isinstance(op, Resize):
-            images = [(suffix, resize(image, op)) for suffix, image in images]
-        else:
-            images = [(suffix, gaussian_blur(image, op.ksize, op.sigma))
-                      for suffix, image in images]
+        if op.setting:
+            continue
+        images = [(suffix + tile_suffix, tile)
+                  for suffix, image in images for tile_suffix, tile in op.tiles(image)]
     return images

@@ -29,8 +29,15 @@ from pathlib import Path
 import cv2
 
 from imgserver.errors import ImageError
-from imgserver.images.codec import Limits, decode, decode_blurred, decode_resized, encode
-from imgserver.images.operations import Blur, Operation, Resize, apply
+from imgserver.images.codec import (
+    Limits,
+    Picture,
+    decode_blurred,
+    decode_picture,
+    decode_scaled,
+    encode,
+)
+from imgserver.images.operations import Blur, Operation, Scaling, apply, quality
 from imgserver.images.paths import OutsideRoot, open_file, open_folder, relative
 
 #: Temporary outputs end with this; they are hidden (dot files) in the output's folder.
@@ -79,21 +86,14 @@ def process_image(task: ImageTask) -> list[str]:
     root = Path(task.root)
     try:
         data = read_input(root, Path(task.input), task.max_file_bytes)
-        limits = Limits(task.max_pixels, task.max_file_bytes)
-        operations = task.operations
-        image = None
-        if operations and isinstance(operations[0], Resize):
-            image = decode_resized(data, limits, operations[0])  # shrink on load
-        elif operations and isinstance(operations[0], Blur):
-            image = decode_blurred(data, limits, operations[0])  # a wide blur from 1/8
-        if image is None:
-            image = decode(data, limits)
-        else:
-            operations = operations[1:]
-        tiles = apply([("", image)], operations)
-        encoded = [(Path(path), encode(pixels, Path(path).suffix))
+        picture, steps = _decoded(data, Limits(task.max_pixels, task.max_file_bytes),
+                                  task.operations)
+        tiles = apply([("", picture.pixels)], steps)
+        level = quality(task.operations)
+        encoded = [(Path(path), encode(pixels, Path(path).suffix, quality=level,
+                                       icc=picture.icc))
                    for path, (_, pixels) in zip(task.outputs, tiles, strict=False)]
-        del image, tiles
+        del picture, tiles
         written = write_outputs(root, encoded)
     except ImageError:
         raise
@@ -106,6 +106,25 @@ def process_image(task: ImageTask) -> list[str]:
     except MemoryError:
         raise ImageError("out of memory while processing the image") from None
     return [relative(root, path) for path in written]
+
+
+def _decoded(data: bytes, limits: Limits, operations: tuple[Operation, ...]
+             ) -> tuple[Picture, tuple[Operation, ...]]:
+    """The input decoded, and the operations still to apply. Where the first step scales
+    the image down (resize, fit, fill) or is a wide blur, a JPEG is decoded already scaled
+    or blurred (``decode_scaled``, ``decode_blurred``), and that step is done."""
+    steps = tuple(op for op in operations if not op.setting)
+    first = steps[0] if steps else None
+    picture = None
+    if isinstance(first, Scaling):
+        picture = decode_scaled(data, limits, first.scaled_size)  # shrink on load
+        if picture is not None:
+            picture = Picture(first.after_scaling(picture.pixels), picture.icc)
+    elif isinstance(first, Blur):
+        picture = decode_blurred(data, limits, first.ksize, first.sigma)  # a wide blur from 1/8
+    if picture is None:
+        return decode_picture(data, limits), steps
+    return picture, steps[1:]
 
 
 def ping() -> int:

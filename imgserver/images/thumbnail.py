@@ -3,7 +3,8 @@ the same strict decoding and limits, only the encoded thumbnail comes back.
 
     ThumbnailTask (root, path, size, limits) --make_thumbnail, in a worker-->
         read (confined) -> decode (shrunk on load where exact) -> fit in size x size
-        -> JPEG (PNG when the image has alpha) -> (bytes, media type)
+        -> JPEG (PNG when the image has alpha), with the file's colour profile
+        -> (bytes, media type)
 """
 
 from __future__ import annotations
@@ -12,14 +13,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
-import numpy as np
 
 from imgserver.errors import ImageError, JobNotFound
-from imgserver.images.codec import Limits, decode, decode_resized, encode
-from imgserver.images.operations import Resize
+from imgserver.images.codec import Limits, decode_picture, decode_scaled, encode
+from imgserver.images.geometry import Fit
 from imgserver.images.paths import OutsideRoot, confine
 from imgserver.images.pipeline import read_input
-from imgserver.images.probe import read_header
 
 #: Thumbnails are at most this many pixels on their longer side, by default and at most.
 DEFAULT_SIZE, MAX_SIZE = 256, 1024
@@ -65,26 +64,13 @@ def make_thumbnail(task: ThumbnailTask) -> tuple[bytes, str]:
     except OutsideRoot as exc:
         raise ImageError(str(exc)) from None
     limits = Limits(task.max_pixels, task.max_file_bytes)
-    image = None
-    header = read_header(data)
-    if header is not None and max(header.width, header.height) > task.size:
-        image = decode_resized(data, limits, Resize(100 * task.size / max(header.width,
-                                                                        header.height)))
+    fit = Fit(task.size, task.size)
     try:
-        if image is None:
-            image = decode(data, limits)
-        image = _fit(image, task.size)
+        picture = decode_scaled(data, limits, fit.scaled_size) or decode_picture(data, limits)
+        image = fit.apply(picture.pixels)
         alpha = image.ndim == 3 and image.shape[2] == 4
-        return encode(image, ".png" if alpha else ".jpg"), "image/png" if alpha else "image/jpeg"
+        extension = ".png" if alpha else ".jpg"
+        return (encode(image, extension, icc=picture.icc),
+                "image/png" if alpha else "image/jpeg")
     except cv2.error as exc:
         raise ImageError(f"OpenCV failed: {str(exc).strip().splitlines()[-1]}") from None
-
-
-def _fit(image: np.ndarray, size: int) -> np.ndarray:
-    """``image`` shrunk (area interpolation) to fit in ``size`` x ``size``, if it does not."""
-    height, width = image.shape[:2]
-    scale = size / max(height, width)
-    if scale >= 1:
-        return image
-    target = (max(1, round(width * scale)), max(1, round(height * scale)))
-    return cv2.resize(image, target, interpolation=cv2.INTER_AREA)

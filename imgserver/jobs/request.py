@@ -21,7 +21,13 @@ from typing import Any
 
 from imgserver.errors import Problem, RequestError
 from imgserver.images.codec import FORMATS
-from imgserver.images.operations import Operation, Split, output_suffixes, parse_operation
+from imgserver.images.operations import (
+    Context,
+    Operation,
+    Split,
+    output_suffixes,
+    parse_operation,
+)
 from imgserver.images.paths import OutsideRoot, confine
 from imgserver.urls import check_url, redacted
 
@@ -85,7 +91,7 @@ def parse_request(body: bytes, root: Path, limits: RequestLimits,
     for key in _TOP_KEYS:
         if key not in document:
             problems.append(Problem(key, "field required"))
-    texts, parsed = _operations(document.get("operations", _MISSING), problems)
+    texts, parsed = _operations(document.get("operations", _MISSING), root, problems)
     images = _images(document.get("images", _MISSING), root, limits, parsed, problems)
     notify = _notify(document.get("notify", _MISSING), limits, problems)
     if problems:
@@ -147,23 +153,32 @@ def load_json(body: bytes) -> Any:
     return _load_json(body)
 
 
-def _operations(value: Any, problems: list[Problem]) -> tuple[list[str], tuple[Operation, ...]]:
+def _operations(value: Any, root: Path, problems: list[Problem]
+                ) -> tuple[list[str], tuple[Operation, ...]]:
     if value is _MISSING:
         return [], ()
     if not isinstance(value, list):
         problems.append(Problem("operations", f"expected a list of strings, got {_kind(value)}"))
         return [], ()
     parsed: list[Operation] = []
+    settings: dict[str, str] = {}  # a setting's name -> the field that gave it
+    context = Context(root)
     for index, text in enumerate(value):
         field = f"operations[{index}]"
         if not isinstance(text, str):
             problems.append(Problem(field, f"expected a string, got {_kind(text)}"))
             continue
         try:
-            op = parse_operation(text)
+            op = parse_operation(text, context)
         except ValueError as exc:
-            problems.append(Problem(field, f"{text}: {exc}"))
+            problems.append(Problem(field, f"{text[:200]}: {exc}"))
             continue
+        if op is not None and op.setting:
+            if op.name in settings:
+                problems.append(Problem(field, f"{text[:200]}: {op.name} may be given once "
+                                               f"({settings[op.name]} gives it already)"))
+                continue
+            settings[op.name] = field
         if op is not None:
             parsed.append(op)
     return list(value), tuple(parsed)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import cv2
 import numpy as np
 import pytest
@@ -9,7 +11,7 @@ import pytest
 from imgserver.images import blur
 from imgserver.images.blur import blocks_suffice, blur_blocks, gaussian_blur
 from imgserver.images.kernels import kernel_parameters
-from imgserver.images.operations import parse_operation
+from imgserver.images.operations import Context, parse_operation
 
 from conftest import mean_abs_diff, photo
 
@@ -154,7 +156,7 @@ def test_blur_integral_in_bands_is_the_same(monkeypatch: pytest.MonkeyPatch,
 
 @pytest.mark.parametrize("text", ["blur=100", "blur=0,20", "blur=51,3", "blur=1000001,2"])
 def test_blur_even_zero_and_sigma_forms_match_opencv(text: str) -> None:
-    op = parse_operation(text)
+    op = parse_operation(text, Context(Path("/nonexistent-root")))
     image = photo(120, 160)
     ksize, sigma = kernel_parameters(op.ksize, op.sigma, image.dtype)
     reference_ksize = ksize if ksize < 1000 else 401  # 2*8*sigma+1 covers every weight

@@ -15,13 +15,14 @@ from imgserver.images.blur import gaussian_blur
 from imgserver.images.codec import (
     FORMATS,
     Limits,
+    Picture,
     decode,
     decode_blurred,
-    decode_resized,
+    decode_scaled,
     encode,
     shrink_factor,
 )
-from imgserver.images.operations import Blur, Resize
+from imgserver.images.operations import Resize
 
 from conftest import mean_abs_diff, photo, png_chunk
 from test_probe import exif_block
@@ -38,6 +39,16 @@ def encoded(image: np.ndarray, extension: str, params: list[int] | None = None) 
 def with_exif(jpeg: bytes, block: bytes) -> bytes:
     """The JPEG with an APP1 segment holding ``block`` right after its SOI marker."""
     return jpeg[:2] + b"\xff\xe1" + struct.pack(">H", len(block) + 2) + block + jpeg[2:]
+
+
+def pixels(picture: Picture | None) -> np.ndarray | None:
+    """The pixels of a decoded picture, if any."""
+    return None if picture is None else picture.pixels
+
+
+def shrunk(data: bytes, percent: float) -> np.ndarray | None:
+    """``data`` decoded already resized to ``percent``, where a JPEG allows it."""
+    return pixels(decode_scaled(data, LIMITS, Resize(percent).scaled_size))
 
 
 @pytest.mark.parametrize("channels, dtype, extension", [
@@ -145,7 +156,7 @@ def reference(image: np.ndarray, extension: str) -> np.ndarray:
 def test_codec_encode_16bit_to_8bit_formats_is_scaled_not_saturated() -> None:
     image = photo(16, 16, 3, np.uint16)
     expected = ((image.astype(np.uint32) + 128) // 257).astype(np.uint8)  # round(v / 257)
-    for extension in (".bmp", ".jpg", ".webp"):
+    for extension in (".bmp", ".jpg", ".webp", ".avif"):
         result = cv2.imdecode(np.frombuffer(encode(image, extension), np.uint8), -1)
         assert result.dtype == np.uint8
         assert np.array_equal(result, reference(expected, extension))
@@ -181,7 +192,7 @@ def test_codec_encode_every_format_round_trips(extension: str, channels: int) ->
     if channels == 4 and extension in (".jpg", ".jpeg"):
         assert result.shape == (30, 40, 3)
         return
-    if extension in (".jpg", ".jpeg", ".webp"):  # lossy: what OpenCV's encoder gives
+    if extension in (".jpg", ".jpeg", ".webp", ".avif"):  # lossy: as OpenCV encodes it
         assert np.array_equal(result, reference(image, extension))
         return
     assert np.array_equal(result, image)
@@ -251,7 +262,7 @@ def test_codec_shrink_on_load_matches_full_decode_and_area_resize(
         width: int, height: int, percent: float) -> None:
     jpeg = encoded(photo(height, width, noise=0.01), ".jpg")
     resize = Resize(percent)
-    fast = decode_resized(jpeg, LIMITS, resize)
+    fast = pixels(decode_scaled(jpeg, LIMITS, resize.scaled_size))
     full = decode(jpeg, LIMITS)
     exact = cv2.resize(full, resize.size(width, height), interpolation=cv2.INTER_AREA)
     if fast is None:  # no shrink is exact enough here: decoded in full
@@ -262,17 +273,16 @@ def test_codec_shrink_on_load_matches_full_decode_and_area_resize(
 
 def test_codec_shrink_on_load_declines_noise_and_odd_sizes() -> None:
     noise = np.random.default_rng(1).integers(0, 256, (400, 600, 3), dtype=np.uint8)
-    assert decode_resized(encoded(noise, ".jpg"), LIMITS, Resize(50)) is None
+    assert shrunk(encoded(noise, ".jpg"), 50) is None
     odd = encoded(photo(301, 401, noise=0.01), ".jpg")
-    assert decode_resized(odd, LIMITS, Resize(50)) is None
-    assert decode_resized(encoded(photo(400, 600, noise=0.01), ".jpg"), LIMITS,
-                          Resize(50)) is not None
+    assert shrunk(odd, 50) is None
+    assert shrunk(encoded(photo(400, 600, noise=0.01), ".jpg"), 50) is not None
 
 
 @pytest.mark.parametrize("orientation", [3, 6, 8])
 def test_codec_shrink_on_load_keeps_exif_orientation(orientation: int) -> None:
     jpeg = with_exif(encoded(photo(300, 500, noise=0.01), ".jpg"), exif_block(orientation))
-    fast = decode_resized(jpeg, LIMITS, Resize(25))
+    fast = shrunk(jpeg, 25)
     exact = cv2.resize(decode(jpeg, LIMITS), None, fx=0.25, fy=0.25,
                        interpolation=cv2.INTER_AREA)
     assert fast is not None and fast.shape == exact.shape
@@ -281,7 +291,7 @@ def test_codec_shrink_on_load_keeps_exif_orientation(orientation: int) -> None:
 
 def test_codec_shrink_on_load_keeps_grayscale() -> None:
     jpeg = encoded(photo(400, 600, 1, noise=0.01), ".jpg")
-    fast = decode_resized(jpeg, LIMITS, Resize(25))
+    fast = shrunk(jpeg, 25)
     assert fast is not None and fast.shape == (100, 150)
 
 
@@ -290,7 +300,7 @@ def test_codec_shrink_on_load_keeps_grayscale() -> None:
                                                         (3, np.uint8, ".webp")])
 def test_codec_shrink_on_load_only_for_jpeg(channels: int, dtype: type, extension: str) -> None:
     data = encoded(photo(100, 120, channels, dtype), extension)
-    assert decode_resized(data, LIMITS, Resize(25)) is None  # decoded in full instead
+    assert shrunk(data, 25) is None  # decoded in full instead
 
 
 def test_codec_shrink_factor_keeps_whole_or_large_steps() -> None:
@@ -310,7 +320,7 @@ def test_codec_blur_on_load_matches_opencv(height: int, width: int, channels: in
                                            quality: int, ksize: int) -> None:
     jpeg = encoded(photo(height, width, channels, noise=0.02), ".jpg",
                    [cv2.IMWRITE_JPEG_QUALITY, quality])
-    fast = decode_blurred(jpeg, LIMITS, Blur(ksize))
+    fast = pixels(decode_blurred(jpeg, LIMITS, ksize, 0.0))
     assert fast is not None and fast.dtype == np.uint8
     assert within_contract(fast, cv2.GaussianBlur(decode(jpeg, LIMITS), (ksize, ksize), 0))
 
@@ -320,7 +330,7 @@ def test_codec_blur_on_load_matches_blur_of_full_decode(ksize: int, sigma: float
     # Kernels whose OpenCV reference would take seconds: against the full-size blur, which
     # tests/images/test_blur.py holds to OpenCV.
     jpeg = encoded(photo(1080, 1920, noise=0.02), ".jpg")
-    fast = decode_blurred(jpeg, LIMITS, Blur(ksize, sigma))
+    fast = pixels(decode_blurred(jpeg, LIMITS, ksize, sigma))
     assert fast is not None
     assert within_contract(fast, gaussian_blur(decode(jpeg, LIMITS), ksize, sigma))
 
@@ -328,7 +338,7 @@ def test_codec_blur_on_load_matches_blur_of_full_decode(ksize: int, sigma: float
 @pytest.mark.parametrize("orientation", [3, 6, 8])
 def test_codec_blur_on_load_keeps_exif_orientation(orientation: int) -> None:
     jpeg = with_exif(encoded(photo(1024, 1280, noise=0.02), ".jpg"), exif_block(orientation))
-    fast = decode_blurred(jpeg, LIMITS, Blur(301))
+    fast = pixels(decode_blurred(jpeg, LIMITS, 301, 0.0))
     upright = decode(jpeg, LIMITS)
     assert fast is not None and fast.shape == upright.shape
     assert within_contract(fast, gaussian_blur(upright, 301))
@@ -343,14 +353,14 @@ def test_codec_blur_on_load_keeps_exif_orientation(orientation: int) -> None:
 def test_codec_blur_on_load_declines(height: int, width: int, extension: str,
                                      ksize: int) -> None:
     data = encoded(photo(height, width, noise=0.02), extension)
-    assert decode_blurred(data, LIMITS, Blur(ksize)) is None  # decoded in full instead
+    assert pixels(decode_blurred(data, LIMITS, ksize, 0.0)) is None  # decoded in full instead
 
 
 def test_codec_blur_on_load_refuses_damaged_jpeg() -> None:
     data = encoded(photo(1080, 1920, noise=0.02), ".jpg")
     start = data.find(b"\xff\xda")
     with pytest.raises(ImageError, match="damaged or truncated"):
-        decode_blurred(data[:(start + len(data)) // 2] + b"\xff\xd9", LIMITS, Blur(301))
+        pixels(decode_blurred(data[:(start + len(data)) // 2] + b"\xff\xd9", LIMITS, 301, 0.0))
 
 
 def test_codec_decodes_in_threads_keep_their_own_warnings() -> None:

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from imgserver.errors import ImageError
-from imgserver.images.operations import parse_operations
+from imgserver.images.operations import Context, parse_operations
 from imgserver.images.pipeline import TEMP_SUFFIX, ImageTask, process_image, remove_partial
 
 from conftest import photo
@@ -21,7 +21,7 @@ def task(root: Path, source: str, outputs: list[str], operations: list[str],
          max_pixels: int = 10**9, max_file_bytes: int = 1 << 30) -> ImageTask:
     return ImageTask(root=str(root), input=str(root / source),
                      outputs=tuple(str(root / o) for o in outputs),
-                     operations=parse_operations(operations),
+                     operations=parse_operations(operations, Context(root)),
                      max_pixels=max_pixels, max_file_bytes=max_file_bytes)
 
 
