@@ -1,8 +1,9 @@
 """scripts/screenshot: the picture of the status page that README.md shows.
 
-Starts `imgserver serve` on a fresh root with 16 photo-like images, runs one job over all of
-them, opens its page in headless Chromium (Debian's chromium and chromium-driver) and saves
-docs/job-page.png.
+Starts `imgserver serve` on a fresh root with 8 photo-like images, runs one job over all of
+them (fitted into 600 x 600, then split in four), opens its page in headless Chromium
+(Debian's chromium and chromium-driver) and saves docs/job-page.png: each image's input
+beside its tiles, in their places.
 """
 
 from __future__ import annotations
@@ -32,13 +33,13 @@ def main() -> int:
     shutil.rmtree(args.work, ignore_errors=True)
     (args.work / "inbox").mkdir(parents=True)
     (args.work / "outbox").mkdir()
-    photos = make_inputs(args.work / "photos", "photo", 16, 1200, 800, ".jpg")
+    photos = make_inputs(args.work / "photos", "photo", 8, 1200, 800, ".jpg")
     server = Server(args.work, 2, [])
     try:
         status, answer = server.post(json.dumps({
             "images": [{"input": f"photos/{p.name}", "output": f"thumbs/{p.stem}.jpg"}
                        for p in photos],
-            "operations": ["resize=50", "blur=3"]}).encode())
+            "operations": ["fit=600x600", "split", "sharpen=1"]}).encode())
         job = json.loads(answer)
         options = webdriver.ChromeOptions()
         options.binary_location = shutil.which("chromium") or "chromium"
@@ -53,8 +54,8 @@ def main() -> int:
             driver.get(f"http://127.0.0.1:{server.port}/ui/jobs/{job['id']}")
             deadline = time.monotonic() + 30
             while time.monotonic() < deadline and not driver.execute_script(
-                    "const images = [...document.querySelectorAll('.thumbs img')];"
-                    "return images.length === 16 && images.filter(i => i.getBoundingClientRect()"
+                    "const images = [...document.querySelectorAll('.pair img')];"
+                    "return images.length === 40 && images.filter(i => i.getBoundingClientRect()"
                     ".top < innerHeight).every(i => i.complete && i.naturalWidth > 0)"):
                 time.sleep(0.2)
             driver.save_screenshot(str(args.output))

@@ -196,6 +196,9 @@ def test_server_drop_folder_runs_the_readme_example(server: Server) -> None:
     (server.root / "inbox" / ".example.json").rename(server.root / "inbox" / "example.json")
     status = server.root / "outbox" / "example.status.json"
     wait_for(lambda: status.exists() and json.loads(status.read_text())["state"] == "done")
-    assert len(list((server.root / "examples" / "output").iterdir())) == 8
+    outputs = server.root / "examples" / "output"
+    assert sorted(path.name for path in outputs.iterdir()) == ["landscape.webp", "logo.png"]
+    assert cv2.imread(str(outputs / "landscape.webp")).shape == (267, 400, 3)  # fitted: 900x600
+    assert cv2.imread(str(outputs / "logo.png"), cv2.IMREAD_UNCHANGED).shape == (200, 200, 4)
     assert server.request("GET", "/jobs/example").json() == json.loads(status.read_text())
     assert list((server.root / "inbox").iterdir()) == []

@@ -11,23 +11,25 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-OPERATIONS_HELP = (
-    "Applied in order to every image. Grammar `name=value` (whitespace around the name, the "
-    "value and each part of `K,S` is ignored):\n\n"
-    "- `resize=F`: scale both sides to F percent, 0.05 < F <= 100 (area interpolation).\n"
-    "- `split` or `split=V`: split into 4 tiles, stored as `<name>_lt`, `_rt`, `_lb`, `_rb`; "
-    "`V` = `None`, `false` or `False` does not split.\n"
-    "- `blur=K` or `blur=K,S`: Gaussian blur, K x K kernel (int >= 0, even K -> K+1), "
-    "sigma S > 0 (default: OpenCV's for K); `blur=0,S` sizes the kernel from S."
-)
+from imgserver.images.operations import Operation
 
 
-_NUMBER = r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?"
-#: The operation grammar as a regular expression (ranges are checked by the server).
-OPERATION_PATTERN = (rf"^\s*(?:resize\s*=\s*{_NUMBER}|split(?:\s*=.*)?"
-                     rf"|blur\s*=\s*[+-]?[0-9]+(?:\s*,\s*{_NUMBER})?)\s*$")
+def _operations_help() -> str:
+    """Every operation the server knows, each with what it does and an example."""
+    lines = "\n".join(f"- `{kind.example}` ({kind.name}): {kind.summary}."
+                       for kind in Operation.registry.values())
+    return ("Applied in order to every image; after a split, to every tile. Grammar "
+            "`name=value`; whitespace around the name, the value and each part of a value "
+            "is ignored. Sizes are whole pixels, 1 to 100000. The server checks every value "
+            "and answers 422 naming `operations[i]` and what was expected:\n\n" + lines)
+
+
+OPERATIONS_HELP = _operations_help()
+#: The operation grammar as a regular expression: a known name, then its value (whose form
+#: and range the server checks).
+OPERATION_PATTERN = (r"^\s*(?:" + "|".join(Operation.registry) + r")\s*(?:=.*)?$")
 OUTPUT_PATTERN = (r"\.(?:[jJ][pP][eE]?[gG]|[pP][nN][gG]|[wW][eE][bB][pP]|[tT][iI][fF][fF]?"
-                  r"|[bB][mM][pP])$")
+                  r"|[bB][mM][pP]|[aA][vV][iI][fF])$")
 
 
 class ImageRequest(BaseModel):
@@ -40,7 +42,7 @@ class ImageRequest(BaseModel):
                        examples=["photos/cat.jpg"])
     output: str = Field(min_length=1, pattern=OUTPUT_PATTERN,
                         description="Output path inside the root; its extension picks the "
-                                    "format: .jpg .jpeg .png .webp .tif .tiff .bmp.",
+                                    "format: .jpg .jpeg .png .webp .avif .tif .tiff .bmp.",
                         examples=["thumbs/cat.jpg"])
 
 
@@ -48,12 +50,15 @@ class JobRequest(BaseModel):
     """A request: images and the operations applied to each of them."""
 
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{
-        "images": [{"input": "photos/cat.jpg", "output": "thumbs/cat.jpg"}],
-        "operations": ["resize=50", "split=True", "blur=5"]}]})
+        "images": [{"input": "photos/cat.jpg", "output": "thumbs/cat.webp"},
+                   {"input": "photos/dog.jpg", "output": "thumbs/dog.webp"}],
+        "operations": ["fit=400x400", "sharpen=0.8,0.5", "quality=80"]}]})
 
     images: list[ImageRequest] = Field(min_length=1, description="One or more images.")
     operations: list[Annotated[str, Field(pattern=OPERATION_PATTERN)]] = Field(
-        description=OPERATIONS_HELP, examples=[["resize=50", "split=True", "blur=5,1.5"]])
+        description=OPERATIONS_HELP, examples=[["fit=400x400", "quality=80"],
+                                               ["fill=200x200,smart", "grayscale"],
+                                               ["resize=50", "split=True", "blur=5,1.5"]])
     notify: str | None = Field(
         None, pattern=r"^https?://", description=(
             "A URL to tell when the job is finished: a signed webhook (Standard Webhooks v1), "

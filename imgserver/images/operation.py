@@ -143,10 +143,12 @@ def box(text: str, *, open_sides: bool) -> tuple[int | None, int | None]:
         raise ValueError(f"{text.strip()[:40]!r} is not a box: expected {form}")
     sides: list[int | None] = []
     for side, what in ((width_text, "width"), (height_text, "height")):
-        if not side.strip() and open_sides:
+        if side.strip():
+            sides.append(integer(side, what, 1, MAX_SIZE))
+        elif open_sides:
             sides.append(None)
         else:
-            sides.append(integer(side, what, 1, MAX_SIZE))
+            raise ValueError(f"the {what} is missing: expected {form}")
     if sides == [None, None]:
         raise ValueError(f"gives neither a width nor a height: expected {form}")
     return sides[0], sides[1]

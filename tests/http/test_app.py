@@ -12,6 +12,7 @@ from fastapi.testclient import TestClient
 
 from imgserver.executors.pool import LocalPool
 from imgserver.http.app import create_app
+from imgserver.images.operations import Context, Operation, parse_operation
 from imgserver.jobs.engine import Engine
 from imgserver.settings import Settings
 
@@ -146,7 +147,11 @@ def test_app_openapi_documents_request_and_status(client: TestClient) -> None:
     assert post["requestBody"]["content"]["application/json"]["schema"]["$ref"].endswith(
         "/JobRequest")
     components = schema["components"]["schemas"]
-    assert "resize=F" in components["JobRequest"]["properties"]["operations"]["description"]
+    operations = components["JobRequest"]["properties"]["operations"]
+    for kind in Operation.registry.values():  # every operation, with an example that works
+        assert f"`{kind.example}` ({kind.name})" in operations["description"]
+        assert re.fullmatch(operations["items"]["pattern"], kind.example), kind.example
+        parse_operation(kind.example, Context(Path("/nonexistent-root")))
     assert set(components["StatusDocument"]["properties"]) >= {
         "id", "state", "source", "created_at", "progress", "error", "images"}
     assert {"202", "413", "422", "503"} <= set(post["responses"])

@@ -132,6 +132,7 @@ def test_page_more_shows_the_next_page_and_goes_at_the_end(
     finally:
         server.stop()
 
+
 def test_page_job_shows_thumbnails_errors_and_cancels(browser: object, server: Server) -> None:
     job = server.request("POST", "/jobs?wait=true", request_body(
         [("a.png", "j/a.png"), ("missing.png", "j/m.png")], ["split"])).json()
@@ -157,6 +158,35 @@ def test_page_job_shows_thumbnails_errors_and_cancels(browser: object, server: S
     assert wait_state(server, slow, ("cancelled",))["error"].startswith("cancelled: ")
     assert script(browser, "return document.getElementById('cancel').hidden") is True
     assert requested_hosts(browser) == {f"127.0.0.1:{server.port}"}
+
+
+def test_page_job_shows_the_input_beside_its_tiles_in_their_places(
+        browser: object, server: Server) -> None:
+    job = server.request("POST", "/jobs?wait=true", request_body(
+        [("a.png", "g/a.png")], ["split", "split"])).json()
+    outputs = job["images"][0]["outputs"]
+    assert len(outputs) == 16
+    browser.get(url(server, f"/ui/jobs/{job['id']}"))  # type: ignore[attr-defined]
+    tiles = "[...document.querySelectorAll('.thumbs img')]"
+    wait_for(lambda: script(browser, f"return {tiles}.length === 16 && {tiles}.every("
+                                     f"i => i.complete && i.naturalWidth > 0)"), timeout=20)
+    # The input, as a thumbnail of its own (256 px wide for a 320 x 240 image).
+    wait_for(lambda: script(browser, "const i = document.querySelector('.source img');"
+                                     "return i.complete && i.naturalWidth") == 256, timeout=20)
+    boxes = script(browser, f"return {tiles}.map(i => {{const r = i.getBoundingClientRect();"
+                            f"return [i.title, Math.round(r.left), Math.round(r.top)]}})")
+    lefts = sorted({left for _, left, _ in boxes})
+    tops = sorted({top for _, _, top in boxes})
+    assert len(lefts) == 4 and len(tops) == 4  # a 4 x 4 grid, not one column
+    quadrant = {"lt": (0, 0), "rt": (1, 0), "lb": (0, 1), "rb": (1, 1)}
+    for title, left, top in boxes:
+        outer, inner = Path(title).stem.split("_")[1:]
+        column = 2 * quadrant[outer][0] + quadrant[inner][0]
+        row = 2 * quadrant[outer][1] + quadrant[inner][1]
+        assert (lefts.index(left), tops.index(top)) == (column, row), title
+    source = script(browser, "return document.querySelector('.source img')"
+                             ".getBoundingClientRect().right")
+    assert source < lefts[0]  # the input stands beside (left of) its outputs
 
 
 def test_page_with_a_token_shows_nothing_until_it_is_given(

@@ -242,6 +242,30 @@ async function jobPage() {
     cancel.hidden = FINAL.includes(job.state);
   }
 
+  function thumbnail(index, output, label) {
+    const img = document.createElement("img");
+    img.alt = label;
+    img.title = label;
+    img.dataset.src = `/jobs/${encodeURIComponent(job.id)}/images/${index}`;
+    if (output !== null) img.dataset.output = output;
+    img.addEventListener("click", () => openFull(img));
+    observer.observe(img);
+    return img;
+  }
+
+  // A split's tiles are listed nested (_lt_lt, _lt_rt, _lt_lb, _lt_rb, _rt_lt, ...): tile n
+  // of 4^k sits at the column and row its base-4 digits say, outermost split first.
+  function place(img, number, splits) {
+    let column = 0, row = 0;
+    for (let level = splits - 1; level >= 0; level--) {
+      const quadrant = Math.floor(number / 4 ** level) % 4;
+      column = column * 2 + (quadrant % 2);
+      row = row * 2 + Math.floor(quadrant / 2);
+    }
+    img.style.gridColumn = String(column + 1);
+    img.style.gridRow = String(row + 1);
+  }
+
   function item(index) {
     const image = job.images[index];
     let li = list.children[index];
@@ -249,8 +273,12 @@ async function jobPage() {
       li = document.createElement("li");
       li.dataset.index = index;
       li.innerHTML = `<div class="head"><span class="index"></span><span class="input"></span>
-        <span class="state"></span></div><p class="error" hidden></p><div class="thumbs"></div>`;
+        <span class="state"></span></div><p class="error" hidden></p>
+        <div class="pair"><figure class="source"><figcaption>input</figcaption></figure>
+        <figure class="results"><figcaption>output</figcaption><div class="thumbs"></div>
+        </figure></div>`;
       text(li.querySelector(".index"), `#${index}`);
+      li.querySelector(".source").appendChild(thumbnail(index, null, image.input));
       list.appendChild(li);
     }
     text(li.querySelector(".input"), `${image.input} → ${image.output}`);
@@ -261,15 +289,17 @@ async function jobPage() {
     const thumbs = li.querySelector(".thumbs");
     if (thumbs.children.length !== image.outputs.length) {
       thumbs.replaceChildren();
+      const count = image.outputs.length;
+      const splits = count > 1 ? Math.round(Math.log(count) / Math.log(4)) : 0;
+      const tiled = splits > 0 && 4 ** splits === count;
+      thumbs.classList.toggle("tiles", tiled);
+      thumbs.style.setProperty("--columns", tiled ? String(2 ** splits) : "");
+      text(li.querySelector(".results figcaption"), tiled
+        ? `${count} tiles, in place` : count === 1 ? "output" : `${count} outputs`);
       image.outputs.forEach((output, number) => {
-        const img = document.createElement("img");
-        img.alt = output;
-        img.title = output;
-        img.dataset.src = `/jobs/${encodeURIComponent(job.id)}/images/${index}`;
-        img.dataset.output = number;
-        img.addEventListener("click", () => openFull(img));
+        const img = thumbnail(index, number, output);
+        if (tiled) place(img, number, splits);
         thumbs.appendChild(img);
-        observer.observe(img);
       });
     }
   }
@@ -287,14 +317,23 @@ async function jobPage() {
     document.getElementById("content").hidden = false;
   }
 
+  // Which file of the image: an output's number, or none for its input.
+  function which(img, extra = {}) {
+    const params = new URLSearchParams(extra);
+    if (img.dataset.output !== undefined) params.set("output", img.dataset.output);
+    const query = params.toString();
+    return query ? `?${query}` : "";
+  }
+
   async function loadThumbnail(img) {
-    const response = await api(`${img.dataset.src}/thumbnail?output=${img.dataset.output}`);
+    const size = img.closest(".tiles") ? { size: "128" } : {};
+    const response = await api(`${img.dataset.src}/thumbnail${which(img, size)}`);
     if (response.ok) img.src = URL.createObjectURL(await response.blob());
     else img.alt = `${img.alt}: no thumbnail (${response.status})`;
   }
 
   async function openFull(img) {
-    const response = await api(`${img.dataset.src}/file?output=${img.dataset.output}`);
+    const response = await api(`${img.dataset.src}/file${which(img)}`);
     if (!response.ok) return;
     const viewer = document.getElementById("viewer");
     viewer.querySelector("img").src = URL.createObjectURL(await response.blob());
