@@ -7,6 +7,11 @@
         30 min, 2 h, 5 h, 10 h and 10 h (with jitter; Retry-After honoured), then failed
     each outcome --Engine.note_delivery--> the job's status document ("notifications")
 
+An attempt is judged by the receiver's status line: its headers are read, then at most
+``ANSWER_BYTES`` of its body for at most ``ANSWER_SECONDS`` (so that a short answer leaves
+the connection reusable), and the connection is closed. A receiver that streams an endless
+body costs a few kilobytes and a second, and its 2xx counts.
+
 A delivery's state lives in the job's status document (``pending`` with ``next_attempt_at``),
 so pending deliveries survive a restart: at start, and every ``SCAN`` seconds, the index
 names the finished jobs that still have one (also those of ``imgserver run``, which
@@ -51,6 +56,10 @@ TIMEOUT = 10.0
 SCAN = 30.0
 #: Deliveries in flight at once.
 CONCURRENCY = 100
+#: Of a receiver's answer, at most this many bytes of body are read, for at most this long:
+#: its status says everything, and a hostile receiver must cost next to nothing.
+ANSWER_BYTES = 4096
+ANSWER_SECONDS = 1.0
 FAILED = "failed"
 
 
@@ -213,20 +222,31 @@ class Notifier:
         headers = {"content-type": "application/json", "user-agent": "imgserver",
                    "webhook-id": identifier, "webhook-timestamp": str(moment),
                    "webhook-signature": sign(self._key, identifier, moment, body)}
-        assert self._client is not None
         try:
             # The client's timeout is per step (connect, each read); the whole attempt has
-            # its own, or a receiver that drips its answer would hold a slot for ever.
-            response = await asyncio.wait_for(
-                self._client.post(url, content=body, headers=headers), TIMEOUT)
+            # its own, or a receiver that drips its headers would hold a slot for ever.
+            status, phrase, retry_after = await asyncio.wait_for(
+                self._exchange(url, body, headers), TIMEOUT)
         except (httpx2.TimeoutException, asyncio.TimeoutError):
             return f"no answer within {TIMEOUT:g} s", None
         except httpx2.HTTPError as exc:
             return f"cannot connect: {exc or type(exc).__name__}", None
-        if 200 <= response.status_code < 300:
+        if 200 <= status < 300:
             return None, None
-        reason = f"HTTP {response.status_code} {response.reason_phrase}".strip()
-        return reason, _retry_after(response.headers.get("retry-after"), self._clock())
+        reason = f"HTTP {status} {phrase}".strip()
+        return reason, _retry_after(retry_after, self._clock())
+
+    async def _exchange(self, url: str, body: bytes, headers: dict[str, str]
+                        ) -> tuple[int, str, str | None]:
+        """POST ``body``; the answer's status, reason phrase and Retry-After, read from its
+        head. Of its body, at most ANSWER_BYTES are read, within ANSWER_SECONDS."""
+        assert self._client is not None
+        async with self._client.stream("POST", url, content=body, headers=headers) as response:
+            answer = (response.status_code, response.reason_phrase,
+                      response.headers.get("retry-after"))
+            with contextlib.suppress(httpx2.HTTPError, asyncio.TimeoutError):
+                await asyncio.wait_for(_skim(response), ANSWER_SECONDS)
+        return answer  # leaving the block closes the connection if the body was not all read
 
     def _target(self, job_id: str, shown: str) -> str:
         """The URL to post to: the configured or requested one whose redacted form is
@@ -238,6 +258,15 @@ class Notifier:
             if isinstance(candidate, str) and redacted(candidate) == shown:
                 return candidate
         return shown
+
+
+async def _skim(response: httpx2.Response) -> None:
+    """Read at most ANSWER_BYTES of the body, as it comes (raw: nothing is decompressed)."""
+    read = 0
+    async for chunk in response.aiter_raw():
+        read += len(chunk)
+        if read >= ANSWER_BYTES:
+            return
 
 
 def _retry_after(value: str | None, now: float) -> float | None:

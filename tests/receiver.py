@@ -24,12 +24,15 @@ class Receiver:
     """Answers POSTs with the statuses queued in ``answers`` (then 200), recording each.
 
     An answer is a status code, or ``(status, headers)``, or ``"hang"`` (answer nothing for
-    a minute), or ``"drip"`` (a 200 whose body comes a byte a second, for a minute).
+    a minute), or ``"drip"`` (a 200 whose body comes a byte a second, for a minute), or
+    ``"flood"`` (a 200 with no length, then 64 KiB chunks as fast as they are taken, for
+    40 s). ``sent`` counts the body bytes the receiver managed to send.
     """
 
     answers: list[Any] = field(default_factory=list)
     deliveries: list[Delivery] = field(default_factory=list)
     port: int = 0
+    sent: int = 0
 
     def __post_init__(self) -> None:
         receiver = self
@@ -52,6 +55,19 @@ class Receiver:
                         self.wfile.write(b"x")
                         self.wfile.flush()
                         time.sleep(1)
+                    return
+                if answer == "flood":
+                    self.send_response(200)
+                    self.send_header("connection", "close")  # the body ends when it closes
+                    self.end_headers()
+                    chunk = b"x" * 65536
+                    until = time.monotonic() + 40
+                    try:
+                        while time.monotonic() < until:
+                            self.wfile.write(chunk)
+                            receiver.sent += len(chunk)
+                    except OSError:  # the server hung up: what a sane client does
+                        pass
                     return
                 status, headers = answer if isinstance(answer, tuple) else (answer, {})
                 self.send_response(status)
