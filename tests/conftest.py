@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import struct
+import subprocess
 import time
 import zlib
 from collections.abc import Callable, Iterator
@@ -202,3 +203,23 @@ def mean_abs_diff(a: np.ndarray, b: np.ndarray) -> float:
     """Mean absolute difference of two images of the same shape."""
     assert a.shape == b.shape, (a.shape, b.shape)
     return float(np.abs(a.astype(np.float64) - b.astype(np.float64)).mean())
+
+
+@pytest.fixture
+def mount(root: Path) -> Iterator[Callable[..., Path]]:
+    """Mount a tmpfs at root/<name> (as root); unmounted afterwards."""
+    mounted: list[Path] = []
+
+    def make(name: str, *options: str) -> Path:
+        target = root / name
+        target.mkdir(exist_ok=True)
+        result = subprocess.run(["mount", "-t", "tmpfs", "-o", ",".join(options), "tmpfs",
+                                 str(target)], capture_output=True, text=True)
+        if result.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here: {result.stderr.strip()}")
+        mounted.append(target)
+        return target
+
+    yield make
+    for target in mounted:
+        subprocess.run(["umount", "-l", str(target)], capture_output=True)

@@ -4,6 +4,7 @@ connections, and a working folder full of names the server imports."""
 from __future__ import annotations
 
 import contextlib
+import json
 import resource
 import selectors
 import signal
@@ -300,3 +301,45 @@ def serve_from_a_shadowed_folder(root: Path, make_image: Callable[..., Path],
         assert server.stop() == 0
     assert sorted(p.name for p in imported.iterdir()) == []
     assert "Traceback" not in server.output(), server.output()
+
+
+def fill(folder: Path) -> Path:
+    """Fill the file system of ``folder`` to the last byte; the file that does it."""
+    filler = folder / "filler"
+    with open(filler, "wb", buffering=0) as file:
+        for size in (65536, 1):
+            with contextlib.suppress(OSError):  # ENOSPC: full at this grain
+                while True:
+                    file.write(b"\0" * size)
+    return filler
+
+
+def test_hardening_full_outbox_heals_by_itself_and_the_listing_agrees(
+        root: Path, make_image: Callable[..., Path], mount: Callable[..., Path]) -> None:
+    outbox = mount("outbox", "size=4m")
+    for n in range(4):
+        make_image(f"big{n}.png", 1600, 1200)
+    server = start_server(root, "--workers", "1")
+    try:
+        job = server.request("POST", "/jobs", request_body(
+            [(f"big{n % 4}.png", f"out/{n}.png") for n in range(12)], ["blur=61"]))
+        assert job.status == 202
+        job_id = job.json()["id"]
+        wait_state(server, job_id, ("running",))
+        filler = fill(outbox)
+        refused = server.request("POST", "/jobs", request_body([("big0.png", "x.png")]))
+        assert refused.status == 503 and "cannot store requests" in refused.json()["detail"]
+        final = wait_state(server, job_id, ("done",), timeout=120)  # answered from memory
+        assert server.request("GET", "/healthz").status == 503  # its files are not written
+        filler.unlink()  # space is back; from here on, nothing but GETs
+        healed = time.monotonic()
+        wait_for(lambda: server.request("GET", "/healthz").status == 200, timeout=30)
+        status_file = outbox / f"{job_id}.status.json"
+        wait_for(lambda: status_file.exists() and json.loads(status_file.read_text())[
+            "state"] == "done", timeout=30)
+        listed = server.request("GET", "/jobs?limit=1000").json()["jobs"]
+        assert [j["state"] for j in listed if j["id"] == job_id] == ["done"]
+        assert json.loads(status_file.read_text())["progress"] == final["progress"]
+        assert time.monotonic() - healed < 30
+    finally:
+        server.stop()

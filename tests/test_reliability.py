@@ -7,7 +7,6 @@ import json
 import os
 import signal
 import struct
-import subprocess
 import threading
 import zlib
 from collections.abc import Callable, Iterator
@@ -166,26 +165,6 @@ def test_reliability_job_table_stays_empty_after_many_jobs(engine: Engine,
         engine.wait(job_id).result(60)
     assert engine.active_jobs == 0 and engine.open_images == 0
     assert engine.status(ids[0])["state"] == "done"  # from its status file
-
-
-@pytest.fixture
-def mount(root: Path) -> Iterator[Callable[..., Path]]:
-    """Mount a tmpfs at root/<name> (as root); unmounted afterwards."""
-    mounted: list[Path] = []
-
-    def make(name: str, *options: str) -> Path:
-        target = root / name
-        target.mkdir()
-        result = subprocess.run(["mount", "-t", "tmpfs", "-o", ",".join(options), "tmpfs",
-                                 str(target)], capture_output=True, text=True)
-        if result.returncode != 0:
-            pytest.skip(f"cannot mount a tmpfs here: {result.stderr.strip()}")
-        mounted.append(target)
-        return target
-
-    yield make
-    for target in mounted:
-        subprocess.run(["umount", "-l", str(target)], capture_output=True)
 
 
 def test_reliability_full_disk_fails_image_and_leaves_nothing(

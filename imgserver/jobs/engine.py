@@ -50,6 +50,7 @@ from imgserver.jobs.outbox import Outbox
 from imgserver.jobs.recovery import recover
 from imgserver.jobs.request import Request
 from imgserver.jobs.runner import Outcome, Runner, Work
+from imgserver.jobs.storage import Storage
 from imgserver.settings import Settings
 
 logger = logging.getLogger("imgserver.jobs.engine")
@@ -68,8 +69,10 @@ class Engine:
         self.settings = settings
         self.outbox = Outbox(settings.outbox)
         self._cond = threading.Condition()
-        self._intake = Intake(settings, self.outbox, self._cond, self, lock_jobs=lock_jobs)
-        self._ledger = Ledger(self.outbox, settings.keep_finished, self._cond)
+        self._storage = Storage(self.outbox)
+        self._intake = Intake(settings, self.outbox, self._cond, self, self._storage,
+                              lock_jobs=lock_jobs)
+        self._ledger = Ledger(self.outbox, settings.keep_finished, self._cond, self._storage)
         self._events = Announcer()
         self._runner = Runner(executor, self._cond, image_timeout=settings.image_timeout,
                               capacity=concurrency or (0 if hasattr(executor, "capacity")
@@ -216,7 +219,7 @@ class Engine:
             return "the server is not accepting work (starting or shutting down)"
         if not self._thread.is_alive():
             return "the engine thread has stopped"
-        return self._intake.storage_error or self._runner.problem
+        return self._storage.problem or self._runner.problem
 
     @property
     def accepting(self) -> bool:

@@ -25,6 +25,7 @@ from imgserver.jobs.job import ImageStatus, Job, Notification
 from imgserver.jobs.keys import check_key
 from imgserver.jobs.outbox import Outbox
 from imgserver.jobs.request import ImageSpec, Request, RequestLimits, parse_request
+from imgserver.jobs.storage import Storage
 from imgserver.settings import Settings
 from imgserver.urls import redacted
 
@@ -55,15 +56,16 @@ class Intake:
     """Turns requests into stored jobs and hands them to the engine."""
 
     def __init__(self, settings: Settings, outbox: Outbox, lock: threading.Condition,
-                 desk: Desk, *, lock_jobs: bool = False) -> None:
-        """Intake into ``outbox`` for ``desk``, holding ``lock`` (the engine's) to admit.
+                 desk: Desk, storage: Storage, *, lock_jobs: bool = False) -> None:
+        """Intake into ``outbox`` for ``desk``, holding ``lock`` (the engine's) to admit;
+        failures to store are told to ``storage``.
 
         ``lock_jobs``: hold a lock on each job's request file while it runs (``imgserver
         run``), so that a server starting meanwhile leaves the job to this process.
         """
         self.settings = settings
         self.outbox = outbox
-        self.storage_error: str | None = None  # why requests cannot be stored, if they cannot
+        self._storage = storage
         self._lock = lock
         self._desk = desk
         self._arrivals = Arrivals(outbox)
@@ -142,7 +144,7 @@ class Intake:
                 raise  # taken already: not a storage problem
             except OSError as exc:
                 raise self._storage_failed(exc) from None
-            self.storage_error = None
+            self._storage.succeeded()
             try:
                 request = (peeked if peeked is not None and body == peek else
                            parse_request(body, self.settings.root, self._limits, size=size))
@@ -210,7 +212,7 @@ class Intake:
                     job_id = self._arrivals.place(staged, name, source=source)
                 except OSError as exc:
                     raise self._storage_failed(exc) from None
-                self.storage_error = None
+                self._storage.succeeded()
                 lock_fd = staged.detach() if self._lock_jobs else None
                 return self._desk.accept(self.new_job(job_id, source, request), request,
                                          lock_fd, write=False), True
@@ -218,9 +220,9 @@ class Intake:
             staged.close()
 
     def _storage_failed(self, exc: OSError) -> CapacityError:
-        self.storage_error = (f"the outbox {self.outbox.path} cannot store requests: "
-                              f"{exc.strerror or exc}")
-        return CapacityError(self.storage_error, retry_after=30)
+        problem = f"the outbox {self.outbox.path} cannot store requests: {exc.strerror or exc}"
+        self._storage.failed(problem)
+        return CapacityError(problem, retry_after=30)
 
 
 def _never_fits(count: int, limit: int) -> str:

@@ -3,9 +3,13 @@ memory (``Entry``); the others live in the outbox.
 
 A live job's status file is rewritten at most every STATUS_INTERVAL (and at once at every
 decision that must survive a crash), so that a short job costs one write; its index row
-follows its status file. Questions about jobs (one job's status, a page of the listing,
-the unfinished jobs) are answered from memory for live jobs and from the outbox for the
-rest, under the engine's lock, so that a job is always in exactly one of the two.
+follows its status file. A finished job whose status file or index row could not be
+written (a full disk) is held until they can (``Storage`` says when): meanwhile it is
+answered from memory, so its listing never disagrees with its status.
+
+Questions about jobs (one job's status, a page of the listing, the unfinished jobs) are
+answered from memory for live jobs and from the outbox for the rest, under the engine's
+lock, so that a job is always in exactly one of the two.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from imgserver.jobs.job import (
     timestamp,
 )
 from imgserver.jobs.outbox import Outbox
+from imgserver.jobs.storage import Storage
 
 logger = logging.getLogger("imgserver.jobs.ledger")
 
@@ -63,12 +68,16 @@ class Entry:
 class Ledger:
     """The live jobs, and the questions asked about any job."""
 
-    def __init__(self, outbox: Outbox, keep_finished: float, lock: threading.Condition) -> None:
-        """A ledger over ``outbox``; ``lock`` is the engine's, held around every change."""
+    def __init__(self, outbox: Outbox, keep_finished: float, lock: threading.Condition,
+                 storage: Storage) -> None:
+        """A ledger over ``outbox``; ``lock`` is the engine's, held around every change;
+        failed writes are told to ``storage``."""
         self.outbox = outbox
         self._keep = keep_finished
         self._lock = lock
+        self._storage = storage
         self._live: dict[str, Entry] = {}
+        self._unsaved: dict[str, dict] = {}  # finished, but not yet all on disk
 
     # -- the live jobs (the engine holds the lock) -----------------------------------------
 
@@ -94,7 +103,8 @@ class Ledger:
         answered), and no longer live. Its index row is the caller's to put once it has
         answered (``put_row``): a crash in between leaves a row that start-up checks
         against the file."""
-        self.write(entry, index=False)
+        if not self.write(entry, index=False):
+            self._unsaved[entry.job.id] = entry.job.to_document()
         self._live.pop(entry.job.id, None)
 
     def answer(self, entry: Entry, document: dict) -> None:
@@ -103,7 +113,8 @@ class Ledger:
         for waiter in entry.waiters:
             waiter.set_result(document)
         entry.waiters.clear()
-        self.put_row(summary(document))
+        if entry.job.id not in self._unsaved and not self.put_row(summary(document)):
+            self._unsaved[entry.job.id] = document
         entry.release()
 
     def wait(self, job_id: str, refusal: Callable[[str], Exception] | None) -> Future:
@@ -126,36 +137,59 @@ class Ledger:
                 waiter.set_exception(refusal(entry.job.id))
             entry.waiters.clear()
 
-    def write(self, entry: Entry, *, index: bool = True) -> None:
-        """Write the job's status file (and, unless ``index`` is False, its index row)."""
+    def write(self, entry: Entry, *, index: bool = True) -> bool:
+        """Write the job's status file (and, unless ``index`` is False, its index row);
+        whether it worked (if not, it is tried again: the entry stays dirty)."""
         try:
             self.outbox.write_status(entry.job.to_document(), index=index)
         except OSError as exc:
-            logger.error("cannot write the status of job %s: %s", entry.job.id, exc)
-            return
+            self._storage.failed(f"cannot write the status of job {entry.job.id}: {exc}")
+            entry.dirty = True
+            return False
         entry.dirty = False
         entry.written_at = time.monotonic()
+        return True
 
     def flush(self, *, force: bool = False) -> None:
         """Write the status files that changed and have waited STATUS_INTERVAL (all that
-        changed, with ``force``)."""
+        changed, with ``force``); once the outbox takes writes again after a failure, what
+        could not be written then."""
+        if self._storage.problem is not None:
+            if not self._storage.probe():
+                return  # nothing can be written yet: try when the probe says so
+            self._repair()
         moment = time.monotonic()
         for entry in self._live.values():
             if entry.dirty and (force or moment - entry.written_at >= STATUS_INTERVAL):
                 self.write(entry)
 
     def next_write(self) -> float | None:
-        """When (``time.monotonic``) the next changed status file is due; None if none is."""
+        """When (``time.monotonic``) the next write is due: a changed status file, or a
+        probe of storage that failed; None if none is."""
         due = [entry.written_at + STATUS_INTERVAL for entry in self._live.values()
                if entry.dirty]
-        return min(due, default=None)
+        probe = self._storage.next_probe()
+        return probe if probe is not None else min(due, default=None)
 
-    def put_row(self, job_summary: dict[str, Any]) -> None:
-        """Put a job's index row (a failure is logged: the status file is the record)."""
+    def put_row(self, job_summary: dict[str, Any]) -> bool:
+        """Put a job's index row; whether it worked (the status file is the record)."""
         try:
             self.outbox.index.put(job_summary)
         except OSError as exc:
-            logger.error("cannot index job %s: %s", job_summary["id"], exc)
+            self._storage.failed(f"cannot index job {job_summary['id']}: {exc}")
+            return False
+        return True
+
+    def _repair(self) -> None:
+        """Write the finished jobs' status files and index rows that could not be written."""
+        for job_id, document in list(self._unsaved.items()):
+            try:
+                self.outbox.write_status(document)
+            except OSError as exc:
+                self._storage.failed(f"cannot write the status of job {job_id}: {exc}")
+                return
+            del self._unsaved[job_id]
+            logger.info("job %s: its status file and index row are written now", job_id)
 
     def release_all(self) -> None:
         """Let go of every live job's request lock (the engine is stopping)."""
@@ -170,6 +204,9 @@ class Ledger:
             entry = self._live.get(job_id)
             if entry is not None:
                 return entry.job.to_document()
+            unsaved = self._unsaved.get(job_id)
+            if unsaved is not None:
+                return served(unsaved, self._keep)
         document = self.outbox.read_status(job_id)
         if document is None:
             raise JobNotFound(f"no job with id {job_id!r}")
@@ -204,7 +241,8 @@ class Ledger:
                                                   limit=limit, cursor=cursor)
         with self._lock:  # a running job's row lags its status by up to STATUS_INTERVAL
             summaries = [self._live[s["id"]].job.summary() if s["id"] in self._live
-                         else served(s, self._keep) for s in summaries]
+                         else served(summary(self._unsaved.get(s["id"], s)), self._keep)
+                         for s in summaries]
         return [s for s in summaries if not states or s["state"] in states], after
 
     def cancelled_before(self, job_id: str) -> dict:
