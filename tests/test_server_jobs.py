@@ -6,6 +6,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import shutil
 import signal
 import threading
 import time
@@ -131,6 +132,36 @@ def test_server_cancel_survives_kill_9_and_answers_by_state(
         conflict = server.request("POST", f"/jobs/{done.json()['id']}/cancel")
         assert conflict.status == 409 and conflict.json() == done.json()
         assert server.request("POST", "/jobs/nope/cancel").status == 404
+    finally:
+        server.stop()
+
+
+def test_server_cancelled_job_lists_what_its_running_image_wrote_as_the_server_died(
+        root: Path, make_image: Callable[..., Path]) -> None:
+    make_image("big.png", 2400, 1800)
+    server = start_server(root, "--workers", "1")
+    try:
+        body = request_body([("big.png", f"out/{n}.png") for n in range(6)], ["blur=31", "split"])
+        job_id = server.request("POST", "/jobs", body).json()["id"]
+        wait_state(server, job_id, ("running",))
+        cancelled = server.request("POST", f"/jobs/{job_id}/cancel").json()
+        server.stop(signal.SIGKILL)
+        running = [n for n, image in enumerate(cancelled["images"])
+                   if image["state"] == "running"]
+        assert running, cancelled
+        # What its worker leaves when it finishes the running image as the server dies.
+        tiles = [f"out/{running[0]}_{tile}.png" for tile in ("lt", "rt", "lb", "rb")]
+        (root / "out").mkdir(exist_ok=True)
+        for tile in tiles:
+            shutil.copy(root / "big.png", root / tile)
+        server = start_server(root, "--workers", "1")
+        final = wait_state(server, job_id, FINAL)
+        image = final["images"][running[0]]
+        assert image["state"] == "done" and image["outputs"] == tiles, image
+        not_run = sum(image["state"] == "cancelled" for image in final["images"])
+        assert final["state"] == "cancelled"
+        assert final["error"] == f"cancelled: {not_run} of 6 images not run"
+        assert final["progress"]["done"] == 6 - not_run
     finally:
         server.stop()
 

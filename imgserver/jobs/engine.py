@@ -196,7 +196,7 @@ class Engine:
             if self._ledger.get(job_id) is not None:
                 return
             recovered = recover(self.outbox, job_id, self._intake.parse, self._intake.new_job,
-                                self.settings.keep_finished)
+                                self.settings.keep_finished, self.settings.root)
             if recovered is None:
                 return
             job, request = recovered

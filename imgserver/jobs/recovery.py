@@ -3,7 +3,11 @@
     its request is empty or gone   nothing: an id reserved for a request that never came
     its status is final            nothing (the index, which said otherwise, is told)
     its request is invalid         failed, with the reason
-    it was cancelled               every unfinished image cancelled: the job ends cancelled
+    it was cancelled               every unfinished image cancelled, the job ends cancelled;
+                                   but an image whose outputs are on disk, written since the
+                                   job was accepted (it was running, and finished as the
+                                   server died), is recorded with them: done, or failed with
+                                   the ones it wrote. Outputs are never removed
     otherwise                      the job: images already finished are kept, the others
                                    queued again, after removing what a killed worker left
 """
@@ -11,11 +15,25 @@
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable
+from datetime import datetime
+from pathlib import Path
 
 from imgserver.errors import RequestError
+from imgserver.images.paths import relative
 from imgserver.images.pipeline import remove_partial
-from imgserver.jobs.job import FINAL_STATES, QUEUED, RUNNING, SOURCES, Job, summary
+from imgserver.jobs.job import (
+    DONE,
+    FAILED,
+    FINAL_STATES,
+    QUEUED,
+    RUNNING,
+    SOURCES,
+    ImageStatus,
+    Job,
+    summary,
+)
 from imgserver.jobs.outbox import Outbox
 from imgserver.jobs.request import Request
 
@@ -23,12 +41,12 @@ logger = logging.getLogger("imgserver.jobs.recovery")
 
 
 def recover(outbox: Outbox, job_id: str, parse: Callable[[bytes], Request],
-            new_job: Callable[[str, str, Request], Job], keep: float
+            new_job: Callable[[str, str, Request], Job], keep: float, root: Path
             ) -> tuple[Job, Request] | None:
     """The job and request of the unfinished job ``job_id``, to run again; None if there is
     nothing to run (its status file then says why). ``parse`` validates a request,
     ``new_job(id, source, request)`` makes a job that never started, ``keep`` is
-    --keep-finished."""
+    --keep-finished, ``root`` the root that outputs are listed relative to."""
     document = outbox.read_status(job_id)
     try:
         body = outbox.read_request(job_id)
@@ -63,11 +81,39 @@ def recover(outbox: Outbox, job_id: str, parse: Callable[[bytes], Request],
         if image.state not in FINAL_STATES:
             remove_partial(tuple(str(path) for path in spec.outputs))
     if outbox.cancel_requested(job_id):
+        # Less 10 ms: file systems stamp files from a clock that may lag by a tick.
+        accepted = datetime.fromisoformat(job.created_at.replace("Z", "+00:00")).timestamp() - 0.01
+        for spec, image in zip(request.images, job.images, strict=False):
+            if image.state not in FINAL_STATES:
+                _written_meanwhile(image, spec.outputs, accepted, root)
         job.cancel([index for index, image in enumerate(job.images)
                     if image.state not in FINAL_STATES])
     elif job.state == RUNNING and all(i.state not in FINAL_STATES for i in job.images):
         job.state = QUEUED
     return job, request
+
+
+def _written_meanwhile(image: ImageStatus, outputs: tuple[Path, ...], accepted: float,
+                       root: Path) -> None:
+    """Record the outputs of a cancelled job's unfinished image that are on disk, written
+    since the job was accepted (``accepted``, Unix seconds): all of them make it done, some
+    of them failed (saying so); none leaves it to be cancelled."""
+    written = []
+    for path in outputs:
+        try:
+            if os.stat(path, follow_symlinks=False).st_mtime >= accepted:
+                written.append(relative(root, path))
+        except OSError:
+            continue
+    if not written:
+        return
+    image.outputs, image.error = written, None
+    if len(written) == len(outputs):
+        image.state = DONE
+    else:
+        image.state = FAILED
+        image.error = (f"interrupted when the server stopped, after writing {len(written)} "
+                       f"of its {len(outputs)} files")
 
 
 def _source(document: dict | None) -> str:
