@@ -154,6 +154,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("read_timeout", _positive_float, 10.0,
            "seconds a client may take to send a whole request before its connection is closed",
            ("serve",)),
+    Option("max_streams", _positive_int, 1000,
+           "event streams open at once (GET /events, /jobs/<id>/events); beyond, 503",
+           ("serve",)),
     Option("executor", _executor, "local", "where images run: 'local' process pool or 'dask'",
            ("serve",)),
     Option("scheduler", _scheduler, None, "Dask scheduler address, e.g. tcp://host:8786",
@@ -182,6 +185,7 @@ class Settings:
     notify_url: str | None = None
     notify_allow: tuple[str, ...] = ()
     read_timeout: float = 10.0
+    max_streams: int = 1000
     executor: str = "local"
     scheduler: str | None = None
     token: str | None = dataclasses.field(default=None, repr=False)

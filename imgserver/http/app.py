@@ -39,10 +39,11 @@ from imgserver.settings import Settings
 def create_app(engine: Engine, settings: Settings) -> FastAPI:
     """The FastAPI application serving ``engine``; ``app.state.hub`` streams its events and
     ``app.state.metrics`` counts them."""
-    hub = EventHub(engine.snapshot, engine.unfinished)
+    hub = EventHub(engine.snapshot, engine.unfinished, max_streams=settings.max_streams)
     engine.subscribe(hub)
     metrics = Metrics(engine.stats, __version__)
     engine.subscribe(metrics)
+    metrics.count_streams(lambda: (hub.streams, hub.refused))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

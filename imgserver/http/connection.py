@@ -8,7 +8,9 @@ headers (or silent from the start) never reaches it, and it cannot close a socke
 limit is on bytes, not time. So the deadline lives in the protocol, which sees every byte
 and owns the socket: ``protocol`` is uvicorn's h11 protocol, where a request must arrive
 whole within ``--read-timeout`` seconds of its first byte (of the connection, for the first
-request). A request whose headers are in is answered 408; anything less is closed.
+request). A request whose headers are in is answered 408; anything less is closed. The
+protocol also hands each request's scope its connection's transport (``TRANSPORT``), so that
+an event stream can bound its buffers and drop a client that stopped reading.
 
 ``Disconnects`` is ASGI middleware for the other side: a client that goes away before its
 answer is complete — mid-body, while ``wait=true`` waits, or mid-stream — is one INFO line,
@@ -29,6 +31,8 @@ from typing import Any, cast
 
 import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
+
+from imgserver.http.eventstream import TRANSPORT
 
 logger = logging.getLogger("imgserver.http")
 
@@ -77,6 +81,10 @@ class _DeadlineProtocol(H11Protocol):
     def data_received(self, data: bytes) -> None:
         """Feed h11, then start or stop the clock by where the request stands."""
         super().data_received(data)
+        cycle = self.cycle
+        if cycle is not None:  # its app has not run yet: give it the connection too
+            extensions = cast(dict, cycle.scope).setdefault("extensions", {})
+            extensions.setdefault(TRANSPORT, self.transport)
         self._follow()
 
     def on_response_complete(self) -> None:

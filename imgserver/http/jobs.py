@@ -20,12 +20,12 @@ from typing import Any
 from urllib.parse import quote
 
 from fastapi import APIRouter, Depends, Header, Query, Request
-from fastapi.sse import EventSourceResponse
 from starlette.concurrency import run_in_threadpool
 
 from imgserver.errors import RequestError
 from imgserver.http.errors import BodyTooLarge
-from imgserver.http.responses import STREAM_HEADERS, EventStream, JSONResponse, json_error
+from imgserver.http.eventstream import EventStreamResponse
+from imgserver.http.responses import EventStream, JSONResponse, json_error
 from imgserver.http.schema import ErrorResponse, JobList, StatusDocument
 from imgserver.http.streams import EventHub
 from imgserver.jobs.engine import Engine
@@ -138,6 +138,7 @@ def router(engine: Engine, hub: EventHub, settings: Settings, authorized: Callab
                   'event: image\nid: 1764602000000002\ndata: {"index":0,"image":{...},'
                   '"progress":{"done":1,"total":5}}\n\n')}}},
         401: json_error("Missing or wrong bearer token (only when IMGSERVER_TOKEN is set)."),
+        503: json_error("Too many event streams are open (--max-streams). See Retry-After."),
     }
 
     @routes.get("/jobs/{job_id}/events",
@@ -150,9 +151,9 @@ def router(engine: Engine, hub: EventHub, settings: Settings, authorized: Callab
                          "`status`.",
              responses={**streams, 404: json_error("No such job.")})
     async def job_events(job_id: str, last_event: str | None = last_event_id
-                         ) -> EventSourceResponse:
+                         ) -> EventStreamResponse:
         await run_in_threadpool(engine.status, job_id)  # 404 before the stream starts
-        return EventSourceResponse(hub.job_stream(job_id, last_event), headers=STREAM_HEADERS)
+        return EventStreamResponse(hub, hub.open(job_id, last_event))
 
     @routes.get("/events", response_class=EventStream,
              summary="Follow every job's events",
@@ -162,8 +163,8 @@ def router(engine: Engine, hub: EventHub, settings: Settings, authorized: Callab
                          "behind is disconnected; one that resumes after events no longer held "
                          "gets a `status` event for each unfinished job.",
              responses=streams)
-    async def all_events(last_event: str | None = last_event_id) -> EventSourceResponse:
-        return EventSourceResponse(hub.all_streams(last_event), headers=STREAM_HEADERS)
+    async def all_events(last_event: str | None = last_event_id) -> EventStreamResponse:
+        return EventStreamResponse(hub, hub.open(None, last_event))
 
     return routes
 

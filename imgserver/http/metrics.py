@@ -73,6 +73,11 @@ class Metrics:
         for result in ("taken", "invalid", "waiting"):
             self.inbox_files.labels(result)
 
+    def count_streams(self, streams: Callable[[], tuple[int, int]]) -> None:
+        """Export the event streams: ``streams()`` gives those open, and those refused at
+        the cap since start."""
+        self.registry.register(_StreamCollector(streams))
+
     def __call__(self, event: Event) -> None:
         """The engine's listener (on the engine's thread; prometheus-client is thread-safe)."""
         if isinstance(event, ImageFinished):
@@ -150,3 +155,16 @@ class _EngineCollector(Collector):
         for reason in ("died", "timeout"):
             restarts.add_metric([reason], stats["restarts"].get(reason, 0))
         yield restarts
+
+
+class _StreamCollector(Collector):
+    """The event streams, read when Prometheus scrapes."""
+
+    def __init__(self, streams: Callable[[], tuple[int, int]]) -> None:
+        self._streams = streams
+
+    def collect(self) -> Iterator[Any]:
+        open_, refused = self._streams()
+        yield GaugeMetricFamily("imgserver_event_streams", "Event streams open now", open_)
+        yield CounterMetricFamily("imgserver_event_streams_refused",
+                                  "Event streams refused: --max-streams were open", refused)

@@ -7,9 +7,6 @@ from typing import Any
 
 from fastapi import responses
 
-#: Streams must not be cached or buffered on the way (nginx reads the second header).
-STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-
 
 class JSONResponse(responses.JSONResponse):
     """JSON written in ASCII: paths and operations are echoed as written, and one may hold a
@@ -23,9 +20,8 @@ class JSONResponse(responses.JSONResponse):
 
 
 class EventStream(responses.Response):
-    """Documents a route's answer as ``text/event-stream``. (Declaring FastAPI's own
-    EventSourceResponse would make FastAPI run the route as a generator of events, one write
-    per event per client; the streams here write what gathered in one go, see streams.py.)"""
+    """Documents a route's answer as ``text/event-stream`` (what it returns is an
+    ``imgserver.http.eventstream.EventStreamResponse``)."""
 
     media_type = "text/event-stream"
 

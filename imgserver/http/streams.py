@@ -1,17 +1,21 @@
 """Server-Sent Event streams of the engine's events: one job's, or every job's.
 
     engine thread --listener--> pending (a deque) --call_soon_threadsafe--> event loop
-        publish: encode each event once (SSE bytes), keep the last HISTORY of them,
-                 append the bytes to the buffer of every stream that wants them
-    GET /jobs/{id}/events, GET /events <-- one Stream each: joined buffers, sent as they come
+        publish: encode each event once (SSE bytes) into the shared history (the last
+                 HISTORY events), and wake the streams that want it (one signal per job,
+                 one for the all-jobs streams: not one per stream)
+    GET /jobs/{id}/events, GET /events <-- one Stream each: a cursor into the history
 
 The engine only appends to a deque and, when it was empty and a stream is open, wakes the
 event loop: a stream never slows the engine, and with nobody listening the events wait
 (for the history) until a stream opens or HISTORY of them gathered, rather than waking the
-loop for every image. Each event is encoded once whatever the number of streams, and a
-stream sends what gathered while it was sending in one write, so a hundred listeners cost
-little more than one. A stream whose client does not read stops at its buffer's bound:
-a job's stream then skips to a fresh ``status`` event, the all-jobs stream is closed.
+loop for every image. A stream holds no events of its own, only how far it has read: when
+it wakes it reads what followed from the shared history, at most CHUNK bytes at a time, so
+a thousand streams cost a thousand cursors, not a thousand copies. A stream whose client
+reads too slowly to stay within the history falls out of it: a job's stream then skips to
+a fresh ``status`` event, the all-jobs stream is closed. A client that reads nothing at all
+is disconnected by its response (``imgserver.http.eventstream``), and the number of open
+streams is capped (``--max-streams``; beyond it, 503 with Retry-After).
 
 Event ids are the engine's ``seq`` numbers, which grow across restarts: a client that
 comes back with ``Last-Event-ID`` gets the events after it from the history, or a fresh
@@ -21,26 +25,37 @@ comes back with ``Last-Event-ID`` gets the events after it from the history, or 
 from __future__ import annotations
 
 import asyncio
+import bisect
+import contextlib
+import ctypes
 import json
 import logging
 from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi.sse import KEEPALIVE_COMMENT, format_sse_event
 
+from imgserver.errors import CapacityError
 from imgserver.jobs.events import Event, ImageFinished, JobAccepted, JobFinished, StateChanged
 from imgserver.jobs.job import FINAL_STATES
 
 logger = logging.getLogger("imgserver.http.streams")
 
-#: Events kept for clients that reconnect with Last-Event-ID.
+#: Events kept for streams that have not read them yet, and for clients that reconnect
+#: with Last-Event-ID: at most this many, and this many bytes. A stream further behind than
+#: that falls out (see above): the bound on the server's backlog, whatever the streams.
 HISTORY = 10_000
-#: A stream's client may fall this many bytes behind before it is skipped ahead or closed.
-BACKLOG_BYTES = 1 << 20
+HISTORY_BYTES = 8 << 20
+#: A stream sends at most this many bytes of events in one write.
+CHUNK = 16 * 1024
 #: An idle stream gets a comment this often (seconds), so that proxies keep it open.
 KEEPALIVE = 15.0
+#: Once this many streams have closed, the memory they freed is handed back to the system
+#: (glibc keeps freed buffers for the process otherwise), at most every TRIM_INTERVAL s.
+TRIM_AFTER = 100
+TRIM_INTERVAL = 10.0
 #: A stream writes at most once in this many seconds: the first event after a quiet spell
 #: goes at once, those of a busy job gather (a hundred streams then write twice a
 #: second each, not once per image); a job's end is never held back.
@@ -58,39 +73,106 @@ class _Frame:
     last: bool                # the job's ``end``: its stream closes after it
 
 
+class _History:
+    """The last events, at most HISTORY of them and HISTORY_BYTES of their bytes, by seq."""
+
+    def __init__(self) -> None:
+        self._frames: list[_Frame] = []
+        self._seqs: list[int] = []
+        self._start = 0   # the oldest frame still held (those before are going)
+        self._size = 0    # bytes of the frames held
+        #: Every event after this seq is held (or still to come): the last one let go, or,
+        #: before any was, the one before the first (None: nothing held yet).
+        self.floor: int | None = None
+        self._dropped = 0  # the seq of the last frame let go
+
+    def append(self, frame: _Frame) -> None:
+        """Keep ``frame``; the oldest go when there are too many, or too many bytes."""
+        if self.floor is None:
+            self.floor = frame.seq - 1
+        self._frames.append(frame)
+        self._seqs.append(frame.seq)
+        self._size += _size(frame)
+        while (len(self._frames) - self._start > HISTORY
+               or self._size > HISTORY_BYTES and len(self._frames) - self._start > 1):
+            self._size -= _size(self._frames[self._start])
+            self.floor = self._dropped = self._seqs[self._start]
+            self._start += 1
+        if self._start > len(self._frames) // 2:  # cut the front in bulk: it costs a copy
+            del self._frames[:self._start]
+            del self._seqs[:self._start]
+            self._start = 0
+
+    @property
+    def last(self) -> int:
+        """The seq of the newest frame, 0 when none."""
+        return self._seqs[-1] if self._seqs else 0
+
+    def holds(self, after: int) -> bool:
+        """Whether every event after seq ``after`` is held (or still to come)."""
+        return self.floor is not None and self.floor <= after <= self.last
+
+    def lost(self, cursor: int) -> bool:
+        """Whether events after seq ``cursor`` have been let go (a stream there is behind)."""
+        return cursor < self._dropped
+
+    def after(self, seq: int, job_id: str | None) -> list[_Frame]:
+        """The frames after ``seq`` a stream of ``job_id`` (None: every job) wants, as many
+        as fit in CHUNK bytes (at least one)."""
+        found: list[_Frame] = []
+        size = 0
+        start = max(self._start, bisect.bisect_right(self._seqs, seq))
+        for frame in self._frames[start:]:
+            data = frame.all_bytes if job_id is None else frame.job_bytes
+            if data is None or (job_id is not None and frame.job_id != job_id):
+                continue
+            if found and size + len(data) > CHUNK:
+                break
+            found.append(frame)
+            size += len(data)
+        return found
+
+
+def _size(frame: _Frame) -> int:
+    return len(frame.all_bytes) + len(frame.job_bytes or b"")
+
+
 @dataclass(eq=False)
-class _Stream:
-    """One client's stream: what it still has to send."""
+class Stream:
+    """One client's stream: how far it has read."""
 
     job_id: str | None        # None: every job
-    cursor: int               # the last seq it has (sent or queued)
-    buffer: list[tuple[int, bytes]] = field(default_factory=list)
-    size: int = 0
-    ready: asyncio.Event = field(default_factory=asyncio.Event)
-    ended: bool = False       # nothing more to send after the buffer (the job's end)
+    cursor: int               # the seq of the last event it has sent (or skipped)
     fresh: bool = False       # a fresh status is due before anything else
     since: int | None = None  # the stale id it came back with (all jobs: what changed since)
-    sent_at: float = -GATHER  # when it last wrote (the event loop's clock)
+    closed: bool = False
 
 
 class EventHub:
     """Fans the engine's events out to Server-Sent Event streams."""
 
     def __init__(self, snapshot: Callable[[str], tuple[dict, int]],
-                 active: Callable[[int | None], tuple[list[dict], int]]) -> None:
+                 active: Callable[[int | None], tuple[list[dict], int]], *,
+                 max_streams: int = 1000) -> None:
         """``snapshot(job_id)``: a job's status document and the seq it reflects;
         ``active(since)``: the summaries of the unfinished jobs, and of those finished since
-        event ``since`` (None: none), and the seq they reflect."""
+        event ``since`` (None: none), and the seq they reflect; at most ``max_streams``
+        streams are open at once."""
         self._snapshot = snapshot
         self._active = active
+        self.max_streams = max_streams
+        self.refused = 0  # streams refused at the cap, for /metrics
         self._loop: asyncio.AbstractEventLoop | None = None
         self._pending: deque[Event] = deque()
         self._scheduled = False
-        self._history: deque[_Frame] = deque(maxlen=HISTORY)
+        self._history = _History()
         self._ended: OrderedDict[str, int] = OrderedDict()  # job -> its end's seq, recent
-        self._streams: dict[str | None, set[_Stream]] = {}
+        self._signals: dict[str | None, asyncio.Event] = {}  # job (None: all) -> news
+        self._watching: dict[str | None, int] = {}          # job (None: all) -> streams
         self._listening = 0  # streams open; read by the engine's thread
         self._closed = False
+        self._gone = 0        # streams closed since memory was last handed back
+        self._trim: asyncio.TimerHandle | None = None
 
     # -- the engine's side ----------------------------------------------------------------
 
@@ -100,7 +182,7 @@ class EventHub:
         if loop is None:
             return  # nobody can be listening before the server runs
         # Appended before the check: a stream that opens meanwhile catches up after it is
-        # counted (``_open``), so an event is either caught up with or scheduled.
+        # counted (``open``), so an event is either caught up with or scheduled.
         self._pending.append(event)
         if not self._scheduled and (self._listening or len(self._pending) >= HISTORY):
             self._scheduled = True
@@ -125,10 +207,8 @@ class EventHub:
         """End every stream (the server is stopping); call on the event loop."""
         self._closed = True
         self._loop = None  # events from now on have nobody to go to
-        for streams in self._streams.values():
-            for stream in streams:
-                stream.ended = True
-                stream.ready.set()
+        for signal in self._signals.values():
+            signal.set()
 
     @property
     def streams(self) -> int:
@@ -140,91 +220,99 @@ class EventHub:
         self._catch_up()
 
     def _catch_up(self) -> None:
+        woken: set[str | None] = set()
         while self._pending:
-            self._publish(_encode(self._pending.popleft()))
+            frame = _encode(self._pending.popleft())
+            self._history.append(frame)
+            if frame.last:
+                self._ended[frame.job_id] = frame.seq
+                if len(self._ended) > HISTORY:
+                    self._ended.popitem(last=False)
+            woken.update((frame.job_id, None))
+        for key in woken:
+            self._wake(key)
 
-    def _publish(self, frame: _Frame) -> None:
-        self._history.append(frame)
-        if frame.last:
-            self._ended[frame.job_id] = frame.seq
-            if len(self._ended) > HISTORY:
-                self._ended.popitem(last=False)
-        for key in (frame.job_id, None):
-            for stream in self._streams.get(key, ()):
-                self._deliver(stream, frame)
+    def _wake(self, key: str | None) -> None:
+        """Tell the streams of ``key`` (a job, or None: all jobs) that there is news."""
+        signal = self._signals.pop(key, None)
+        if signal is not None:
+            signal.set()
 
-    def _deliver(self, stream: _Stream, frame: _Frame) -> None:
-        data = frame.all_bytes if stream.job_id is None else frame.job_bytes
-        if data is None or frame.seq <= stream.cursor or stream.ended:
-            return
-        stream.cursor = frame.seq
-        if stream.size + len(data) > BACKLOG_BYTES:
-            # The client does not keep up: a job's stream starts again from a fresh status
-            # (nothing missed, only skipped); the all-jobs stream cannot, and is closed.
-            stream.buffer.clear()
-            stream.size = 0
-            stream.fresh = stream.job_id is not None
-            stream.ended = stream.job_id is None
-        else:
-            stream.buffer.append((frame.seq, data))
-            stream.size += len(data)
-            stream.ended = frame.last and stream.job_id is not None
-        stream.ready.set()
+    def _signal(self, key: str | None) -> asyncio.Event:
+        signal = self._signals.get(key)
+        if signal is None:
+            signal = self._signals[key] = asyncio.Event()
+        return signal
 
     # -- streams ---------------------------------------------------------------------------
 
     def job_stream(self, job_id: str, last_id: str | None) -> AsyncIterator[bytes]:
         """The events of ``job_id``: ``status``, then ``image`` and ``state`` as they happen,
         then ``end``; after ``last_id``, the events that followed it if they are held."""
-        return self._serve(job_id, last_id)
+        return self._serve(self.open(job_id, last_id))
 
     def all_streams(self, last_id: str | None) -> AsyncIterator[bytes]:
         """Every job's events, each data object carrying ``job``, and ``job`` when a job is
         accepted; after ``last_id``, the events that followed it if they are held, otherwise
         a ``status`` event for each job unfinished or finished since."""
-        return self._serve(None, last_id)
+        return self._serve(self.open(None, last_id))
 
-    async def _serve(self, job_id: str | None, last_id: str | None) -> AsyncIterator[bytes]:
-        stream = self._open(job_id, last_id)
+    async def _serve(self, stream: Stream) -> AsyncIterator[bytes]:
         try:
-            async for chunk in self._chunks(stream):
+            async for chunk in self.chunks(stream):
                 yield chunk
         finally:
-            self._close_stream(stream)
+            self.close_stream(stream)
 
-    def _open(self, job_id: str | None, last_id: str | None) -> _Stream:
-        """Register a stream; queue what followed ``last_id`` when the history holds all of
-        it, or else mark a fresh status as due."""
+    def open(self, job_id: str | None, last_id: str | None) -> Stream:
+        """Register a stream of ``job_id`` (None: every job), placed after ``last_id`` when
+        the history holds all that followed it, or else with a fresh status due;
+        CapacityError when ``max_streams`` are open. ``close_stream`` ends it."""
+        if self._listening >= self.max_streams:
+            self.refused += 1
+            raise CapacityError(f"too many event streams: {self._listening} are open, the "
+                                f"limit is {self.max_streams} (--max-streams)", retry_after=5)
         self._catch_up()  # the history first: events waited while nobody listened
         after = _seq(last_id)
-        stream = _Stream(job_id, cursor=0, ended=self._closed)
         history = self._history
+        stream = Stream(job_id, cursor=history.last, closed=self._closed)
         ended = self._ended.get(job_id) if job_id is not None else None
         if after is not None and ended is not None and ended <= after:
             # Back after its job's end (EventSource reconnects by itself when a stream
             # closes): the finished job's status and end again, then the stream closes.
             stream.fresh = True
-            stream.cursor = history[-1].seq if history else 0
-        elif (after is not None and history
-              and history[0].seq - 1 <= after <= history[-1].seq):
+        elif after is not None and history.holds(after):
             stream.cursor = after
-            for frame in history:
-                if job_id is None or frame.job_id == job_id:
-                    self._deliver(stream, frame)
         else:
             stream.fresh = job_id is not None or after is not None
             stream.since = after
-            stream.cursor = history[-1].seq if history else 0
-        self._streams.setdefault(job_id, set()).add(stream)
+        self._watching[job_id] = self._watching.get(job_id, 0) + 1
         self._listening += 1
-        self._catch_up()  # what came while it was being counted
         return stream
 
-    def _close_stream(self, stream: _Stream) -> None:
-        self._streams[stream.job_id].discard(stream)
+    def close_stream(self, stream: Stream) -> None:
+        """A stream has ended: it no longer counts."""
         self._listening -= 1
+        self._gone += 1
+        if self._trim is None and self._loop is not None and (
+                self._gone >= TRIM_AFTER or self._listening == 0 and self._gone >= 10):
+            self._trim = self._loop.call_later(TRIM_INTERVAL, self._give_back)
+        left = self._watching[stream.job_id] - 1
+        if left:
+            self._watching[stream.job_id] = left
+        else:
+            del self._watching[stream.job_id]
+            self._signals.pop(stream.job_id, None)
 
-    async def _status(self, stream: _Stream) -> tuple[bytes, bool]:
+    def _give_back(self) -> None:
+        """Hand the memory that closed streams freed back to the system (glibc's
+        ``malloc_trim``; elsewhere nothing is done)."""
+        self._trim = None
+        self._gone = 0
+        with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to do
+            ctypes.CDLL(None).malloc_trim(0)
+
+    async def _status(self, stream: Stream) -> tuple[bytes, bool]:
         """Fresh ``status`` events: of the stream's job (and ``end`` if it is finished), or of
         every unfinished job on the all-jobs stream; and whether the stream is complete."""
         stream.fresh = False
@@ -241,38 +329,49 @@ class EventHub:
             if document["state"] in FINAL_STATES:
                 final = True
                 data += _sse("end", document, seq + 1)  # ids grow within the stream
-        # Events queued meanwhile that the snapshot reflects are not sent again.
-        stream.buffer = [(number, item) for number, item in stream.buffer if number > seq]
-        stream.size = sum(len(item) for _, item in stream.buffer)
+        # Events the snapshot reflects are not sent again.
         stream.cursor = max(stream.cursor, seq)
         return data, final
 
-    async def _chunks(self, stream: _Stream) -> AsyncIterator[bytes]:
-        """What the stream has to send, gathered into as few writes as possible."""
+    async def chunks(self, stream: Stream) -> AsyncIterator[bytes]:
+        """What the stream has to send, read from the history in as few writes as possible."""
+        loop = asyncio.get_running_loop()
+        sent_at = -GATHER
         while True:
             if stream.fresh:
                 status, final = await self._status(stream)
                 yield status
                 if final:
                     return
-            elif stream.buffer:
-                chunk = b"".join(item for _, item in stream.buffer)
-                stream.buffer.clear()
-                stream.size = 0
-                stream.sent_at = asyncio.get_running_loop().time()
-                yield chunk
-            elif stream.ended:
+                continue
+            if self._closed or stream.closed:
                 return
-            else:
-                stream.ready.clear()
-                try:
-                    await asyncio.wait_for(stream.ready.wait(), KEEPALIVE)
-                except asyncio.TimeoutError:
-                    yield KEEPALIVE_COMMENT
-                    continue
-                wait = stream.sent_at + GATHER - asyncio.get_running_loop().time()
-                if wait > 0 and not stream.ended:
-                    await asyncio.sleep(wait)  # let the events of this moment gather
+            if self._history.lost(stream.cursor):
+                # Too slow for the history: a job's stream starts again from a fresh status
+                # (nothing missed, only skipped); the all-jobs stream cannot, and ends.
+                if stream.job_id is None:
+                    logger.info("an all-jobs event stream fell behind the history: closed")
+                    return
+                stream.fresh = True
+                continue
+            frames = self._history.after(stream.cursor, stream.job_id)
+            if frames:
+                stream.cursor = frames[-1].seq
+                sent_at = loop.time()
+                yield b"".join(frame.all_bytes if stream.job_id is None else
+                               frame.job_bytes or b"" for frame in frames)
+                if frames[-1].last and stream.job_id is not None:
+                    return
+                continue
+            signal = self._signal(stream.job_id)
+            try:
+                await asyncio.wait_for(signal.wait(), KEEPALIVE)
+            except asyncio.TimeoutError:
+                yield KEEPALIVE_COMMENT
+                continue
+            wait = sent_at + GATHER - loop.time()
+            if wait > 0 and not self._closed:
+                await asyncio.sleep(wait)  # let the events of this moment gather
 
 
 def _encode(event: Event) -> _Frame:

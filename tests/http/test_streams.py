@@ -13,12 +13,12 @@ import pytest
 from fastapi.sse import KEEPALIVE_COMMENT
 
 from imgserver.http import streams
-from imgserver.http.streams import BACKLOG_BYTES, EventHub
+from imgserver.http.streams import EventHub
 from imgserver.jobs.events import ImageFinished, JobAccepted, JobFinished, StateChanged
 from imgserver.jobs.job import ImageStatus
 
 from conftest import request_body, wait_for
-from processes import rss_kib
+from processes import peak_rss_kib, rss_kib
 from serving import SSE, Server, shared_server, start_server, stream_events
 
 # -- the hub, in-process -----------------------------------------------------------------------
@@ -41,7 +41,10 @@ def names(chunks: list[bytes]) -> list[str]:
             if line.startswith("event: ")]
 
 
-def test_streams_slow_client_is_bounded_then_skipped_ahead_or_closed() -> None:
+def test_streams_slow_client_is_bounded_then_skipped_ahead_or_closed(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(streams, "HISTORY_BYTES", 1 << 20)  # 8 MiB in the server
+
     async def scenario() -> None:
         state = {"seq": 0}
         hub = EventHub(lambda job_id: (document(job_id, "running", 1), state["seq"]),
@@ -64,7 +67,7 @@ def test_streams_slow_client_is_bounded_then_skipped_ahead_or_closed() -> None:
         except StopAsyncIteration:  # closed before it sent anything
             chunks = []
         chunks += [chunk async for chunk in all_stream]
-        assert sum(len(c) for c in chunks) <= BACKLOG_BYTES + 20_000
+        assert sum(len(c) for c in chunks) <= streams.HISTORY_BYTES
         state["seq"] = 400
         hub(JobFinished(400, "a", document("a", "done", 3)))
         rest = await collect(job_stream, 1)
@@ -72,6 +75,22 @@ def test_streams_slow_client_is_bounded_then_skipped_ahead_or_closed() -> None:
         with pytest.raises(StopAsyncIteration):
             await job_stream.__anext__()
         assert hub.streams == 0
+
+    asyncio.run(scenario())
+
+
+def test_streams_opened_before_any_event_get_the_first_ones() -> None:
+    async def scenario() -> None:
+        hub = EventHub(lambda job_id: (document(job_id, "queued"), 0), lambda since: ([], 0))
+        hub.attach(asyncio.get_running_loop())
+        everything = hub.all_streams(None).__aiter__()  # the history is empty
+        first = asyncio.ensure_future(collect(everything, 3))
+        await asyncio.sleep(0.05)
+        hub(JobAccepted(1_700_000_000_000_000, "f", {"id": "f"}))  # seqs follow the clock
+        hub(StateChanged(1_700_000_000_000_001, "f", "running", {"done": 0, "total": 1}))
+        hub(ImageFinished(1_700_000_000_000_002, "f", 0, ImageStatus("i", "o.png", "done"),
+                          1, 1))
+        assert names(await asyncio.wait_for(first, 5)) == ["job", "state", "image"]
 
     asyncio.run(scenario())
 
@@ -255,3 +274,124 @@ def test_streams_end_when_the_server_stops(root: Path, make_image: Callable[...,
     assert server.stop() == 0
     assert ended.wait(5) and time.monotonic() - started < 8.0
     assert "Traceback" not in server.output()
+
+
+def test_streams_beyond_the_cap_are_503_with_retry_after_and_counted(
+        root: Path, make_image: Callable[..., Path]) -> None:
+    make_image("a.png", 8, 8)
+    server = start_server(root, "--workers", "1", "--max-streams", "3")
+    held = [stalled_client(server, "/events") for _ in range(3)]
+    try:
+        wait_for(lambda: metric(server, "imgserver_event_streams") == 3)
+        refused = server.request("GET", "/events", timeout=5)
+        assert refused.status == 503 and refused.headers["retry-after"] == "5"
+        assert "--max-streams" in refused.json()["detail"]
+        assert metric(server, "imgserver_event_streams_refused_total") == 1
+        held.pop().close()
+        wait_for(lambda: metric(server, "imgserver_event_streams") == 2)
+        assert server.request("GET", "/jobs/nope/events").status == 404  # not a stream
+        assert metric(server, "imgserver_event_streams") == 2
+        job = server.request("POST", "/jobs?wait=true", request_body([("a.png", "b.png")]))
+        events = stream_events(server, f"/jobs/{job.json()['id']}/events", timeout=10)
+        assert [e.event for e in events] == ["status", "end"]  # there is room again
+    finally:
+        for sock in held:
+            sock.close()
+        server.stop()
+
+
+def stalled_client(server: Server, path: str) -> socket.socket:
+    """A client that asks for ``path`` and never reads a byte of the answer."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", server.port))
+    sock.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    return sock
+
+
+def metric(server: Server, name: str) -> float:
+    """The value of the unlabelled metric ``name`` on /metrics."""
+    for line in server.request("GET", "/metrics").body.decode().splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    raise AssertionError(f"no metric {name}")
+
+
+def tcp_memory_kib() -> int:
+    """The memory the kernel holds for TCP sockets, all of them (KiB)."""
+    for line in Path("/proc/net/sockstat").read_text().splitlines():
+        if line.startswith("TCP:"):
+            fields = line.split()
+            return int(fields[fields.index("mem") + 1]) * 4  # pages of 4 KiB
+    return 0
+
+
+@pytest.mark.parametrize("clients, images, budget_mib", [
+    pytest.param(300, 1000, 60, id="300-clients"),
+    pytest.param(2000, 5000, 300, id="2000-clients", marks=pytest.mark.soak),
+])
+def test_streams_stalled_clients_cost_bounded_memory_given_back_when_they_go(
+        root: Path, make_image: Callable[..., Path], clients: int, images: int,
+        budget_mib: int) -> None:
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < clients + 500:
+        pytest.skip(f"the open-file hard limit is {hard}; this test needs {clients + 500}")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, clients + 500), hard))
+    make_image("a.png", 8, 8)
+    server = start_server(root, "--max-streams", str(clients), "--max-queue", str(images),
+                          "--max-images", str(images))
+    name = "n" * 120  # long paths make big events
+
+    def run_job(tag: str) -> None:
+        body = request_body([("a.png", f"{tag}/{name}{n}.png") for n in range(images)])
+        job = server.request("POST", "/jobs?wait=true", body, timeout=600)
+        assert job.json()["state"] == "done"
+
+    try:
+        run_job("alone")  # what the job costs by itself is in the baseline
+        idle = rss_kib(server.process.pid) + tcp_memory_kib()
+        stalled = [stalled_client(server, "/events" if n % 2 else f"/events?n={n}")
+                   for n in range(clients)]
+        wait_for(lambda: metric(server, "imgserver_event_streams") == clients, timeout=60)
+        run_job("watched")
+        busy = rss_kib(server.process.pid) + tcp_memory_kib()
+        peak = peak_rss_kib(server.process.pid)
+        print(f"\n{clients} stalled streams, {images} images: server RSS + TCP memory "
+              f"{idle / 1024:.0f} MiB idle, {busy / 1024:.0f} MiB with them "
+              f"(+{(busy - idle) / 1024:.0f} MiB), peak RSS {peak / 1024:.0f} MiB")
+        assert busy - idle < budget_mib * 1024, f"grew by {(busy - idle) / 1024:.0f} MiB"
+        for sock in stalled:
+            sock.close()
+        wait_for(lambda: metric(server, "imgserver_event_streams") == 0, timeout=30)
+        # Given back: the kernel's buffers all, the server's heap at least half (Python's
+        # allocator keeps some arenas of the connections' objects, reused by the next ones).
+        given_back = wait_for(lambda: (lambda now: now if now - idle < max(
+            16 * 1024, (busy - idle) // 2) else None)(
+            rss_kib(server.process.pid) + tcp_memory_kib()), timeout=30, interval=1)
+        print(f"after they left: {given_back / 1024:.0f} MiB "
+              f"(+{(given_back - idle) / 1024:.0f} MiB)")
+    finally:
+        server.stop()
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+@pytest.mark.soak
+def test_streams_client_that_takes_nothing_is_disconnected_after_30_s(
+        root: Path, make_image: Callable[..., Path]) -> None:
+    make_image("a.png", 8, 8)
+    server = start_server(root)
+    stalled = stalled_client(server, "/events")
+    try:
+        wait_for(lambda: metric(server, "imgserver_event_streams") == 1)
+        body = request_body([("a.png", f"o/{'n' * 120}{n}.png") for n in range(500)])
+        assert server.request("POST", "/jobs?wait=true", body, timeout=120).status == 200
+        filled = time.monotonic()  # its buffers are full: its writes wait from about now
+        wait_for(lambda: metric(server, "imgserver_event_streams") == 0, timeout=60)
+        waited = time.monotonic() - filled
+        assert 20 < waited < 45, waited  # eventstream.STALLED is 30 s
+        assert "took nothing of its event stream for 30 s: disconnected" in server.output()
+    finally:
+        stalled.close()
+        server.stop()
