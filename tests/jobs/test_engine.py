@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -21,7 +23,7 @@ from imgserver.jobs.events import ImageFinished, JobFinished
 from imgserver.pool import LocalPool
 from imgserver.settings import Settings
 
-from conftest import final_status, job_files, request_body, wait_for
+from conftest import final_status, job_files, photo, request_body, wait_for
 
 
 def status_file(root: Path, job_id: str) -> dict:
@@ -228,6 +230,29 @@ def test_engine_settles_an_image_finished_before_its_hand_over_returned(
                               environ={})
     with FinishedBeforeReturning(2) as executor:
         recover_unfinished_job(root, settings, executor)
+
+
+@pytest.mark.stress
+def test_engine_recovers_unfinished_job_200_times_under_load(tmp_path: Path,
+                                                            pool: LocalPool) -> None:
+    """The recovery test 200 times on a warm pool, two busy processes beside it: ``pytest -n 0
+    -m stress tests/jobs/test_engine.py``. Before Runner.next_wakeup said "now" for a finished
+    image, one run in a few dozen lost its image to the race the test above forces."""
+    hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(2)]
+    try:
+        for run in range(200):
+            root = tmp_path / str(run)
+            (root / "outbox").mkdir(parents=True)
+            assert cv2.imwrite(str(root / "a.png"), photo(48, 64))
+            leave_unfinished_job(root)
+            # A lost image fails at its time limit: 10 s, not the suite's 60.
+            settings = Settings.build({"root": str(root), "workers": 2, "image_timeout": 10.0},
+                                      environ={})
+            recover_unfinished_job(root, settings, pool)
+    finally:
+        for hog in hogs:
+            hog.kill()
+            hog.wait()
 
 
 def test_engine_recovers_request_without_status(root: Path, settings: Settings, pool: LocalPool,
