@@ -332,7 +332,10 @@ class Engine:
     def _completed(self) -> None:
         """An image finished (on the executor's thread, holding the condition): settle it
         and hand its worker the next image now, without waking the engine thread."""
-        if self._advancing:  # the engine is in the midst of it on this thread
+        if self._advancing:
+            # On this thread, mid-collect or mid-dispatch (a reset's callbacks, or an image
+            # finished before its hand-over returned): the engine thread settles it at
+            # once (Runner.next_wakeup).
             return
         self._advance()
         # The engine thread is woken only when it must act sooner than it planned to (a

@@ -137,6 +137,12 @@ class Runner:
             moments.append(self._retry_at)
         if self.queue or self._retries:
             moments.append(self._retry_at)
+        if self._completed:
+            # Finished, not collected: now. An image can finish before its hand-over returns
+            # (the engine's thread lost the CPU in between); its callback then runs inside the
+            # engine's own dispatch, past the collect, and leaves it to the engine's thread,
+            # which would otherwise sleep until the image's time limit and fail it.
+            moments.append(time.monotonic())
         return min(moments) if moments else None
 
     def run_now(self, fn: Callable[..., Any], *args: Any) -> Future:
