@@ -18,6 +18,8 @@ from hypothesis import strategies as st
 
 from imgserver.errors import JobNotFound
 from imgserver.executors.pool import LocalPool
+from imgserver.images.operations import Context, output_suffixes, parse_operations
+from imgserver.images.pipeline import ImageTask, process_image
 from imgserver.jobs.engine import Engine
 from imgserver.settings import Settings
 
@@ -129,6 +131,11 @@ INVALID_BODIES: list[tuple[str, bytes, str]] = [
     ("blur-negative", _document(_images(1), ["blur=-1"]), "operations[0]"),
     ("resize-zero", _document(_images(1), ["resize=0"]), "operations[0]"),
     ("resize-5000-digits", _document(_images(1), ["resize=" + "9" * 5000]), "operations[0]"),
+    ("fill-unknown-gravity", _document(_images(1), ["fill=10x10,middle"]), "operations[0]"),
+    ("watermark-outside", _document(_images(1), ["resize=50", "watermark=../mark.png"]),
+     "operations[1]"),
+    ("quality-twice", _document(_images(1), ["quality=80", "fit=10x", "quality=90"]),
+     "operations[2]"),
     ("forty-splits", _document(_images(2), ["split"] * 40), "operations"),
     ("input-dot-dot", _document([{"input": "../../etc/passwd", "output": "b.png"}]),
      "images[0].input"),
@@ -197,6 +204,33 @@ def wait_for(predicate: Callable[[], Any], timeout: float = 30.0, interval: floa
         if time.monotonic() > deadline:
             raise AssertionError(f"condition not met within {timeout} s")
         time.sleep(interval)
+
+
+def processed_tiles(root: Path, image: np.ndarray, operations: list[str],
+                    extension: str = ".png", input_name: str = "in.png") -> dict[str, np.ndarray]:
+    """``image`` written to ``input_name`` under the root (a PNG: decoded exactly), put
+    through ``process_image`` with ``operations`` into ``out{extension}``, and each file
+    written read back as it is, by its tile suffix ("" without a split)."""
+    source = root / input_name
+    source.parent.mkdir(parents=True, exist_ok=True)
+    assert cv2.imwrite(str(source), image)
+    parsed = parse_operations(operations, Context(root))
+    suffixes = output_suffixes(parsed)
+    outputs = [f"out{suffix}{extension}" for suffix in suffixes]
+    task = ImageTask(root=str(root), input=str(source),
+                     outputs=tuple(str(root / output) for output in outputs),
+                     operations=parsed, max_pixels=10**9, max_file_bytes=1 << 30)
+    assert process_image(task) == outputs
+    return {suffix: cv2.imread(str(root / output), cv2.IMREAD_UNCHANGED)
+            for suffix, output in zip(suffixes, outputs, strict=True)}
+
+
+def processed(root: Path, image: np.ndarray, operations: list[str],
+              extension: str = ".png") -> np.ndarray:
+    """``image`` through ``process_image`` with ``operations`` (no split), read back."""
+    tiles = processed_tiles(root, image, operations, extension)
+    assert list(tiles) == [""]
+    return tiles[""]
 
 
 def mean_abs_diff(a: np.ndarray, b: np.ndarray) -> float:

@@ -138,6 +138,11 @@ class Fill(Scaling, Operation, name="fill", example="fill=200x200,smart",
         height, width = image.shape[:2]
         return self.after_scaling(scale(image, self.scaled_size(width, height)))
 
+    def scales_on_decode(self) -> bool:
+        """Not for ``smart``: a reduced decode moves the window with the most detail by a
+        pixel now and then, several grey levels on average on a detailed photo."""
+        return self.gravity != "smart"
+
     def after_scaling(self, image: np.ndarray) -> np.ndarray:
         """The W x H window of the scaled image that the gravity places."""
         height, width = image.shape[:2]

@@ -89,6 +89,11 @@ class Scaling:
         """The rest of the operation, on the image scaled to ``scaled_size``."""
         return image
 
+    def scales_on_decode(self) -> bool:
+        """Whether a decoder may do the scaling: not where the rest of the operation hangs
+        on the scaled image's finest detail, which a reduced decode changes."""
+        return True
+
 
 # -- the pieces of the grammar, shared by the parsers ----------------------------------
 

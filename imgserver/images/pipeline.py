@@ -111,12 +111,12 @@ def process_image(task: ImageTask) -> list[str]:
 def _decoded(data: bytes, limits: Limits, operations: tuple[Operation, ...]
              ) -> tuple[Picture, tuple[Operation, ...]]:
     """The input decoded, and the operations still to apply. Where the first step scales
-    the image down (resize, fit, fill) or is a wide blur, a JPEG is decoded already scaled
-    or blurred (``decode_scaled``, ``decode_blurred``), and that step is done."""
+    the image down (resize, fit, fill but for smart) or is a wide blur, a JPEG is decoded
+    already scaled or blurred (``decode_scaled``, ``decode_blurred``), and that step is done."""
     steps = tuple(op for op in operations if not op.setting)
     first = steps[0] if steps else None
     picture = None
-    if isinstance(first, Scaling):
+    if isinstance(first, Scaling) and first.scales_on_decode():
         picture = decode_scaled(data, limits, first.scaled_size)  # shrink on load
         if picture is not None:
             picture = Picture(first.after_scaling(picture.pixels), picture.icc)

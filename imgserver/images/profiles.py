@@ -7,8 +7,9 @@ untouched (no colour conversion, so 16-bit and wide-gamut colour survive):
     JPEG, PNG, WebP, AVIF   OpenCV writes the profile itself (imencodeWithMetadata)
     TIFF                    OpenCV cannot: the profile is added as the InterColorProfile
                             tag (34675) to the file OpenCV wrote, in a new first IFD
-    BMP                     OpenCV cannot: the file's info header becomes a BITMAPV5HEADER
-                            with the profile embedded (PROFILE_EMBEDDED)
+    BMP                     OpenCV cannot: the file's info header becomes (or, with alpha,
+                            is already) a BITMAPV5HEADER with the profile embedded
+                            (PROFILE_EMBEDDED)
 
 Nothing else of the input's metadata is carried: no EXIF, XMP or GPS position.
 """
@@ -59,23 +60,28 @@ def tiff_with_profile(data: bytes, icc: bytes) -> bytes:
 
 
 def bmp_with_profile(data: bytes, icc: bytes) -> bytes:
-    """The BMP ``data`` (a BITMAPINFOHEADER, as OpenCV writes it) with ``icc`` embedded, its
-    info header grown to a BITMAPV5HEADER. ValueError for another kind of BMP."""
+    """The BMP ``data``, as OpenCV writes it, with ``icc`` embedded after the pixels: its
+    info header, a BITMAPINFOHEADER grown to a BITMAPV5HEADER (gray, BGR) or already one
+    (BGRA, for its alpha mask), says PROFILE_EMBEDDED. ValueError for another kind of BMP."""
     if data[:2] != b"BM":
         raise ValueError("not a BMP file")
     (header_size,) = struct.unpack("<I", data[14:18])
-    if header_size != 40:
-        raise ValueError(f"a BMP info header of {header_size} bytes, expected 40")
     (pixels_at,) = struct.unpack("<I", data[10:14])
-    grown = _V5_SIZE - 40
-    body = data[54:]  # the palette, if any, then the pixels
+    if header_size == 40:
+        info = bytearray(data[14:54])
+        info[0:4] = struct.pack("<I", _V5_SIZE)
+        info += struct.pack("<IIII", 0, 0, 0, 0)  # colour masks: unused with BI_RGB
+        info += b"\0" * (_V5_SIZE - len(info))   # colour space, endpoints, gammas: set below
+    elif header_size == _V5_SIZE:
+        info = bytearray(data[14:14 + _V5_SIZE])
+    else:
+        raise ValueError(f"a BMP info header of {header_size} bytes, expected 40 or "
+                         f"{_V5_SIZE}")
+    grown = _V5_SIZE - header_size
+    body = data[14 + header_size:]  # the palette, if any, then the pixels
     profile_at = _V5_SIZE + len(body)  # from the start of the info header
-    info = bytearray(data[14:54])
-    info[0:4] = struct.pack("<I", _V5_SIZE)
-    info += struct.pack("<IIII", 0, 0, 0, 0)      # colour masks: unused with BI_RGB
-    info += struct.pack("<I", _PROFILE_EMBEDDED)
-    info += b"\0" * 36 + b"\0" * 12               # endpoints, gammas: unused with a profile
-    info += struct.pack("<IIII", _LCS_GM_IMAGES, profile_at, len(icc), 0)
+    info[56:60] = struct.pack("<I", _PROFILE_EMBEDDED)  # bV5CSType (endpoints, gammas unused)
+    info[108:124] = struct.pack("<IIII", _LCS_GM_IMAGES, profile_at, len(icc), 0)
     total = 14 + _V5_SIZE + len(body) + len(icc)
     file_header = b"BM" + struct.pack("<IHHI", total, 0, 0, pixels_at + grown)
     return file_header + bytes(info) + body + icc

@@ -13,6 +13,7 @@ costs one decode per worker, not a thousand.
 from __future__ import annotations
 
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,21 +55,24 @@ class Watermark(Operation, name="watermark", example="watermark=logos/mark.png,s
     @classmethod
     def parse(cls, value: str | None, context: Context) -> Watermark:
         """``watermark=PATH``, ``watermark=PATH,G`` or ``watermark=PATH,G,O``: the gravity and
-        opacity are read from the right, so a path may hold commas."""
-        pieces = needs(value, "watermark=PATH, watermark=PATH,G or watermark=PATH,G,O")
-        rest, _, last = pieces.rpartition(",")
-        opacity = 1.0
-        if rest and last.strip() and last.strip()[0] in "+-.0123456789":
+        opacity are read from the right, so a path may hold commas. After its last comma, a
+        number is an opacity, which needs a gravity before it; a word without a dot or a
+        slash is a gravity, which must be one of the nine."""
+        form = "watermark=PATH, watermark=PATH,G or watermark=PATH,G,O"
+        written = needs(value, form)
+        where, opacity = "southeast", 1.0
+        rest, comma, last = written.rpartition(",")
+        last = last.strip()
+        if comma and last and last[0] in "+-.0123456789":
             opacity = number(last, "opacity", above=0, at_most=1)
-            pieces = rest
-            rest, _, last = pieces.rpartition(",")
-        where = "southeast"
-        if rest and last.strip().lower() in GRAVITIES:
-            where = gravity(last)
-            pieces = rest
-        written = pieces.strip()
+            rest, comma, last = rest.rpartition(",")
+            if not comma:
+                raise ValueError(f"an opacity follows a gravity: expected {form}")
+            where, written = gravity(last), rest.strip()
+        elif comma and "." not in last and "/" not in last:
+            where, written = gravity(last), rest.strip()
         if not written:
-            raise ValueError("needs the path of the mark: watermark=PATH")
+            raise ValueError(f"needs the path of the mark: expected {form}")
         try:
             path = confine(context.root, written)
         except OutsideRoot as exc:
@@ -97,6 +101,9 @@ class Watermark(Operation, name="watermark", example="watermark=logos/mark.png,s
                              f"{getattr(exc, 'strerror', None) or exc}") from None
         try:
             info = os.fstat(fd)
+            # A folder fails the read with an OSError, a FIFO reads as empty: say what it is.
+            if not stat.S_ISREG(info.st_mode):
+                raise ImageError(f"cannot read watermark {self.written!r}: not a regular file")
             if info.st_size > MAX_MARK_BYTES:
                 raise ImageError(f"watermark {self.written!r} is {info.st_size} bytes, more "
                                  f"than a mark may have ({MAX_MARK_BYTES})")

@@ -11,10 +11,13 @@ import numpy as np
 import pytest
 
 from imgserver.errors import ImageError
+from imgserver.images.codec import Limits, decode_scaled
 from imgserver.images.operations import Context, parse_operations
 from imgserver.images.pipeline import TEMP_SUFFIX, ImageTask, process_image, remove_partial
 
-from conftest import photo
+from conftest import mean_abs_diff, photo, processed, processed_tiles
+
+LIMITS = Limits(max_pixels=10**9, max_file_bytes=1 << 30)
 
 
 def task(root: Path, source: str, outputs: list[str], operations: list[str],
@@ -153,3 +156,160 @@ def test_pipeline_remove_partial_clears_temp_files(root: Path) -> None:
     other.write_bytes(b"half")
     remove_partial((str(root / "out" / "x.png"),))
     assert not stale.exists() and other.exists()
+
+
+# -- quality, AVIF, shrink on load: SPEC §12 ---------------------------------------------
+
+
+def smooth(height: int, width: int, channels: int = 3, dtype: type = np.uint8) -> np.ndarray:
+    """A photo with little noise: what a lossy encoder keeps well."""
+    return photo(height, width, channels, dtype, noise=0.01)
+
+
+@pytest.mark.parametrize("quality", [1, 40, 100])
+def test_pipeline_jpeg_quality_is_the_encoders(root: Path, quality: int) -> None:
+    image = smooth(48, 64)
+    result = processed(root, image, [f"quality={quality}"], ".jpg")
+    ok, reference = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, quality])
+    assert np.array_equal(result, cv2.imdecode(reference, cv2.IMREAD_UNCHANGED))
+
+
+@pytest.mark.parametrize("extension", [".jpg", ".webp", ".avif"])
+def test_pipeline_higher_quality_makes_a_larger_file(root: Path, extension: str) -> None:
+    image = smooth(48, 64)
+    sizes = []
+    for quality in (20, 60, 95):
+        processed(root, image, [f"quality={quality}"], extension)
+        sizes.append((root / f"out{extension}").stat().st_size)
+    assert sizes == sorted(sizes) and len(set(sizes)) == 3, sizes
+
+
+@pytest.mark.parametrize("extension", [".jpg", ".webp", ".avif", ".png", ".tif"])
+def test_pipeline_quality_is_a_setting_where_it_stands(root: Path, extension: str) -> None:
+    image = smooth(48, 64)
+    outputs = set()
+    for operations in (["quality=30", "fit=32x", "flip=h"], ["fit=32x", "quality=30", "flip=h"],
+                       ["fit=32x", "flip=h", "quality=30"]):
+        processed(root, image, operations, extension)
+        outputs.add((root / f"out{extension}").read_bytes())
+    assert len(outputs) == 1
+    if extension in (".png", ".tif"):  # formats without a quality ignore it
+        processed(root, image, ["fit=32x", "flip=h"], extension)
+        assert (root / f"out{extension}").read_bytes() in outputs
+
+
+def test_pipeline_quality_with_a_split_applies_to_every_tile(root: Path) -> None:
+    image = smooth(48, 64)
+    tiles = processed_tiles(root, image, ["split", "quality=10"], ".jpg")
+    low = cv2.imencode(".jpg", image[:24, :32], [cv2.IMWRITE_JPEG_QUALITY, 10])[1]
+    assert np.array_equal(tiles["_lt"], cv2.imdecode(low, cv2.IMREAD_UNCHANGED))
+
+
+@pytest.mark.parametrize("channels", [1, 3, 4])
+def test_pipeline_avif_is_written_and_read_back(root: Path, channels: int) -> None:
+    image = smooth(48, 64, channels)
+    result = processed(root, image, [], ".avif")
+    assert (root / "out.avif").read_bytes()[4:12] == b"ftypavif"
+    expected = image if channels != 1 else cv2.cvtColor(image, cv2.COLOR_GRAY2BGR)
+    if result.ndim == 2:
+        result = cv2.cvtColor(result, cv2.COLOR_GRAY2BGR)
+    assert result.shape == expected.shape and result.dtype == np.uint8
+    assert mean_abs_diff(result, expected) <= 5  # lossy, at the default quality
+
+
+def test_pipeline_avif_input_is_read(root: Path) -> None:
+    image = smooth(48, 64)
+    ok, data = cv2.imencode(".avif", image, [cv2.IMWRITE_AVIF_QUALITY, 100])
+    (root / "in.avif").write_bytes(data.tobytes())
+    process_image(task(root, "in.avif", ["out.png"], ["rotate=90"]))
+    result = cv2.imread(str(root / "out.png"), cv2.IMREAD_UNCHANGED)
+    assert result.shape == (64, 48, 3)
+    assert mean_abs_diff(result, cv2.rotate(image, cv2.ROTATE_90_CLOCKWISE)) <= 3
+
+
+@pytest.mark.parametrize("channels", [3, 4])
+def test_pipeline_16bit_into_avif_is_scaled_to_8bit(root: Path, channels: int) -> None:
+    image = smooth(48, 64, channels, np.uint16)
+    result = processed(root, image, ["quality=100"], ".avif")
+    assert result.dtype == np.uint8 and result.shape == image.shape
+    # round(v / 257): not saturated (which would make nearly everything 255).
+    assert mean_abs_diff(result, np.round(image / 257)) <= 3
+
+
+def jpeg_photo(root: Path, name: str, height: int, width: int, seed: int = 0) -> bytes:
+    """A photo-like JPEG under the root, as a camera's would be: smooth, little noise."""
+    ok, data = cv2.imencode(".jpg", photo(height, width, 3, np.uint8, seed, noise=0.01),
+                            [cv2.IMWRITE_JPEG_QUALITY, 90])
+    (root / name).write_bytes(data.tobytes())
+    return data.tobytes()
+
+
+def fill_full(image: np.ndarray, width: int, height: int, gravity: str) -> np.ndarray:
+    """fill, from SPEC §12, on the picture decoded in full (gravities only, not smart)."""
+    rows, columns = image.shape[:2]
+    s = max(width / columns, height / rows)
+    size = (max(width, round(columns * s)), max(height, round(rows * s)))
+    scaled = cv2.resize(image, size, interpolation=cv2.INTER_AREA)
+    excess_x, excess_y = size[0] - width, size[1] - height
+    x = 0 if "west" in gravity else excess_x if "east" in gravity else excess_x // 2
+    y = 0 if "north" in gravity else excess_y if "south" in gravity else excess_y // 2
+    return scaled[y:y + height, x:x + width]
+
+
+@pytest.mark.parametrize("operation, size", [("fit=160x160", (160, 120)), ("fit=100x", (100, 75)),
+                                             ("fit=x45", (60, 45)),
+                                             ("fit=70x70", (70, 52))])  # 52.5 -> 52
+def test_pipeline_fit_shrunk_on_load_is_within_a_grey_level(root: Path, operation: str,
+                                                           size: tuple[int, int]) -> None:
+    data = jpeg_photo(root, "photo.jpg", 480, 640)
+    op = parse_operations([operation], Context(root))[0]
+    assert decode_scaled(data, LIMITS, op.scaled_size) is not None  # a reduced decode
+    process_image(task(root, "photo.jpg", ["out.png"], [operation, "quality=50"]))
+    result = cv2.imread(str(root / "out.png"), cv2.IMREAD_UNCHANGED)
+    full = cv2.resize(cv2.imread(str(root / "photo.jpg")), size, interpolation=cv2.INTER_AREA)
+    assert result.shape == full.shape and mean_abs_diff(result, full) <= 1
+
+
+@pytest.mark.parametrize("gravity", ["centre", "north", "southeast", "west"])
+@pytest.mark.parametrize("box", [(100, 100), (60, 150), (120, 40)])
+def test_pipeline_fill_shrunk_on_load_is_within_a_grey_level(root: Path, gravity: str,
+                                                            box: tuple[int, int]) -> None:
+    data = jpeg_photo(root, "photo.jpg", 480, 640)
+    operation = f"fill={box[0]}x{box[1]},{gravity}"
+    op = parse_operations([operation], Context(root))[0]
+    assert decode_scaled(data, LIMITS, op.scaled_size) is not None  # a reduced decode
+    process_image(task(root, "photo.jpg", ["out.png"], [operation]))
+    result = cv2.imread(str(root / "out.png"), cv2.IMREAD_UNCHANGED)
+    full = fill_full(cv2.imread(str(root / "photo.jpg")), *box, gravity)
+    assert result.shape == full.shape and mean_abs_diff(result, full) <= 1
+
+
+@pytest.mark.parametrize("width, height, box, seed", [
+    (640, 480, (120, 40), 0), (640, 480, (100, 100), 5), (480, 640, (60, 150), 0),
+    (480, 640, (40, 120), 5)])
+def test_pipeline_fill_smart_of_a_jpeg_is_within_a_grey_level_of_the_full_decode(
+        root: Path, width: int, height: int, box: tuple[int, int], seed: int) -> None:
+    # The smart window depends on the scaled image's finest detail: a reduced decode may
+    # move it by a pixel, which on a detailed photo is more than a grey level on average.
+    jpeg_photo(root, "photo.jpg", height, width, seed)
+    operation = f"fill={box[0]}x{box[1]},smart"
+    process_image(task(root, "photo.jpg", ["out.png"], [operation]))
+    result = cv2.imread(str(root / "out.png"), cv2.IMREAD_UNCHANGED)
+    full = parse_operations([operation], Context(root))[0].apply(
+        cv2.imread(str(root / "photo.jpg")))
+    assert result.shape == full.shape and mean_abs_diff(result, full) <= 1
+
+
+def test_pipeline_geometry_filters_and_watermark_on_each_tile(root: Path) -> None:
+    image = photo(30, 40, 4, np.uint16)
+    mark = np.full((4, 6, 3), 255, np.uint8)
+    cv2.imwrite(str(root / "mark.png"), mark)
+    tiles = processed_tiles(root, image, ["crop=2,0,38,30", "split", "rotate=-90",
+                                          "grayscale", "watermark=mark.png,northwest"])
+    parts = [image[:15, 2:21], image[:15, 21:], image[15:, 2:21], image[15:, 21:]]
+    for (suffix, tile), part in zip(tiles.items(), parts, strict=True):
+        turned = np.rot90(part)  # counter-clockwise
+        grey = cv2.cvtColor(np.ascontiguousarray(turned[..., :3]), cv2.COLOR_BGR2GRAY)
+        expected = np.dstack([grey, grey, grey, turned[..., 3]])
+        expected[:4, :6] = 65535  # an opaque white mark, flush top-left
+        assert np.array_equal(tile, expected), suffix
