@@ -270,13 +270,13 @@ def _descendants(pid: int) -> list[int]:
 def processing_time(work: Path, source: Path, operations: list[str]) -> float:
     """p50 of imgserver's own image function on one image, in this process (no server)."""
     sys.path.insert(0, str(REPO))
-    from imgserver.images.operations import parse_operations
+    from imgserver.images.operations import Context, parse_operations
     from imgserver.images.pipeline import ImageTask, process_image
 
     cv2.setNumThreads(1)  # as in a worker
     task = ImageTask(root=str(work), input=str(source),
                      outputs=(str(work / "out" / "processing" / ("x" + source.suffix)),),
-                     operations=parse_operations(operations), max_pixels=10**9,
+                     operations=parse_operations(operations, Context(work)), max_pixels=10**9,
                      max_file_bytes=1 << 30)
     times = []
     for _ in range(60):
@@ -313,7 +313,7 @@ def exactness(work: Path, source: Path, operations: list[str]) -> Agreement:
     """imgserver's result against the plain OpenCV chain, both lossless."""
     sys.path.insert(0, str(REPO))
     sys.path.insert(0, str(HERE))
-    from imgserver.images.operations import output_suffixes, parse_operations
+    from imgserver.images.operations import Context, output_suffixes, parse_operations
     from imgserver.images.pipeline import ImageTask, process_image
 
     from loops import opencv_image
@@ -322,7 +322,7 @@ def exactness(work: Path, source: Path, operations: list[str]) -> Agreement:
     shutil.rmtree(folder, ignore_errors=True)
     (folder / "fast").mkdir(parents=True)
     (folder / "plain").mkdir(parents=True)
-    parsed = parse_operations(operations)
+    parsed = parse_operations(operations, Context(work))
     task = ImageTask(root=str(work), input=str(source),
                      outputs=tuple(str(folder / "fast" / f"x{suffix}.png")
                                    for suffix in output_suffixes(parsed)),

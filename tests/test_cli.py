@@ -60,6 +60,20 @@ def test_cli_run_invalid_request_exits_2_and_writes_nothing(root: Path) -> None:
     assert sorted(root.rglob("*")) == before
 
 
+def test_cli_run_name_over_255_bytes_exits_2_and_writes_nothing(
+        root: Path, make_image: Callable[..., Path]) -> None:
+    make_image("a.png")
+    name = "ß" * 126 + ".png"  # 256 bytes
+    (root / "job.json").write_bytes(request_body([("a.png", f"out/{name}")]))
+    before = sorted(root.rglob("*"))
+    result = run(root, "job.json", "--root", str(root))
+    assert result.returncode == 2, result.stderr
+    assert "images[0].output: 'out/ßß" in result.stderr
+    assert "is 256 bytes in UTF-8, more than the 255 a file or folder name may have" \
+        in result.stderr
+    assert result.stdout == "" and sorted(root.rglob("*")) == before
+
+
 def test_cli_run_missing_request_file_exits_2(root: Path) -> None:
     result = run(root, "nope.json", "--root", str(root))
     assert result.returncode == 2 and "cannot read 'nope.json'" in result.stderr

@@ -22,6 +22,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
+from starlette.types import ASGIApp
 
 from imgserver import __version__
 from imgserver.http import files, jobs, page
@@ -31,9 +32,18 @@ from imgserver.http.errors import Unauthorized, add_error_handlers
 from imgserver.http.metrics import CONTENT_TYPE, HTTPMetrics, Metrics
 from imgserver.http.responses import JSONResponse
 from imgserver.http.schema import ErrorResponse, Health
+from imgserver.http.security import SecurityHeaders
 from imgserver.http.streams import EventHub
 from imgserver.jobs.engine import Engine
 from imgserver.settings import Settings
+
+
+class _App(FastAPI):
+    """FastAPI, with the security headers added outside all of its middleware, so that the
+    500 of an unexpected error (answered by the outermost one) carries them too."""
+
+    def build_middleware_stack(self) -> ASGIApp:
+        return SecurityHeaders(super().build_middleware_stack())
 
 
 def create_app(engine: Engine, settings: Settings) -> FastAPI:
@@ -51,7 +61,7 @@ def create_app(engine: Engine, settings: Settings) -> FastAPI:
         yield
         hub.close()
 
-    app = FastAPI(
+    app = _App(
         title="imgserver", version=__version__,
         description="Resize, split and blur images on this machine. Submit a job, then follow "
                     "its events, poll its status or wait for it. Paths are resolved against "

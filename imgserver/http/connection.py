@@ -22,6 +22,7 @@ treatment.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import http
 import json
 import logging
@@ -33,6 +34,7 @@ import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from imgserver.http.eventstream import TRANSPORT
+from imgserver.http.security import HEADERS
 
 logger = logging.getLogger("imgserver.http")
 
@@ -142,19 +144,27 @@ class _DeadlineProtocol(H11Protocol):
             # why, so that it is not logged a second time as a client that went away.
             cast(dict, cycle.scope)[CLOSED_BY_SERVER] = reason
             cycle.disconnected = True  # whatever the endpoint still sends goes nowhere
-            body = json.dumps({"detail": reason}).encode()
-            headers = [(b"content-type", b"application/json"),
-                       (b"content-length", str(len(body)).encode()), (b"connection", b"close")]
-            try:
-                phrase = http.HTTPStatus(status).phrase.encode()
-                for event in (h11.Response(status_code=status, headers=headers, reason=phrase),
-                              h11.Data(data=body), h11.EndOfMessage()):
-                    self.transport.write(self.conn.send(event))
-            except h11.LocalProtocolError:
-                pass
+            with contextlib.suppress(h11.LocalProtocolError):
+                self._answer(status, json.dumps({"detail": reason}).encode(),
+                             b"application/json")
             cycle.message_event.set()
         logger.info("closed the connection of %s: %s", _who(self.client), reason)
         self.transport.close()
+
+    def send_400_response(self, msg: str) -> None:
+        """uvicorn's answer to a request it cannot parse, with the headers of every answer."""
+        self._answer(400, msg.encode("ascii", "replace"), b"text/plain; charset=utf-8")
+        self.transport.close()
+
+    def _answer(self, status: int, body: bytes, media_type: bytes) -> None:
+        """Write a whole answer that closes the connection, outside the ASGI app (so with
+        the security headers the app's middleware would have added)."""
+        headers = [(b"content-type", media_type), (b"content-length", str(len(body)).encode()),
+                   (b"connection", b"close"), *HEADERS]
+        phrase = http.HTTPStatus(status).phrase.encode()
+        for event in (h11.Response(status_code=status, headers=headers, reason=phrase),
+                      h11.Data(data=body), h11.EndOfMessage()):
+            self.transport.write(self.conn.send(event))
 
     def _refuse(self) -> None:
         moment = time.monotonic()

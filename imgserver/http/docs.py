@@ -15,6 +15,7 @@ from fastapi.responses import HTMLResponse
 from fastapi.staticfiles import StaticFiles
 
 from imgserver.http.schema import JobRequest
+from imgserver.http.security import docs_policy
 
 #: Swagger UI 5 (renders OpenAPI 3.1) as shipped by the fastapi-offline package.
 DOCS_ASSETS = Path(fastapi_offline.__file__).parent / "static"
@@ -24,15 +25,18 @@ def add_docs(app: FastAPI) -> None:
     """/docs from assets installed with the package, and the request model in the schema."""
     app.mount("/docs-assets", StaticFiles(directory=DOCS_ASSETS), name="docs-assets")
 
+    page = bytes(get_swagger_ui_html(
+        openapi_url="/openapi.json", title="imgserver API",
+        swagger_js_url="/docs-assets/swagger-ui-bundle.js",
+        swagger_css_url="/docs-assets/swagger-ui.css",
+        swagger_favicon_url="/docs-assets/favicon.png",
+        # The default validator badge would call validator.swagger.io.
+        swagger_ui_parameters={"validatorUrl": None}).body)
+    headers = {"Content-Security-Policy": docs_policy(page.decode())}
+
     @app.get("/docs", include_in_schema=False)
     async def docs() -> HTMLResponse:
-        return get_swagger_ui_html(
-            openapi_url="/openapi.json", title="imgserver API",
-            swagger_js_url="/docs-assets/swagger-ui-bundle.js",
-            swagger_css_url="/docs-assets/swagger-ui.css",
-            swagger_favicon_url="/docs-assets/favicon.png",
-            # The default validator badge would call validator.swagger.io.
-            swagger_ui_parameters={"validatorUrl": None})
+        return HTMLResponse(page, headers=headers)
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:

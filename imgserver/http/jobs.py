@@ -31,7 +31,14 @@ from imgserver.http.streams import EventHub
 from imgserver.jobs.engine import Engine
 from imgserver.jobs.job import SOURCES, STATES
 from imgserver.jobs.keys import HEADER as IDEMPOTENCY_KEY
+from imgserver.jobs.keys import PATTERN as KEY_PATTERN
 from imgserver.settings import Settings
+
+#: What the ``state`` and ``source`` parameters of GET /jobs may be, as the schema says it:
+#: exactly what ``_states`` and ``list_jobs`` accept.
+_STATE = "(?:" + "|".join(STATES) + ")"
+STATE_PATTERN = f"^ *(?:{_STATE} *(?:, *{_STATE} *)*)?$"
+SOURCE_PATTERN = "^(?:" + "|".join(SOURCES) + ")?$"
 
 
 def router(engine: Engine, hub: EventHub, settings: Settings, authorized: Callable[..., Any],
@@ -61,7 +68,8 @@ def router(engine: Engine, hub: EventHub, settings: Settings, authorized: Callab
             False, description="Wait for the job to finish and answer 200 with its final "
                                "status."),
             idempotency_key: str | None = Header(
-                None, alias=IDEMPOTENCY_KEY, description=(
+                None, alias=IDEMPOTENCY_KEY, json_schema_extra={"pattern": KEY_PATTERN},
+                description=(
                     "1 to 255 visible ASCII characters. A request repeated with the same key "
                     "within 24 hours is answered with the job the first one created (200) "
                     "instead of creating another; the same key with another body is 422. "
@@ -87,14 +95,26 @@ def router(engine: Engine, hub: EventHub, settings: Settings, authorized: Callab
                               "rebuilt (after it was lost or damaged). See Retry-After."},
                         **errors})
     async def list_jobs(
-            state: str | None = Query(None, description="Only jobs in these states, "
-                                      "comma-separated: " + ", ".join(STATES) + "."),
-            source: str | None = Query(None, description="Only jobs from this source: "
-                                       + ", ".join(SOURCES) + "."),
+            state: str | None = Query(
+                None, description="Only jobs in these states, comma-separated (spaces around "
+                "each are ignored): " + ", ".join(STATES) + ". Empty: every job, as without "
+                "it.", json_schema_extra={"pattern": STATE_PATTERN},
+                openapi_examples={
+                    "unfinished": {"summary": "jobs queued or running",
+                                   "value": "queued,running"},
+                    "every": {"summary": "every job (empty: no filter)", "value": ""}}),
+            source: str | None = Query(
+                None, description="Only jobs from this source: " + ", ".join(SOURCES)
+                + ". Empty: every job, as without it.",
+                json_schema_extra={"pattern": SOURCE_PATTERN},
+                openapi_examples={"http": {"summary": "jobs submitted over HTTP",
+                                           "value": "http"}}),
             limit: int = Query(50, ge=1, le=1000, description="Jobs per page."),
             cursor: str | None = Query(None, description="The `next` of the previous page.")
     ) -> JSONResponse:
         states = _states(state)
+        if source == "":
+            source = None  # an empty filter, as a form sends it: every job
         if source is not None and source not in SOURCES:
             raise RequestError.single("source", f"{source!r} is not a source (expected one of "
                                                 f"{', '.join(SOURCES)})")
@@ -170,10 +190,11 @@ def router(engine: Engine, hub: EventHub, settings: Settings, authorized: Callab
 
 
 def _states(text: str | None) -> list[str]:
-    """The states a ``state`` parameter names; RequestError naming it for a wrong one."""
-    if text is None:
+    """The states a ``state`` parameter names (none: every job, also when it is empty or
+    spaces); RequestError naming it for a wrong one."""
+    if text is None or not text.strip(" "):
         return []
-    states = [part.strip() for part in text.split(",")]
+    states = [part.strip(" ") for part in text.split(",")]
     wrong = [part for part in states if part not in STATES]
     if wrong:
         raise RequestError.single("state", f"{', '.join(map(repr, wrong))}: not a state "

@@ -7,7 +7,7 @@ of each operation.
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -32,39 +32,55 @@ OUTPUT_PATTERN = (r"\.(?:[jJ][pP][eE]?[gG]|[pP][nN][gG]|[wW][eE][bB][pP]|[tT][iI
                   r"|[bB][mM][pP]|[aA][vV][iI][fF])$")
 
 
+def _string_not_null(schema: dict[str, Any]) -> None:
+    """The schema of an optional key that, when present, must be a string: the server takes
+    the key's absence, not null, for "none", so the schema shows neither null nor a default."""
+    schema.pop("default", None)
+    for branch in schema.pop("anyOf", []):
+        if branch.get("type") != "null":
+            schema.update(branch)
+
+
 class ImageRequest(BaseModel):
     """One image to process."""
 
     model_config = ConfigDict(extra="forbid")
 
+    # Examples are whole requests, on JobRequest only: a tool that builds a request from the
+    # examples of its fields (schemathesis does) fills the other fields, notify among them,
+    # with values of its own, which a server refuses.
     input: str = Field(min_length=1, description="Input path, relative to the server's root "
-                                                 "(or absolute inside it).",
-                       examples=["photos/cat.jpg"])
+                                                 "(or absolute inside it).")
     output: str = Field(min_length=1, pattern=OUTPUT_PATTERN,
                         description="Output path inside the root; its extension picks the "
-                                    "format: .jpg .jpeg .png .webp .avif .tif .tiff .bmp.",
-                        examples=["thumbs/cat.jpg"])
+                                    "format: .jpg .jpeg .png .webp .avif .tif .tiff .bmp.")
 
 
 class JobRequest(BaseModel):
     """A request: images and the operations applied to each of them."""
 
-    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{
-        "images": [{"input": "photos/cat.jpg", "output": "thumbs/cat.webp"},
-                   {"input": "photos/dog.jpg", "output": "thumbs/dog.webp"}],
-        "operations": ["fit=400x400", "sharpen=0.8,0.5", "quality=80"]}]})
+    # Each one is accepted by a server with the default settings (tests/http/test_app.py).
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
+        {"images": [{"input": "photos/cat.jpg", "output": "thumbs/cat.webp"},
+                    {"input": "photos/dog.jpg", "output": "thumbs/dog.webp"}],
+         "operations": ["fit=400x400", "sharpen=0.8,0.5", "quality=80"]},
+        {"images": [{"input": "photos/cat.jpg", "output": "squares/cat.jpg"}],
+         "operations": ["fill=200x200,smart", "grayscale"]},
+        {"images": [{"input": "photos/cat.jpg", "output": "tiles/cat.png"}],
+         "operations": ["resize=50", "split=True", "blur=5,1.5"]}]})
 
     images: list[ImageRequest] = Field(min_length=1, description="One or more images.")
     operations: list[Annotated[str, Field(pattern=OPERATION_PATTERN)]] = Field(
-        description=OPERATIONS_HELP, examples=[["fit=400x400", "quality=80"],
-                                               ["fill=200x200,smart", "grayscale"],
-                                               ["resize=50", "split=True", "blur=5,1.5"]])
+        description=OPERATIONS_HELP)
+    # No example value: a server accepts a notify URL only under its --notify-allow prefixes,
+    # of which there are none by default, so any example would be refused (422).
     notify: str | None = Field(
-        None, pattern=r"^https?://", description=(
+        None, pattern=r"^https?://", json_schema_extra=_string_not_null, description=(
             "A URL to tell when the job is finished: a signed webhook (Standard Webhooks v1), "
             "retried for about 28 hours until it is answered 2xx. Accepted only when "
-            "it starts with one of the server's --notify-allow prefixes."),
-        examples=["https://hooks.example.com/imgserver"])
+            "it starts with one of the server's --notify-allow prefixes, of which there are "
+            "none by default: `https://hooks.example.com/imgserver` needs `--notify-allow "
+            "https://hooks.example.com/`; otherwise 422. Leave it out for no webhook."))
 
 
 State = Literal["queued", "running", "done", "failed", "cancelled"]

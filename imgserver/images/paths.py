@@ -2,9 +2,11 @@
 
 Every path in a request is resolved against ROOT on its real path (symlinks followed)
 before any file is opened, and refused when it ends up outside ROOT: by ``..``, by an
-absolute path, or by a symlink that points out. The worker reaches every file from the root
-through folder descriptors that never follow a symlink (``open_folder``), so a symlink
-swapped in after validation cannot lead it out either.
+absolute path, or by a symlink that points out. A name the filesystem would refuse (over
+NAME_MAX bytes) is refused too, so that it fails the request rather than every image. The
+worker reaches every file from the root through folder descriptors that never follow a
+symlink (``open_folder``), so a symlink swapped in after validation cannot lead it out
+either.
 """
 
 from __future__ import annotations
@@ -13,11 +15,29 @@ import contextlib
 import errno
 import os
 import stat
-from pathlib import Path
+from pathlib import Path, PurePosixPath
+
+#: The most bytes one name in a path (of a file or a folder) may have, in UTF-8: what the
+#: filesystems of Linux (ext4, xfs, btrfs, tmpfs) allow.
+NAME_MAX = 255
 
 
 class OutsideRoot(ValueError):
     """A path that resolves outside the root, or that cannot be a path at all."""
+
+
+def check_name(name: str, before: str = "") -> None:
+    """Raise OutsideRoot when ``name`` (one file or folder name) has more than NAME_MAX bytes;
+    ``before`` starts its message."""
+    size = len(os.fsencode(name))
+    if size > NAME_MAX:
+        raise OutsideRoot(f"{before}{shown(name)} is {size} bytes in UTF-8, more than the "
+                          f"{NAME_MAX} a file or folder name may have")
+
+
+def shown(text: str) -> str:
+    """``text`` quoted for a message, its middle left out when it is long."""
+    return repr(text) if len(text) <= 60 else repr(f"{text[:32]}...{text[-20:]}")
 
 
 def confine(root: Path, raw: str) -> Path:
@@ -34,13 +54,20 @@ def confine(root: Path, raw: str) -> Path:
     except UnicodeEncodeError as exc:  # a lone surrogate, as JSON's "\ud800" writes one
         raise OutsideRoot(f"{raw!r} cannot be a file name: {raw[exc.start]!r} is a lone "
                           f"UTF-16 surrogate") from None
+    _check_names(raw, PurePosixPath(raw).parts)
     candidate = Path(raw)
     if not candidate.is_absolute():
         candidate = root / candidate
     real = Path(os.path.realpath(candidate))
     if real != root and not real.is_relative_to(root):
         raise OutsideRoot(f"{raw!r} is outside the root")
+    _check_names(raw, real.relative_to(root).parts)  # a dangling symlink's target, too
     return real
+
+
+def _check_names(raw: str, parts: tuple[str, ...]) -> None:
+    for part in parts:
+        check_name(part, "" if part == raw else f"{shown(raw)}: the name ")
 
 
 def open_folder(root: Path, folder: Path, *, create: bool = False) -> int:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import os
 import secrets
 import stat
@@ -38,10 +39,12 @@ from imgserver.images.codec import (
     encode,
 )
 from imgserver.images.operations import Blur, Operation, Scaling, apply, quality
-from imgserver.images.paths import OutsideRoot, open_file, open_folder, relative
+from imgserver.images.paths import NAME_MAX, OutsideRoot, open_file, open_folder, relative
 
 #: Temporary outputs end with this; they are hidden (dot files) in the output's folder.
 TEMP_SUFFIX = ".imgserver-tmp"
+#: What a temporary name adds after its prefix: 8 random hex digits and TEMP_SUFFIX.
+_TEMP_TAIL = 8 + len(TEMP_SUFFIX)
 
 
 @dataclass(frozen=True)
@@ -184,7 +187,7 @@ def _write_temp(folder: int, name: str, data: bytes) -> str:
             raise IsADirectoryError(errno.EISDIR, "output is a directory", name)
     except FileNotFoundError:
         pass
-    temp = f".{name}.{secrets.token_hex(4)}{TEMP_SUFFIX}"
+    temp = f"{temp_prefix(name)}{secrets.token_hex(4)}{TEMP_SUFFIX}"
     fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
                  0o644, dir_fd=folder)
     try:
@@ -201,12 +204,28 @@ def _write_temp(folder: int, name: str, data: bytes) -> str:
     return temp
 
 
+def temp_prefix(name: str) -> str:
+    """How the temporary names of the output ``name`` start: ``.NAME.``, or, where the whole
+    temporary name would be longer than a name may be, the start of NAME and a digest of all
+    of it (``.NAME-START~DIGEST.``): an output of NAME_MAX bytes is written like any other."""
+    prefix = f".{name}."
+    if len(os.fsencode(prefix)) + _TEMP_TAIL <= NAME_MAX:
+        return prefix
+    digest = hashlib.blake2b(os.fsencode(name), digest_size=8).hexdigest()
+    room = NAME_MAX - _TEMP_TAIL - len(f".~{digest}.")
+    start = name
+    while len(os.fsencode(start)) > room:
+        start = start[:-1]
+    return f".{start}~{digest}."
+
+
 def remove_partial(outputs: tuple[str, ...]) -> None:
     """Remove temporary files a killed worker may have left for these outputs."""
     for output in outputs:
         path = Path(output)
         try:
-            leftovers = list(path.parent.glob(f".{_glob_escape(path.name)}.*{TEMP_SUFFIX}"))
+            leftovers = list(path.parent.glob(
+                f"{_glob_escape(temp_prefix(path.name))}*{TEMP_SUFFIX}"))
         except OSError:
             continue
         for leftover in leftovers:

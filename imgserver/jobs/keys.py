@@ -24,6 +24,8 @@ from imgserver.errors import RequestError
 #: How long a key stands for its job (seconds): 24 hours.
 TTL = 24 * 3600.0
 HEADER = "Idempotency-Key"
+#: What ``check_key`` accepts, as a regular expression (for the API's schema).
+PATTERN = "^[!-~]{1,255}$"
 
 
 def check_key(key: str) -> str:

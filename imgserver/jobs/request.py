@@ -28,7 +28,7 @@ from imgserver.images.operations import (
     output_suffixes,
     parse_operation,
 )
-from imgserver.images.paths import OutsideRoot, confine
+from imgserver.images.paths import OutsideRoot, check_name, confine, shown
 from imgserver.urls import check_url, redacted
 
 #: Most files one request may write (each split multiplies an image's files by four).
@@ -275,12 +275,15 @@ def _tile_paths(root: Path, written: PurePosixPath, output: Path,
     """The real path of every file an image writes: ``output``, or its tiles.
 
     Tiles share the folder of the output as written; only a tile name that exists as a
-    symlink needs resolving on its own (the folder is resolved once).
+    symlink needs resolving on its own (the folder is resolved once). A tile name is longer
+    than the output's, so it may be one the filesystem refuses when the output's is not.
     """
     if suffixes == [""]:
         return [output]
     folder = confine(root, str(written.parent))
     paths = []
+    check_name(written.stem + max(suffixes, key=len) + written.suffix,
+               f"{shown(str(written))}: after a split, the tile ")
     for suffix in suffixes:
         name = written.stem + suffix + written.suffix
         tile = folder / name

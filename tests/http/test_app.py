@@ -7,8 +7,12 @@ import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import hypothesis
 import pytest
+import schemathesis
 from fastapi.testclient import TestClient
+from hypothesis import HealthCheck, given
+from hypothesis import strategies as st
 
 from imgserver.executors.pool import LocalPool
 from imgserver.http.app import create_app
@@ -190,6 +194,96 @@ def test_app_openapi_shows_only_the_error_shape_it_sends(client: TestClient) -> 
     reply = client.post("/jobs?wait=maybe", content=request_body([("a.png", "b.png")]))
     assert reply.status_code == 422 and set(reply.json()) == {"detail", "errors"}
     assert reply.json()["errors"][0]["field"] == "wait"
+
+
+def answers_to_examples(schema: schemathesis.BaseSchema, operation: schemathesis.APIOperation
+                        ) -> list[tuple[str, dict, object, int]]:
+    """Call ``operation`` with each request schemathesis builds from the schema's examples
+    (as a client's tooling builds them, filling what a field's example leaves out): the
+    route, query, body and status of each."""
+    # It also makes up the parameters that have no example (the opaque cursor; an
+    # Idempotency-Key, which is refused when reused for another body): those are left out,
+    # as a user trying the examples leaves them out.
+    parameters = schema.raw_schema["paths"][operation.path][operation.method].get(
+        "parameters", [])
+    shown = {p["name"] for p in parameters
+             if {"examples", "example", "default"} & (set(p) | set(p["schema"]))}
+    answered = []
+    for strategy in operation.get_strategies_from_examples():
+
+        @given(strategy)
+        @hypothesis.settings(max_examples=1, deadline=None, database=None,
+                             suppress_health_check=list(HealthCheck))
+        def call(case: schemathesis.Case) -> None:
+            for values in (case.query, case.headers):
+                for name in set(values or {}) - shown:
+                    del values[name]
+            reply = case.call()
+            answered.append((f"{case.method} {case.path}", dict(case.query or {}), case.body,
+                             reply.status_code))
+
+        call()
+    return answered
+
+
+def test_app_openapi_examples_are_accepted_by_a_default_server(root: Path,
+                                                               pool: LocalPool) -> None:
+    # The default settings: no --notify-allow, so no notify URL is accepted.
+    options = Settings.build({"root": str(root)}, environ={})
+    engine = Engine(options, pool)
+    engine.start()
+    try:
+        schema = schemathesis.openapi.from_asgi("/openapi.json", create_app(engine, options))
+        answered = [answer for result in schema.get_all_operations()
+                    for answer in answers_to_examples(schema, result.ok())]
+        documented = schema.raw_schema["components"]["schemas"]["JobRequest"]["examples"]
+    finally:
+        engine.close()
+    assert [answer for answer in answered if not 200 <= answer[-1] < 300] == []
+    posted = [body for route, _, body, _ in answered if route == "POST /jobs"]
+    assert len(documented) >= 3 and all(example in posted for example in documented)
+    assert not any("notify" in body for body in posted if isinstance(body, dict))
+    filters = [query for route, query, _, _ in answered if route == "GET /jobs"]
+    assert {query.get("state") for query in filters} >= {"", "queued,running"}
+
+
+def test_app_jobs_listing_filters_follow_the_schema(client: TestClient,
+                                                     make_image: Callable[..., Path]) -> None:
+    make_image("a.png", 8, 8)
+    assert client.post("/jobs?wait=true", content=request_body([("a.png", "b.png")])
+                       ).status_code == 200
+    every = client.get("/jobs").json()
+    assert len(every["jobs"]) == 1
+    # Empty is no filter, as a form sends it (and as an empty cursor is the first page).
+    for query in ("state=", "state=%20%20", "source=", "state=&source=", "cursor="):
+        reply = client.get(f"/jobs?{query}")
+        assert (reply.status_code, reply.json()) == (200, every), query
+    assert client.get("/jobs?state=done,%20failed&source=http").json() == every
+    refused = client.get("/jobs?state=done,")
+    assert refused.status_code == 422 and refused.json()["errors"][0]["field"] == "state"
+    assert "'': not a state" in refused.json()["detail"]
+
+    parameters = {p["name"]: p for p in
+                  client.get("/openapi.json").json()["paths"]["/jobs"]["get"]["parameters"]}
+    patterns = {name: re.compile(parameters[name]["schema"]["pattern"]) for name in
+                ("state", "source")}
+    for name in ("state", "source"):
+        assert "Empty: every job" in parameters[name]["description"]
+    texts = st.text(st.sampled_from("queudrningflcahtpbox ,\t\n"), max_size=24)
+    # Whatever the value, the server accepts it exactly when the schema's pattern allows it.
+    values = st.sampled_from(["state", "source"]).flatmap(lambda name: st.tuples(
+        st.just(name), texts | st.from_regex(patterns[name], fullmatch=True)))
+
+    @given(values)
+    @hypothesis.settings(max_examples=150, deadline=None, database=None,
+                         suppress_health_check=list(HealthCheck))
+    def check(value: tuple[str, str]) -> None:
+        name, text = value
+        reply = client.get("/jobs", params={name: text})
+        allowed = patterns[name].fullmatch(text) is not None
+        assert reply.status_code == (200 if allowed else 422), (name, text, reply.text)
+
+    check()
 
 
 def test_app_answers_echoing_a_lone_surrogate_are_ascii_json(client: TestClient) -> None:

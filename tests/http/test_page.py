@@ -3,8 +3,11 @@ driven by selenium): live updates, thumbnails, errors, Cancel, the token, no oth
 
 from __future__ import annotations
 
+import contextlib
+import http.server
 import json
 import shutil
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -220,3 +223,106 @@ def test_page_with_a_token_shows_nothing_until_it_is_given(
     finally:
         script(browser, "sessionStorage.clear()")
         server.stop()
+
+
+@contextlib.contextmanager
+def other_site(pages: dict[str, str]) -> Iterator[str]:
+    """A second web server on loopback (another origin: another port) serving ``pages``
+    (path -> HTML); its address."""
+    class Pages(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 (the name http.server calls)
+            body = pages.get(self.path, "").encode()
+            self.send_response(200 if self.path in pages else 404)
+            self.send_header("Content-Type", "text/html; charset=utf-8")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    site = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Pages)
+    thread = threading.Thread(target=site.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{site.server_port}"
+    finally:
+        site.shutdown()
+        site.server_close()
+        thread.join()
+
+
+def browser_log(browser: object) -> list[str]:
+    """The browser's console messages since the last call (CSP violations among them)."""
+    return [entry["message"] for entry in browser.get_log("browser")]  # type: ignore[attr-defined]
+
+
+def test_page_cannot_be_framed_by_another_site(browser: object, server: Server) -> None:
+    from selenium.webdriver.common.by import By
+
+    job = server.request("POST", "/jobs?wait=true", request_body([("a.png", "f/a.png")])).json()
+    framed = {"page": url(server, "/ui"), "job": url(server, f"/ui/jobs/{job['id']}"),
+              "docs": url(server, "/docs")}
+    frames = "".join(f'<iframe id="{name}" src="{src}"></iframe>' for name, src in framed.items())
+    with other_site({"/": f"<!doctype html><title>other</title>{frames}"
+                          f'<iframe id="own" src="/own"></iframe>',
+                     "/own": '<!doctype html><p id="mine">framed</p>'}) as site:
+        browser_log(browser)
+        browser.get(f"{site}/")  # type: ignore[attr-defined]
+
+        def inside(name: str, code: str) -> object:
+            browser.switch_to.frame(browser.find_element(By.ID, name))  # type: ignore[attr-defined]
+            try:
+                return script(browser, code)
+            finally:
+                browser.switch_to.default_content()  # type: ignore[attr-defined]
+
+        # The site's own frame shows its page: frames work, and this one has loaded.
+        wait_for(lambda: inside("own", "return !!document.getElementById('mine')"))
+        for name in framed:
+            where = wait_for(lambda name=name: (lambda href: href if href != "about:blank"
+                                                else None)(inside(name, "return location.href")))
+            assert where.startswith("chrome-error:"), (name, where)  # refused, not shown
+            assert inside(name, "return document.querySelector('[data-page], .swagger-ui')"
+                                " === null"), name
+        refusals = []
+        wait_for(lambda: refusals.extend(browser_log(browser)) or sum(
+            "frame-ancestors 'none'" in message for message in refusals) == len(framed))
+    assert requested_hosts(browser) >= {f"127.0.0.1:{server.port}"}
+
+
+def test_page_and_docs_work_under_their_security_policy(browser: object, server: Server) -> None:
+    from selenium.webdriver.common.by import By
+
+    (server.root / "page.html").write_text("<script>document.title = 'ran'</script>")
+    job = server.request("POST", "/jobs?wait=true", request_body(
+        [("a.png", "w/a.png"), ("page.html", "w/p.png")], ["split"])).json()
+    browser_log(browser)
+    browser.get(url(server, "/ui"))  # type: ignore[attr-defined]
+    wait_for(lambda: script(browser, f"return !!document.querySelector("
+                                     f"'tr[data-job=\"{job['id']}\"]')"), timeout=15)
+    browser.get(url(server, f"/ui/jobs/{job['id']}"))  # type: ignore[attr-defined]
+    thumbs = "[...document.querySelectorAll('.thumbs img')]"
+    wait_for(lambda: script(browser, f"return {thumbs}.length === 4 && {thumbs}.every("
+                                     f"i => i.complete && i.naturalWidth > 0)"), timeout=20)
+    browser.get(url(server, "/docs"))  # type: ignore[attr-defined]
+    wait_for(lambda: len(browser.find_elements(  # type: ignore[attr-defined]
+        By.CSS_SELECTOR, ".opblock-summary")) >= 10, timeout=15)
+    listing = browser.find_elements(  # type: ignore[attr-defined]
+        By.CSS_SELECTOR, ".opblock-get .opblock-summary")[0]
+    listing.click()
+    wait_for(lambda: browser.find_elements(  # type: ignore[attr-defined]
+        By.CSS_SELECTOR, ".opblock.is-open .try-out__btn"))[0].click()
+    wait_for(lambda: browser.find_elements(  # type: ignore[attr-defined]
+        By.CSS_SELECTOR, ".opblock.is-open .execute"))[0].click()
+    wait_for(lambda: script(browser, "return [...document.querySelectorAll("
+                                     "'.live-responses-table .response-col_status')]"
+                                     ".map(e => e.textContent.trim())").count("200"),
+             timeout=15)  # "Try it out" asked the server, from the docs page
+    # A job's file holding HTML, opened as a page of this site, runs nothing.
+    browser.get(url(server, f"/jobs/{job['id']}/images/1/file"))  # type: ignore[attr-defined]
+    wait_for(lambda: script(browser, "return document.readyState") == "complete")
+    assert script(browser, "return document.title") != "ran"
+    violations = [m for m in browser_log(browser) if "Content Security Policy" in m]
+    assert len(violations) == 1 and "inline script" in violations[0]  # that script, only
+    assert requested_hosts(browser) == {f"127.0.0.1:{server.port}"}

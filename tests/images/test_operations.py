@@ -134,6 +134,14 @@ def test_operations_resize_size_uses_python_round(width: int, height: int, perce
     assert Resize(percent).size(width, height) == expected
 
 
+def test_operations_watermark_name_over_255_bytes_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="mark 'logos/.*' is 256 bytes in UTF-8, more than the "
+                                         "255 a file or folder name may have"):
+        parse_operation(f"watermark=logos/{'ü' * 126}.png,north", Context(tmp_path))
+    mark = parse_operation(f"watermark=logos/{'ü' * 125}a.png,north", Context(tmp_path))
+    assert isinstance(mark, Watermark) and mark.gravity == "north"
+
+
 def test_operations_split_geometry_covers_image_exactly() -> None:
     image = np.arange(7 * 5).reshape(5, 7).astype(np.uint8)
     lt, rt, lb, rb = split_tiles(image)

@@ -108,3 +108,26 @@ def test_paths_open_folder_creates_inside_only(jail: Path) -> None:
     fd = open_folder(jail, folder, create=True)
     os.close(fd)
     assert (jail / "new" / "deeper").is_dir()
+
+
+@pytest.mark.parametrize("raw, name", [
+    ("x" * 256 + ".png", "x" * 256 + ".png"),
+    ("out/" + "é" * 126 + ".png", "é" * 126 + ".png"),       # 126 characters, 256 bytes
+    ("photos/" + "d" * 256 + "/cat.png", "d" * 256),
+    ("photos/" + "d" * 300 + "/../cat.jpg", "d" * 300),       # the kernel looks it up too
+])
+def test_paths_name_over_255_bytes_is_refused(jail: Path, raw: str, name: str) -> None:
+    size = len(name.encode())
+    with pytest.raises(OutsideRoot, match=f"is {size} bytes in UTF-8, more than the 255"):
+        confine(jail, raw)
+
+
+def test_paths_names_of_255_bytes_are_allowed(jail: Path) -> None:
+    name = "é" * 125 + "a.png"  # 255 bytes
+    assert confine(jail, f"{'f' * 255}/{name}") == jail / ("f" * 255) / name
+
+
+def test_paths_dangling_symlink_to_a_name_over_255_bytes_is_refused(jail: Path) -> None:
+    (jail / "later.png").symlink_to("z" * 300 + ".png")
+    with pytest.raises(OutsideRoot, match="'later.png': the name .* is 304 bytes in UTF-8"):
+        confine(jail, "later.png")

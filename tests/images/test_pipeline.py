@@ -13,7 +13,13 @@ import pytest
 from imgserver.errors import ImageError
 from imgserver.images.codec import Limits, decode_scaled
 from imgserver.images.operations import Context, parse_operations
-from imgserver.images.pipeline import TEMP_SUFFIX, ImageTask, process_image, remove_partial
+from imgserver.images.pipeline import (
+    TEMP_SUFFIX,
+    ImageTask,
+    process_image,
+    remove_partial,
+    temp_prefix,
+)
 
 from conftest import mean_abs_diff, photo, processed, processed_tiles
 
@@ -313,3 +319,26 @@ def test_pipeline_geometry_filters_and_watermark_on_each_tile(root: Path) -> Non
         expected = np.dstack([grey, grey, grey, turned[..., 3]])
         expected[:4, :6] = 65535  # an opaque white mark, flush top-left
         assert np.array_equal(tile, expected), suffix
+def test_pipeline_output_names_of_255_bytes_are_written(root: Path,
+                                                        make_image: Callable[..., Path]) -> None:
+    # The temporary name each output is written under first must fit in 255 bytes as well.
+    make_image("a.png", 8, 6)
+    longest = "é" * 125 + "a.png"
+    tiled = [f"{'t' * 248}{suffix}.png" for suffix in ("_lt", "_rt", "_lb", "_rb")]
+    assert process_image(task(root, "a.png", [f"out/{longest}"], [])) == [f"out/{longest}"]
+    assert process_image(task(root, "a.png", [f"out/{t}" for t in tiled], ["split"])) == [
+        f"out/{t}" for t in tiled]
+    assert sorted(p.name for p in (root / "out").iterdir()) == sorted([longest, *tiled])
+    assert cv2.imread(str(root / "out" / longest)).shape == (6, 8, 3)
+
+
+def test_pipeline_remove_partial_clears_temp_files_of_the_longest_names(root: Path) -> None:
+    longest, near = "é" * 125 + "a.png", "é" * 125 + "b.png"
+    (root / "out").mkdir()
+    stale = root / "out" / f"{temp_prefix(longest)}1234abcd{TEMP_SUFFIX}"
+    stale.write_bytes(b"half")
+    other = root / "out" / f"{temp_prefix(near)}1234abcd{TEMP_SUFFIX}"
+    other.write_bytes(b"half")
+    assert len(stale.name.encode()) <= 255 and stale.name.startswith(".éé")
+    remove_partial((str(root / "out" / longest),))
+    assert not stale.exists() and other.exists()

@@ -116,6 +116,37 @@ def test_request_tile_that_is_a_symlink_out_is_refused(root: Path,
     assert "outside the root" in found["images[0].output"]
 
 
+@pytest.mark.parametrize("images, operations, field, message", [
+    ([{"input": "a.png", "output": "out/" + "é" * 126 + ".png"}], [],
+     "images[0].output", "is 256 bytes in UTF-8, more than the 255 a file or folder name"),
+    ([{"input": "in/" + "i" * 256 + "/a.png", "output": "b.png"}], [],
+     "images[0].input", "the name 'iiii"),
+    ([{"input": "a.png", "output": "ok.png"},
+      {"input": "a.png", "output": "t" * 249 + ".png"}], ["split"],
+     "images[1].output", "after a split, the tile 'tttt"),
+    ([{"input": "a.png", "output": "t" * 248 + ".png"}], ["split", "blur=3", "split"],
+     "images[0].output", "_lt_lt.png' is 258 bytes in UTF-8"),
+    ([{"input": "a.png", "output": "b.png"}], [f"watermark={'m' * 252}.png"],
+     "operations[0]", "mark 'mmmm"),
+])
+def test_request_names_the_filesystem_would_refuse_are_refused(
+        root: Path, images: list, operations: list, field: str, message: str) -> None:
+    found = problems(root, body({"images": images, "operations": operations}))
+    assert list(found) == [field] and message in found[field], found
+
+
+def test_request_names_of_255_bytes_are_accepted(root: Path) -> None:
+    longest = "é" * 125 + "a.png"
+    request = parse_request(body({"images": [{"input": longest, "output": f"{longest}/{longest}"}],
+                                  "operations": []}), root, LIMITS)
+    assert request.images[0].outputs == (root / longest / longest,)
+    tiled = "t" * 245 + ".png"  # 249 bytes: its tiles (t..._lt_lt.png) have 255
+    request = parse_request(body({"images": [{"input": longest, "output": tiled}],
+                                  "operations": ["split", "split"]}), root, LIMITS)
+    assert request.images[0].outputs[0].name == "t" * 245 + "_lt_lt.png"
+    assert max(len(p.name.encode()) for p in request.images[0].outputs) == 255
+
+
 @pytest.mark.parametrize("raw, message", [
     (b"", "not valid JSON"),
     (b"{", "not valid JSON"),
