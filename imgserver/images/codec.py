@@ -28,7 +28,7 @@ import numpy as np
 from imgserver.errors import ImageError
 from imgserver.images.blur import BLOCK, blocks_suffice, blur_blocks
 from imgserver.images.probe import Header, exif_orientation, read_header
-from imgserver.images.profiles import bmp_with_profile, tiff_with_profile
+from imgserver.images.profiles import bmp_with_profile, fits, tiff_with_profile
 
 #: Output extensions and the encoder parameters used for each.
 FORMATS: dict[str, list[int]] = {
@@ -275,6 +275,8 @@ def encode(image: np.ndarray, extension: str, *, quality: int | None = None,
         image = composite_on_white(image)
     if extension in _EIGHT_BIT_ONLY and image.dtype == np.uint16:
         image = to_8bit(image)
+    if icc is not None and not fits(icc, 1 if image.ndim == 2 else image.shape[2]):
+        icc = None  # a colour profile cannot describe gray pixels (profiles.py)
     parameters = list(FORMATS[extension])
     if quality is not None and extension in _QUALITY:
         parameters[parameters.index(_QUALITY[extension]) + 1] = quality

@@ -11,7 +11,12 @@ untouched (no colour conversion, so 16-bit and wide-gamut colour survive):
                             is already) a BITMAPV5HEADER with the profile embedded
                             (PROFILE_EMBEDDED)
 
-Nothing else of the input's metadata is carried: no EXIF, XMP or GPS position.
+A profile describes one kind of pixel: an RGB profile colour pixels, a GRAY profile gray
+ones. An output whose pixels are not of that kind (``grayscale`` makes one channel of a
+colour photo) carries none: an RGB profile on one channel is wrong (libpng drops it with
+only a warning, other readers misread it), and the gray an RGB photo becomes is the
+luminance of its encoded values, which viewers show as they show a gray image without a
+profile. Nothing else of the input's metadata is carried: no EXIF, XMP or GPS position.
 """
 
 from __future__ import annotations
@@ -25,6 +30,13 @@ _TIFF_UNDEFINED = 7
 _PROFILE_EMBEDDED = 0x4D424544
 _LCS_GM_IMAGES = 4
 _V5_SIZE = 124
+
+
+def fits(icc: bytes, channels: int) -> bool:
+    """Whether the profile ``icc`` describes pixels of ``channels`` channels (alpha
+    included): an RGB profile 3 or 4, a GRAY one 1 or 2 (other kinds: never, here)."""
+    space = icc[16:20]
+    return (space == b"RGB " and channels in (3, 4)) or (space == b"GRAY" and channels in (1, 2))
 
 
 def tiff_with_profile(data: bytes, icc: bytes) -> bytes:

@@ -103,6 +103,19 @@ def test_profiles_every_format_carries_the_inputs_profile(
             assert profile_of((root / output).read_bytes(), extension) == profile, output
 
 
+def test_profiles_grayscale_output_carries_no_colour_profile_and_no_warning(
+        root: Path, p3: tuple[bytes, bytes], capfd: pytest.CaptureFixture[str]) -> None:
+    (root / "p3.jpg").write_bytes(p3[0])
+    for extension, files in run(root, "p3.jpg", ["grayscale"], FORMATS).items():
+        assert profile_of(files, extension) is None, extension
+    assert "iCCP" not in capfd.readouterr().err  # libpng warned of an RGB profile on gray
+    png = p3_png(30, 40, alpha=True, depth=8)
+    (root / "p3a.png").write_bytes(png)
+    colour = profile_of(png, ".png")
+    for extension, files in run(root, "p3a.png", ["grayscale"], [".png", ".tif"]).items():
+        assert profile_of(files, extension) == colour  # B = G = R and alpha: still RGB
+
+
 @pytest.mark.parametrize("alpha, depth", [(True, 8), (False, 16), (True, 16)])
 def test_profiles_alpha_and_16bit_inputs_carry_their_profile_into_every_format(
         root: Path, alpha: bool, depth: int) -> None:
