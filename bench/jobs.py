@@ -17,6 +17,7 @@ docs/benchmarks-jobs.md and prints it.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import random
@@ -35,6 +36,8 @@ from run import Server, machine  # noqa: E402
 
 DEFAULT_BASELINE = "42f93f4"
 IMAGES_PER_JOB = 10
+#: Bump when ``history`` writes other files: a history made before is made anew.
+HISTORY_FORMAT = 2
 
 
 def checkout(work: Path, revision: str) -> Path:
@@ -111,34 +114,45 @@ def _done(server: Server, job_id: str) -> int:
 # -- scale ----------------------------------------------------------------------------------
 
 def history(work: Path, count: int) -> Path:
-    """An outbox of ``count`` finished jobs of 10 images each (made once, then reused)."""
+    """An outbox of ``count`` finished jobs of 10 images each (made once, then reused).
+
+    Their files are as the server writes them (the status document as indented JSON, the
+    images last), their ids random hex like the server's, in no relation to the order the
+    jobs were made in.
+    """
     root = work / f"history-{count}"
-    marker = root / "complete"
+    marker = root / f"complete-{HISTORY_FORMAT}"
     if marker.exists():
         return root
     shutil.rmtree(root, ignore_errors=True)
     outbox = root / "outbox"
     outbox.mkdir(parents=True)
     (root / "inbox").mkdir()
-    images = ",\n".join(
-        f'    {{"input": "photos/{n}.jpg", "output": "thumbs/{n}.jpg", "state": "done", '
-        f'"outputs": ["thumbs/{n}.jpg"], "error": null}}' for n in range(IMAGES_PER_JOB))
-    request = body([(f"photos/{n}.jpg", f"thumbs/{n}.jpg") for n in range(IMAGES_PER_JOB)],
-                   ["resize=50"])
+    pairs = [(f"photos/{n}.jpg", f"thumbs/{n}.jpg") for n in range(IMAGES_PER_JOB)]
+    request = body(pairs, ["resize=50"])
+    # One document, its varying fields as placeholders, filled in for each job.
+    template = json.dumps({
+        "id": "@id", "state": "done", "source": "http", "created_at": "@0.000+00:00",
+        "started_at": "@0.100+00:00", "finished_at": "@0.900+00:00", "expires_at": None,
+        "operations": ["resize=50"], "progress": {"done": IMAGES_PER_JOB,
+                                                  "total": IMAGES_PER_JOB},
+        "error": None, "notifications": [],
+        "images": [{"input": i, "output": o, "state": "done", "outputs": [o], "error": None}
+                   for i, o in pairs]}, indent=2) + "\n"
     start = time.time() - count - 86400
     for number in range(count):
-        job_id = f"{number:032x}"
+        name = job_id(number)
         moment = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(start + number))
-        document = (
-            f'{{"id": "{job_id}", "state": "done", "source": "http", '
-            f'"created_at": "{moment}.000+00:00", "started_at": "{moment}.100+00:00", '
-            f'"finished_at": "{moment}.900+00:00", "expires_at": null, '
-            f'"operations": ["resize=50"], "progress": {{"done": 10, "total": 10}}, '
-            f'"error": null, "images": [\n{images}]}}\n')
-        (outbox / f"{job_id}.status.json").write_text(document)
-        (outbox / f"{job_id}.request.json").write_bytes(request)
+        document = template.replace("@id", name).replace("@0", moment)
+        (outbox / f"{name}.status.json").write_text(document)
+        (outbox / f"{name}.request.json").write_bytes(request)
     marker.touch()
     return root
+
+
+def job_id(number: int) -> str:
+    """The id of the history's job ``number``."""
+    return hashlib.blake2b(str(number).encode(), digest_size=16).hexdigest()
 
 
 def scale(work: Path, code: Path | None, count: int, processes: int,
@@ -162,7 +176,7 @@ def scale(work: Path, code: Path | None, count: int, processes: int,
         if code is None:
             result["list_ms"] = _p50(server, lambda: "/jobs")
         if count:
-            ids = [f"{random.randrange(count):032x}" for _ in range(200)]
+            ids = [job_id(random.randrange(count)) for _ in range(200)]
             result["get_ms"] = _p50(server, lambda: f"/jobs/{ids.pop()}")
     finally:
         server.stop()
