@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from imgserver import __version__
+from imgserver.access import commands as token_commands
 from imgserver.client import commands as remote
 from imgserver.errors import ConfigError, RequestError
 from imgserver.settings import OPTIONS, Settings
@@ -42,9 +43,14 @@ def build_parser() -> argparse.ArgumentParser:
                     "Exit 0: all images done; 1: some image failed; 2: invalid request.")
     run.add_argument("request", type=Path, help="the request file (JSON)")
     remote.add_commands(commands)
+    token_commands.add_commands(commands)
     for command, sub in (("serve", serve), ("run", run)):
         for option in OPTIONS:
-            if command in option.commands:
+            if command in option.commands and option.switch:
+                sub.add_argument(option.flag, dest=option.name, action="store_const",
+                                 const=True, default=None,
+                                 help=f"{option.help} [env {option.env}=1]")
+            elif command in option.commands:
                 sub.add_argument(option.flag, dest=option.name, type=_checked(option.parse),
                                  default=None,
                                  metavar=option.name.upper(),
@@ -66,6 +72,8 @@ def _checked(parse: Callable[[str], Any]) -> Callable[[str], Any]:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``imgserver`` command; returns the exit code."""
     args = build_parser().parse_args(argv)
+    if args.command == "token":
+        return token_commands.main(args)
     if args.command not in ("serve", "run"):
         return remote.main(args)
     values = {k: v for k, v in vars(args).items() if k not in ("command", "request")}

@@ -9,6 +9,10 @@ line) turn them into status codes, status-file errors or exit codes.
      +-- CapacityError     the queue is full; try again later
      +-- JobNotFound       no job has that id
      +-- JobConflict       the job is not in a state that allows it (cancel a finished job)
+     +-- AccessDenied      the request's token does not allow it
+     |    +-- Unauthorized     no token, or one the server does not know
+     |    +-- Forbidden        the token lacks the scope the request needs
+     |    +-- TooManyRequests  the token's rate or its quota of queued images is used up
      +-- ConfigError       the server cannot start with these settings
      +-- ServerUnavailable a client cannot reach the server, or is refused (not for content)
 
@@ -72,6 +76,31 @@ class JobConflict(ImgserverError):
     def __init__(self, message: str, document: dict) -> None:
         super().__init__(message)
         self.document = document
+
+
+class AccessDenied(ImgserverError):
+    """The request's token does not allow what it asks; the message says why (never the
+    secret)."""
+
+
+class Unauthorized(AccessDenied):
+    """No token, or a token the server does not know."""
+
+
+class Forbidden(AccessDenied):
+    """The token lacks ``scope``."""
+
+    def __init__(self, message: str, scope: str) -> None:
+        super().__init__(message)
+        self.scope = scope
+
+
+class TooManyRequests(AccessDenied):
+    """The token's rate or quota is used up; ``retry_after`` is a hint in seconds."""
+
+    def __init__(self, message: str, retry_after: int = 1) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 class ConfigError(ImgserverError):

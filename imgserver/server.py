@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import ipaddress
 import logging
 import os
 import resource
@@ -32,6 +33,8 @@ from types import FrameType
 
 import uvicorn
 
+from imgserver.access.gate import Gate
+from imgserver.access.tokens import TokenFile
 from imgserver.errors import ConfigError
 from imgserver.executors.pool import LocalPool
 from imgserver.http.app import create_app
@@ -153,13 +156,36 @@ def serve(settings: Settings) -> int:
         return EXIT_CONFIG
 
 
+def gate_for(settings: Settings) -> Gate:
+    """Who may use the server: the tokens configured, or, with none, everyone, which only
+    a loopback address or ``--allow-anonymous`` permits (ConfigError otherwise)."""
+    tokens = TokenFile(Path(settings.tokens)) if settings.tokens else None
+    if tokens is not None:
+        tokens.read()  # a tokens file that cannot be read stops the start, saying why
+    gate = Gate(settings.token, tokens)
+    if gate.open and not _loopback(settings.host) and not settings.allow_anonymous:
+        raise ConfigError(
+            f"refusing to serve {settings.host} with no token: anyone who can reach it could "
+            f"read, submit and cancel jobs. Give tokens (--tokens FILE, see 'imgserver token "
+            f"add', or IMGSERVER_TOKEN), or serve anyway with --allow-anonymous")
+    return gate
+
+
+def _loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
 def _serve(settings: Settings, executor: Executor, files: int) -> int:
+    gate = gate_for(settings)
     engine = Engine(settings, executor)
     engine.start()
     drop_folder = DropFolder(engine, settings.inbox)
     housekeeper = Housekeeper(engine)
     notifier = Notifier(engine) if settings.notify_secret else None
-    app = create_app(engine, settings)
+    app = create_app(engine, settings, gate)
     drop_folder.on_result = app.state.metrics.inbox_file
     if notifier is not None:
         notifier.on_result = app.state.metrics.notification
@@ -174,8 +200,9 @@ def _serve(settings: Settings, executor: Executor, files: int) -> int:
             notifier.start()
         drop_folder.start()
         connections = max(files - FILES_KEPT, files // 2)
+        # The access log is the app's own (it names each request's token): not uvicorn's.
         config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="info",
-                                timeout_graceful_shutdown=10,
+                                timeout_graceful_shutdown=10, access_log=False,
                                 http=protocol(settings.read_timeout, connections))
         server = _Server(config, on_exit=stopping)
         logger.info("serving %s on http://%s:%d (drop folder %s, outbox %s)", settings.root,

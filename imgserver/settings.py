@@ -44,6 +44,15 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _boolean(text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"expected 1/true/yes or 0/false/no, got {text!r}")
+
+
 def _port(text: str) -> int:
     value = _int(text)
     if not 0 <= value <= 65535:
@@ -112,6 +121,7 @@ class Option:
     help: str
     commands: tuple[str, ...] = ("serve", "run")
     shown: str | None = None  # the default as the help shows it, when not ``str(default)``
+    switch: bool = False      # a flag without a value (its variable: 1/true/yes or 0/...)
 
     @property
     def env(self) -> str:
@@ -157,6 +167,10 @@ OPTIONS: tuple[Option, ...] = (
     Option("max_streams", _positive_int, 1000,
            "event streams open at once (GET /events, /jobs/<id>/events); beyond, 503",
            ("serve",)),
+    Option("tokens", str, None, "the tokens file: who may use the server, with which scopes, "
+           "folders and limits ('imgserver token add' writes it)", ("serve",), shown="none"),
+    Option("allow_anonymous", _boolean, False, "serve an address other than loopback without "
+           "any token (everyone may do everything)", ("serve",), switch=True),
     Option("executor", _executor, "local", "where images run: 'local' process pool or 'dask'",
            ("serve",)),
     Option("scheduler", _scheduler, None, "Dask scheduler address, e.g. tcp://host:8786",
@@ -186,6 +200,8 @@ class Settings:
     notify_allow: tuple[str, ...] = ()
     read_timeout: float = 10.0
     max_streams: int = 1000
+    tokens: str | None = None
+    allow_anonymous: bool = False
     executor: str = "local"
     scheduler: str | None = None
     token: str | None = dataclasses.field(default=None, repr=False)

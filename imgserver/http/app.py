@@ -15,23 +15,23 @@ The engine's errors become status codes in ``imgserver.http.errors`` and nowhere
 from __future__ import annotations
 
 import asyncio
-import hmac
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI
 from fastapi.responses import Response
 from starlette.types import ASGIApp
 
 from imgserver import __version__
+from imgserver.access.gate import Gate
 from imgserver.http import files, jobs, page
+from imgserver.http.auth import AccessLog, Auth
 from imgserver.http.connection import Disconnects
 from imgserver.http.docs import add_docs
-from imgserver.http.errors import Unauthorized, add_error_handlers
+from imgserver.http.errors import add_error_handlers
 from imgserver.http.metrics import CONTENT_TYPE, HTTPMetrics, Metrics
 from imgserver.http.responses import JSONResponse
-from imgserver.http.schema import ErrorResponse, Health
+from imgserver.http.schema import Health
 from imgserver.http.security import SecurityHeaders
 from imgserver.http.streams import EventHub
 from imgserver.jobs.engine import Engine
@@ -46,9 +46,11 @@ class _App(FastAPI):
         return SecurityHeaders(super().build_middleware_stack())
 
 
-def create_app(engine: Engine, settings: Settings) -> FastAPI:
-    """The FastAPI application serving ``engine``; ``app.state.hub`` streams its events and
-    ``app.state.metrics`` counts them."""
+def create_app(engine: Engine, settings: Settings, gate: Gate | None = None) -> FastAPI:
+    """The FastAPI application serving ``engine`` to whom ``gate`` lets in (by default:
+    the one IMGSERVER_TOKEN, or everyone without it); ``app.state.hub`` streams its events
+    and ``app.state.metrics`` counts them."""
+    auth = Auth(gate or Gate(settings.token))
     hub = EventHub(engine.snapshot, engine.unfinished, max_streams=settings.max_streams)
     engine.subscribe(hub)
     metrics = Metrics(engine.stats, __version__)
@@ -70,22 +72,9 @@ def create_app(engine: Engine, settings: Settings) -> FastAPI:
     app.state.hub = hub
     app.state.metrics = metrics
     app.add_middleware(HTTPMetrics, metrics=metrics)
+    app.add_middleware(AccessLog)
 
-    async def authorized(request: Request) -> None:
-        if settings.token is None:
-            return
-        scheme, _, credentials = request.headers.get("authorization", "").partition(" ")
-        # compare_digest takes the same time whatever the first differing byte.
-        if scheme.lower() != "bearer" or not hmac.compare_digest(
-                credentials.strip().encode(), settings.token.encode()):
-            raise Unauthorized()
-
-    errors: dict[int | str, dict[str, Any]] = {
-        401: {"model": ErrorResponse, "description": "Missing or wrong bearer token "
-                                                      "(only when IMGSERVER_TOKEN is set)."},
-    }
-
-    app.include_router(jobs.router(engine, hub, settings, authorized, errors))
+    app.include_router(jobs.router(engine, hub, settings, auth))
 
     @app.get("/metrics", summary="Prometheus metrics", response_class=Response,
              description="The server's metrics in Prometheus's text format: jobs and images by "
@@ -104,7 +93,7 @@ def create_app(engine: Engine, settings: Settings) -> FastAPI:
         return JSONResponse({"status": "unavailable", "reason": engine.health_reason},
                             status_code=503)
 
-    app.include_router(files.router(engine, authorized, errors))
+    app.include_router(files.router(engine, auth))
     page.add_routes(app)
     add_docs(app)
     add_error_handlers(app)

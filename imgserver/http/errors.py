@@ -6,6 +6,8 @@
     JobConflict                                        409 with the job's document
     BodyTooLarge                                       413
     Unauthorized                                       401 with WWW-Authenticate
+    Forbidden                                          403, naming the scope
+    TooManyRequests                                    429 with Retry-After
 """
 
 from __future__ import annotations
@@ -15,17 +17,16 @@ from fastapi.exceptions import RequestValidationError
 
 from imgserver.errors import (
     CapacityError,
+    Forbidden,
     ImageError,
     JobConflict,
     JobNotFound,
     Problem,
     RequestError,
+    TooManyRequests,
+    Unauthorized,
 )
 from imgserver.http.responses import JSONResponse
-
-
-class Unauthorized(Exception):
-    """No bearer token, or a wrong one."""
 
 
 class BodyTooLarge(Exception):
@@ -74,6 +75,14 @@ def add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Unauthorized)
     async def unauthorized(request: Request, exc: Unauthorized) -> JSONResponse:
-        return JSONResponse({"detail": "a valid 'Authorization: Bearer <token>' header is "
-                                       "required"}, status_code=401,
+        return JSONResponse({"detail": str(exc)}, status_code=401,
                             headers={"WWW-Authenticate": "Bearer"})
+
+    @app.exception_handler(Forbidden)
+    async def forbidden(request: Request, exc: Forbidden) -> JSONResponse:
+        return JSONResponse({"detail": str(exc), "scope": exc.scope}, status_code=403)
+
+    @app.exception_handler(TooManyRequests)
+    async def too_many(request: Request, exc: TooManyRequests) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=429,
+                            headers={"Retry-After": str(exc.retry_after)})

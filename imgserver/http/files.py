@@ -18,7 +18,7 @@ import hashlib
 import mimetypes
 import os
 import stat
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +27,9 @@ from fastapi import Path as PathParameter
 from fastapi.responses import Response, StreamingResponse
 from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
 
+from imgserver.access.principal import Principal
 from imgserver.errors import JobNotFound
+from imgserver.http.auth import Auth
 from imgserver.http.schema import ErrorResponse
 from imgserver.images.paths import OutsideRoot, open_file
 from imgserver.images.thumbnail import (
@@ -42,10 +44,11 @@ from imgserver.jobs.engine import Engine
 CHUNK = 1 << 20
 
 
-def router(engine: Engine, authorized: Callable[..., Any],
-           errors: dict[int | str, dict[str, Any]]) -> APIRouter:
-    """The routes serving ``engine``'s jobs' files, behind ``authorized``."""
-    routes = APIRouter(dependencies=[Depends(authorized)])
+def router(engine: Engine, auth: Auth) -> APIRouter:
+    """The routes serving ``engine``'s jobs' files to principals with the ``read`` scope
+    (of their folder's jobs only), asked of ``auth``."""
+    routes = APIRouter()
+    reader = auth.need("read")
     image = PathParameter(ge=0, description="The image's index in the request (from 0).")
     output = Query(None, ge=0, description="The index of the file in the image's `outputs` "
                                            "(tiles after a split); absent: its input.")
@@ -55,7 +58,7 @@ def router(engine: Engine, authorized: Callable[..., Any],
         404: {"model": ErrorResponse, "description": "No such job, image or file, or the file "
               "cannot be read or decoded (the detail says why)."},
         422: {"model": ErrorResponse, "description": "A parameter is invalid."},
-        **errors}
+        **auth.errors}
 
     @routes.get("/jobs/{job_id}/images/{index}/thumbnail", summary="A thumbnail of a job's file",
                 response_class=Response, responses={200: {"content": {
@@ -64,13 +67,15 @@ def router(engine: Engine, authorized: Callable[..., Any],
     async def thumbnail(job_id: str, index: int = image, output: int | None = output,
                         size: int = Query(DEFAULT_SIZE, ge=16, le=MAX_SIZE, description=(
                             "The largest side of the thumbnail, in pixels.")),
-                        if_none_match: str | None = match) -> Response:
-        path = await run_in_threadpool(_listed, engine, job_id, index, output)
+                        if_none_match: str | None = match,
+                        principal: Principal = Depends(reader)) -> Response:
+        root, path = await run_in_threadpool(_listed, engine, job_id, index, output,
+                                             principal.view)
         etag = await run_in_threadpool(_etag, path, f"thumbnail-{size}")
         if if_none_match == etag:
             return Response(status_code=304, headers=_cache(etag))
         settings = engine.settings
-        task = ThumbnailTask(str(settings.root), str(path), size, settings.max_pixels,
+        task = ThumbnailTask(str(root), str(path), size, settings.max_pixels,
                              settings.max_file_bytes)  # as strict as a job's image
         data, media_type = await asyncio.wrap_future(engine.run_now(make_thumbnail, task))
         return Response(data, media_type=media_type, headers=_cache(etag))
@@ -79,12 +84,14 @@ def router(engine: Engine, authorized: Callable[..., Any],
                 response_class=Response, responses={200: {"content": {"image/*": {}}},
                                                    **answers})
     async def file(job_id: str, index: int = image, output: int | None = output,
-                   if_none_match: str | None = match) -> Response:
-        path = await run_in_threadpool(_listed, engine, job_id, index, output)
+                   if_none_match: str | None = match,
+                   principal: Principal = Depends(reader)) -> Response:
+        root, path = await run_in_threadpool(_listed, engine, job_id, index, output,
+                                             principal.view)
         etag = await run_in_threadpool(_etag, path, "file")
         if if_none_match == etag:
             return Response(status_code=304, headers=_cache(etag))
-        fd = await run_in_threadpool(_open, engine.settings.root, path)
+        fd = await run_in_threadpool(_open, root, path)
         media_type = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
         return StreamingResponse(iterate_in_threadpool(_chunks(fd)), media_type=media_type,
                                  headers={**_cache(etag), "Content-Length": str(
@@ -93,8 +100,18 @@ def router(engine: Engine, authorized: Callable[..., Any],
     return routes
 
 
-def _listed(engine: Engine, job_id: str, index: int, output: int | None) -> Path:
-    return listed_file(engine.status(job_id), engine.settings.root, index, output)
+def _listed(engine: Engine, job_id: str, index: int, output: int | None, view: str | None
+            ) -> tuple[Path, Path]:
+    """The root of the job ``job_id`` (of ``view``, unless None) and the real path of the
+    file of it asked for; JobNotFound if there is none."""
+    document = engine.status(job_id, view)
+    root = engine.settings.root
+    folder = engine.folder(job_id)
+    if folder:  # its paths are relative to its folder: found again in there
+        root = Path(os.path.realpath(root / folder))
+        if not root.is_relative_to(engine.settings.root):
+            raise JobNotFound(f"job {job_id!r}: its folder is not under the root")
+    return root, listed_file(document, root, index, output)
 
 
 def _etag(path: Path, kind: str) -> str:

@@ -15,14 +15,15 @@ engine's future: the event loop never blocks.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
 from typing import Any
 from urllib.parse import quote
 
 from fastapi import APIRouter, Depends, Header, Query, Request
 from starlette.concurrency import run_in_threadpool
 
+from imgserver.access.principal import Principal
 from imgserver.errors import RequestError
+from imgserver.http.auth import Auth
 from imgserver.http.errors import BodyTooLarge
 from imgserver.http.eventstream import EventStreamResponse
 from imgserver.http.responses import EventStream, JSONResponse, json_error
@@ -41,14 +42,16 @@ STATE_PATTERN = f"^ *(?:{_STATE} *(?:, *{_STATE} *)*)?$"
 SOURCE_PATTERN = "^(?:" + "|".join(SOURCES) + ")?$"
 
 
-def router(engine: Engine, hub: EventHub, settings: Settings, authorized: Callable[..., Any],
-           errors: dict[int | str, dict[str, Any]]) -> APIRouter:
-    """The routes of ``engine``'s jobs and ``hub``'s event streams, behind ``authorized``."""
-    routes = APIRouter(dependencies=[Depends(authorized)])
+def router(engine: Engine, hub: EventHub, settings: Settings, auth: Auth) -> APIRouter:
+    """The routes of ``engine``'s jobs and ``hub``'s event streams, each asking ``auth`` for
+    the scope it needs; a principal with a folder sees only that folder's jobs."""
+    routes = APIRouter()
+    errors = auth.errors
+    reader, submitter, canceller = auth.need("read"), auth.need("submit"), auth.need("cancel")
 
     @routes.post("/jobs", status_code=202,
-              summary="Submit a job",
-              responses={
+                 summary="Submit a job",
+                 responses={
                   202: {"model": StatusDocument, "description": "Accepted; the job is queued. "
                         "The Location header points at its status."},
                   200: {"model": StatusDocument, "description": "With wait=true: the job's "
@@ -62,9 +65,10 @@ def router(engine: Engine, hub: EventHub, settings: Settings, authorized: Callab
                         "server is stopping, or the outbox cannot store the request; nothing "
                         "was accepted. See Retry-After."},
                   **errors},
-              openapi_extra={"requestBody": {"required": True, "content": {"application/json": {
+                 openapi_extra={"requestBody": {"required": True, "content": {"application/json": {
                   "schema": {"$ref": "#/components/schemas/JobRequest"}}}}})
-    async def submit_job(request: Request, wait: bool = Query(
+    async def submit_job(request: Request, principal: Principal = Depends(submitter),
+                         wait: bool = Query(
             False, description="Wait for the job to finish and answer 200 with its final "
                                "status."),
             idempotency_key: str | None = Header(
@@ -76,11 +80,14 @@ def router(engine: Engine, hub: EventHub, settings: Settings, authorized: Callab
                     "Makes a POST whose answer was lost safe to retry."))) -> JSONResponse:
         body = await _read_body(request, settings.max_body_bytes)
         created = True
+        owner = principal.owner
         if idempotency_key is None:
-            document = await run_in_threadpool(engine.submit, body, source="http")
+            document = await run_in_threadpool(engine.submit, body, source="http",
+                                               owner=owner)
         else:
             document, created = await run_in_threadpool(engine.submit_once, body,
-                                                        idempotency_key, source="http")
+                                                        idempotency_key, source="http",
+                                                        owner=owner)
         location = f"/jobs/{quote(document['id'])}"
         if not wait:
             return JSONResponse(document, status_code=202 if created else 200,
@@ -110,8 +117,8 @@ def router(engine: Engine, hub: EventHub, settings: Settings, authorized: Callab
                 openapi_examples={"http": {"summary": "jobs submitted over HTTP",
                                            "value": "http"}}),
             limit: int = Query(50, ge=1, le=1000, description="Jobs per page."),
-            cursor: str | None = Query(None, description="The `next` of the previous page.")
-    ) -> JSONResponse:
+            cursor: str | None = Query(None, description="The `next` of the previous page."),
+            principal: Principal = Depends(reader)) -> JSONResponse:
         states = _states(state)
         if source == "":
             source = None  # an empty filter, as a form sends it: every job
@@ -119,22 +126,22 @@ def router(engine: Engine, hub: EventHub, settings: Settings, authorized: Callab
             raise RequestError.single("source", f"{source!r} is not a source (expected one of "
                                                 f"{', '.join(SOURCES)})")
         jobs, after = await run_in_threadpool(engine.jobs, states=states, source=source,
-                                              limit=limit, cursor=cursor)
+                                              limit=limit, cursor=cursor, view=principal.view)
         return JSONResponse({"jobs": jobs, "next": after})
 
     @routes.get("/jobs/{job_id}", summary="A job's status",
              responses={200: {"model": StatusDocument},
                         404: {"model": ErrorResponse, "description": "No such job."}, **errors})
-    async def get_job(job_id: str) -> JSONResponse:
-        return JSONResponse(await run_in_threadpool(engine.status, job_id))
+    async def get_job(job_id: str, principal: Principal = Depends(reader)) -> JSONResponse:
+        return JSONResponse(await run_in_threadpool(engine.status, job_id, principal.view))
 
     @routes.post("/jobs/{job_id}/cancel", status_code=202,
-              summary="Cancel a job",
-              description="Images of the job that have not started never start; running "
+                 summary="Cancel a job",
+                 description="Images of the job that have not started never start; running "
                           "images finish and keep their outputs; then the job is `cancelled`. "
                           "The cancel is on disk before the answer: a restart does not resume "
                           "the job.",
-              responses={
+                 responses={
                   202: {"model": StatusDocument, "description": "Cancelled. The job is "
                         "`cancelled`, or still `running` until its running images finish."},
                   200: {"model": StatusDocument, "description": "The job was cancelled "
@@ -143,8 +150,9 @@ def router(engine: Engine, hub: EventHub, settings: Settings, authorized: Callab
                   409: {"model": StatusDocument, "description": "The job is done or failed "
                         "(or run by an 'imgserver run' process): its document."},
                   **errors})
-    async def cancel_job(job_id: str) -> JSONResponse:
-        document, before = await run_in_threadpool(engine.cancel, job_id)
+    async def cancel_job(job_id: str, principal: Principal = Depends(canceller)
+                         ) -> JSONResponse:
+        document, before = await run_in_threadpool(engine.cancel, job_id, principal.view)
         return JSONResponse(document, status_code=200 if before else 202)
 
     last_event_id = Header(None, alias="Last-Event-ID", description=(
@@ -157,7 +165,9 @@ def router(engine: Engine, hub: EventHub, settings: Settings, authorized: Callab
                   'event: status\nid: 1764602000000001\ndata: {"id":"holiday",...}\n\n'
                   'event: image\nid: 1764602000000002\ndata: {"index":0,"image":{...},'
                   '"progress":{"done":1,"total":5}}\n\n')}}},
-        401: json_error("Missing or wrong bearer token (only when IMGSERVER_TOKEN is set)."),
+        401: json_error("No token, or one the server does not know (when it needs tokens)."),
+        403: json_error("The token lacks the 'read' scope."),
+        429: json_error("The token is over its rate. See Retry-After."),
         503: json_error("Too many event streams are open (--max-streams). See Retry-After."),
     }
 
@@ -170,9 +180,10 @@ def router(engine: Engine, hub: EventHub, settings: Settings, authorized: Callab
                          "`end` at once. A client that falls too far behind gets a fresh "
                          "`status`.",
              responses={**streams, 404: json_error("No such job.")})
-    async def job_events(job_id: str, last_event: str | None = last_event_id
-                         ) -> EventStreamResponse:
-        await run_in_threadpool(engine.status, job_id)  # 404 before the stream starts
+    async def job_events(job_id: str, last_event: str | None = last_event_id,
+                         principal: Principal = Depends(reader)) -> EventStreamResponse:
+        # 404 before the stream starts, also for a job of another folder.
+        await run_in_threadpool(engine.status, job_id, principal.view)
         return EventStreamResponse(hub, hub.open(job_id, last_event))
 
     @routes.get("/events", response_class=EventStream,
@@ -183,8 +194,9 @@ def router(engine: Engine, hub: EventHub, settings: Settings, authorized: Callab
                          "behind is disconnected; one that resumes after events no longer held "
                          "gets a `status` event for each unfinished job.",
              responses=streams)
-    async def all_events(last_event: str | None = last_event_id) -> EventStreamResponse:
-        return EventStreamResponse(hub, hub.open(None, last_event))
+    async def all_events(last_event: str | None = last_event_id,
+                         principal: Principal = Depends(reader)) -> EventStreamResponse:
+        return EventStreamResponse(hub, hub.open(None, last_event, principal.view))
 
     return routes
 

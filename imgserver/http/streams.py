@@ -71,6 +71,7 @@ class _Frame:
     job_bytes: bytes | None   # None: not part of a job's stream (``job``)
     all_bytes: bytes
     last: bool                # the job's ``end``: its stream closes after it
+    folder: str = ""          # the job's: streams that see only one folder see only its
 
 
 class _History:
@@ -116,15 +117,16 @@ class _History:
         """Whether events after seq ``cursor`` have been let go (a stream there is behind)."""
         return cursor < self._dropped
 
-    def after(self, seq: int, job_id: str | None) -> list[_Frame]:
-        """The frames after ``seq`` a stream of ``job_id`` (None: every job) wants, as many
-        as fit in CHUNK bytes (at least one)."""
+    def after(self, seq: int, job_id: str | None, view: str | None = None) -> list[_Frame]:
+        """The frames after ``seq`` a stream of ``job_id`` (None: every job; of the folder
+        ``view`` only, unless None) wants, as many as fit in CHUNK bytes (at least one)."""
         found: list[_Frame] = []
         size = 0
         start = max(self._start, bisect.bisect_right(self._seqs, seq))
         for frame in self._frames[start:]:
             data = frame.all_bytes if job_id is None else frame.job_bytes
-            if data is None or (job_id is not None and frame.job_id != job_id):
+            if data is None or (job_id is not None and frame.job_id != job_id) or (
+                    view is not None and frame.folder != view):
                 continue
             if found and size + len(data) > CHUNK:
                 break
@@ -143,6 +145,7 @@ class Stream:
 
     job_id: str | None        # None: every job
     cursor: int               # the seq of the last event it has sent (or skipped)
+    view: str | None = None   # the one folder whose jobs it sees (None: every folder)
     fresh: bool = False       # a fresh status is due before anything else
     since: int | None = None  # the stale id it came back with (all jobs: what changed since)
     closed: bool = False
@@ -152,12 +155,12 @@ class EventHub:
     """Fans the engine's events out to Server-Sent Event streams."""
 
     def __init__(self, snapshot: Callable[[str], tuple[dict, int]],
-                 active: Callable[[int | None], tuple[list[dict], int]], *,
+                 active: Callable[[int | None, str | None], tuple[list[dict], int]], *,
                  max_streams: int = 1000) -> None:
         """``snapshot(job_id)``: a job's status document and the seq it reflects;
-        ``active(since)``: the summaries of the unfinished jobs, and of those finished since
-        event ``since`` (None: none), and the seq they reflect; at most ``max_streams``
-        streams are open at once."""
+        ``active(since, view)``: the summaries of the unfinished jobs, and of those finished
+        since event ``since`` (None: none), of the folder ``view`` (None: every folder), and
+        the seq they reflect; at most ``max_streams`` streams are open at once."""
         self._snapshot = snapshot
         self._active = active
         self.max_streams = max_streams
@@ -264,10 +267,12 @@ class EventHub:
         finally:
             self.close_stream(stream)
 
-    def open(self, job_id: str | None, last_id: str | None) -> Stream:
-        """Register a stream of ``job_id`` (None: every job), placed after ``last_id`` when
-        the history holds all that followed it, or else with a fresh status due;
-        CapacityError when ``max_streams`` are open. ``close_stream`` ends it."""
+    def open(self, job_id: str | None, last_id: str | None, view: str | None = None
+             ) -> Stream:
+        """Register a stream of ``job_id`` (None: every job; of the folder ``view`` only,
+        unless None), placed after ``last_id`` when the history holds all that followed it,
+        or else with a fresh status due; CapacityError when ``max_streams`` are open.
+        ``close_stream`` ends it."""
         if self._listening >= self.max_streams:
             self.refused += 1
             raise CapacityError(f"too many event streams: {self._listening} are open, the "
@@ -275,7 +280,7 @@ class EventHub:
         self._catch_up()  # the history first: events waited while nobody listened
         after = _seq(last_id)
         history = self._history
-        stream = Stream(job_id, cursor=history.last, closed=self._closed)
+        stream = Stream(job_id, cursor=history.last, view=view, closed=self._closed)
         ended = self._ended.get(job_id) if job_id is not None else None
         if after is not None and ended is not None and ended <= after:
             # Back after its job's end (EventSource reconnects by itself when a stream
@@ -318,7 +323,7 @@ class EventHub:
         stream.fresh = False
         final = False
         if stream.job_id is None:
-            documents, seq = await asyncio.to_thread(self._active, stream.since)
+            documents, seq = await asyncio.to_thread(self._active, stream.since, stream.view)
             # Each its own id, growing, the last one ``seq``: all are as of that event.
             first = seq - len(documents) + 1
             data = b"".join(_sse("status", {**document, "job": document["id"]}, first + number)
@@ -354,7 +359,7 @@ class EventHub:
                     return
                 stream.fresh = True
                 continue
-            frames = self._history.after(stream.cursor, stream.job_id)
+            frames = self._history.after(stream.cursor, stream.job_id, stream.view)
             if frames:
                 stream.cursor = frames[-1].seq
                 sent_at = loop.time()
@@ -388,11 +393,12 @@ def _encode(event: Event) -> _Frame:
         name, data, last = "end", event.document, True
     elif isinstance(event, JobAccepted):
         return _Frame(event.seq, job_id, None,
-                      _sse("job", {**event.summary, "job": job_id}, event.seq), False)
+                      _sse("job", {**event.summary, "job": job_id}, event.seq), False,
+                      event.folder)
     else:
         raise TypeError(f"unknown event {event!r}")
     return _Frame(event.seq, job_id, _sse(name, data, event.seq),
-                  _sse(name, {**data, "job": job_id}, event.seq), last)
+                  _sse(name, {**data, "job": job_id}, event.seq), last, event.folder)
 
 
 def _sse(name: str, data: dict[str, Any], seq: int) -> bytes:

@@ -18,13 +18,14 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import json
 import os
 import shutil
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from imgserver.jobs.job import now
+from imgserver.jobs.job import Owner, now
 from imgserver.jobs.outbox import Outbox, unlink
 
 
@@ -35,13 +36,14 @@ class Arrivals:
         """Arrivals into ``outbox``."""
         self.outbox = outbox
 
-    def stage(self, body: bytes, *, lock: bool = False) -> Staged:
+    def stage(self, body: bytes, *, lock: bool = False, owner: Owner | None = None) -> Staged:
         """Write ``body`` to a temporary file and fsync it: the slow half of storing a new
         job's request, done before the engine's lock is taken. ``place`` finishes it; the
         ``Staged`` file must be closed (``Staged.close``) either way.
 
         With ``lock``, the file stays locked (flock) while its descriptor is open, which
-        tells a starting server that a live process owns the job.
+        tells a starting server that a live process owns the job. An ``owner`` that must be
+        kept (a token's job) is staged beside it, to be placed first.
         """
         self.outbox.ensure()
         temp = self.outbox.temp_path()
@@ -50,36 +52,50 @@ class Arrivals:
         try:
             if lock:
                 fcntl.flock(fd, fcntl.LOCK_EX)
-            view = memoryview(body)
-            while view:
-                view = view[os.write(fd, view):]
+            _write_all(fd, body)
             os.fsync(fd)
+            if owner is not None and owner.kept:
+                staged.owner = self.outbox.temp_path()
+                kept = json.dumps({"name": owner.name, "folder": owner.folder}).encode()
+                owner_fd = os.open(staged.owner, os.O_WRONLY | os.O_CREAT | os.O_EXCL
+                                   | os.O_CLOEXEC, 0o644)
+                try:
+                    _write_all(owner_fd, kept)
+                    os.fsync(owner_fd)
+                finally:
+                    os.close(owner_fd)
         except BaseException:
             staged.close()
             raise
         return staged
 
-    def place(self, staged: Staged, name: str | None, *, source: str) -> str:
+    def place(self, staged: Staged, name: str | None, *, source: str, folder: str = "") -> str:
         """Put a staged request in place as a new job's request; the job's id.
 
         The id is ``name``, or ``name-2``, ``name-3``... when taken; a random one without a
         name. It is claimed in the index first, then by linking the file under it, which
         fails if the name is taken (by a job the index does not know yet): a crash at any
-        point leaves a row for every request on disk.
+        point leaves a row for every request on disk. A staged owner is linked before the
+        request: a request on disk always has its owner beside it.
         """
         created_at = now()
         for job_id in _candidates(name):
             if self.outbox.status_path(job_id).exists():
                 continue
-            if not self.outbox.index.reserve(job_id, source, created_at):
+            if not self.outbox.index.reserve(job_id, source, created_at, folder):
                 continue
+            owner: Path | None = None  # the owner file linked for it, to undo on failure
             try:
+                if staged.owner is not None:
+                    os.link(staged.owner, self.outbox.owner_path(job_id))  # fails if taken
+                    owner = self.outbox.owner_path(job_id)
                 os.link(staged.path, self.outbox.request_path(job_id))
-            except FileExistsError:
+            except BaseException as exc:
+                if owner is not None:
+                    unlink(owner)
                 self.outbox.index.remove([job_id])
-                continue
-            except BaseException:
-                self.outbox.index.remove([job_id])
+                if isinstance(exc, FileExistsError):
+                    continue
                 raise
             unlink(staged.path)
             self.outbox.sync_folder()
@@ -183,6 +199,7 @@ class Staged:
     def __init__(self, path: Path, fd: int) -> None:
         self.path = path
         self.fd: int | None = fd
+        self.owner: Path | None = None  # whom the job is for, staged beside it
 
     def detach(self) -> int:
         """The descriptor, now the caller's to close (it holds the request's lock)."""
@@ -191,11 +208,19 @@ class Staged:
         return fd
 
     def close(self) -> None:
-        """Remove the file if it was not placed, and close it unless detached."""
+        """Remove the files if they were not placed, and close it unless detached."""
         unlink(self.path)
+        if self.owner is not None:
+            unlink(self.owner)
         if self.fd is not None:
             os.close(self.fd)
             self.fd = None
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
 
 
 def _candidates(name: str | None) -> Iterator[str]:

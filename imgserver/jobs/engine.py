@@ -23,6 +23,7 @@ import logging
 import math
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor, Future
 from pathlib import Path
@@ -39,11 +40,13 @@ from imgserver.jobs.events import (
 )
 from imgserver.jobs.intake import Intake
 from imgserver.jobs.job import (
+    ANYONE,
     FINAL_STATES,
     QUEUED,
     RUNNING,
     Job,
     Notification,
+    Owner,
 )
 from imgserver.jobs.ledger import Entry, Ledger
 from imgserver.jobs.outbox import Outbox
@@ -78,6 +81,7 @@ class Engine:
                               capacity=concurrency or (0 if hasattr(executor, "capacity")
                                                        else settings.workers))
         self._open_images = 0
+        self._owners: Counter[str] = Counter()  # open images by owner
         self._accepting = False
         self._closing = False
         self._advancing = False
@@ -110,21 +114,28 @@ class Engine:
         """Call ``listener`` for every event (``jobs.events``), holding the engine's lock."""
         self._events.subscribe(listener)
 
-    def submit(self, body: bytes, *, source: str, name: str | None = None) -> dict:
-        """Accept a request; its job's status document (``Intake.submit``)."""
-        return self._intake.submit(body, source=source, name=name)
+    def submit(self, body: bytes, *, source: str, name: str | None = None,
+               owner: Owner = ANYONE) -> dict:
+        """Accept ``owner``'s request; its job's status document (``Intake.submit``)."""
+        return self._intake.submit(body, source=source, name=name, owner=owner)
 
-    def submit_once(self, body: bytes, key: str, *, source: str) -> tuple[dict, bool]:
+    def submit_once(self, body: bytes, key: str, *, source: str, owner: Owner = ANYONE
+                    ) -> tuple[dict, bool]:
         """Accept a request once per idempotency key (``Intake.submit_once``)."""
-        return self._intake.submit_once(body, key, source=source)
+        return self._intake.submit_once(body, key, source=source, owner=owner)
 
     def take(self, path: Path, *, name: str | None, peek: bytes, source: str = "inbox") -> dict:
         """Take a drop-folder file as a job (``Intake.take``)."""
         return self._intake.take(path, name=name, peek=peek, source=source)
 
-    def status(self, job_id: str) -> dict:
-        """The status document of ``job_id``; JobNotFound if there is no such job."""
-        return self._ledger.status(job_id)
+    def status(self, job_id: str, view: str | None = None) -> dict:
+        """The status document of ``job_id``; JobNotFound if there is no such job, or (with
+        a ``view``) it is not of that folder."""
+        return self._ledger.status(job_id, view)
+
+    def folder(self, job_id: str) -> str:
+        """The folder ``job_id``'s paths are relative to ("": the root)."""
+        return self._ledger.owner(job_id).folder
 
     def snapshot(self, job_id: str) -> tuple[dict, int]:
         """The status document of ``job_id`` and the ``seq`` of the last event it reflects
@@ -132,16 +143,19 @@ class Engine:
         with self._cond:
             return self._ledger.status(job_id), self._events.seq
 
-    def unfinished(self, since: int | None = None) -> tuple[list[dict], int]:
+    def unfinished(self, since: int | None = None, view: str | None = None
+                   ) -> tuple[list[dict], int]:
         """Summaries of the jobs not finished, and of those finished since the event
         ``since`` (``Ledger.unfinished``); and the ``seq`` of the last event they reflect."""
         with self._cond:  # the index is written under it: a job is in one list or the other
-            return self._ledger.unfinished(since), self._events.seq
+            return self._ledger.unfinished(since, view), self._events.seq
 
     def jobs(self, *, states: Sequence[str] = (), source: str | None = None, limit: int = 50,
-             cursor: str | None = None) -> tuple[list[dict], str | None]:
+             cursor: str | None = None, view: str | None = None
+             ) -> tuple[list[dict], str | None]:
         """A page of job summaries, newest first, and the next cursor (``Ledger.page``)."""
-        return self._ledger.page(states=states, source=source, limit=limit, cursor=cursor)
+        return self._ledger.page(states=states, source=source, limit=limit, cursor=cursor,
+                                 view=view)
 
     def note_delivery(self, job_id: str, index: int, notification: Notification) -> None:
         """Record how the job's notification ``index`` went (the webhooks' progress)."""
@@ -164,22 +178,23 @@ class Engine:
         with self._cond:
             return self._ledger.wait(job_id, None if self._accepting else _shutting_down)
 
-    def cancel(self, job_id: str) -> tuple[dict, bool]:
+    def cancel(self, job_id: str, view: str | None = None) -> tuple[dict, bool]:
         """Cancel a job: its images not started never start, running ones finish.
 
         Returns the status document and whether the job was cancelled before (False: by
-        this call). JobNotFound for no such job, JobConflict for a job already done or
-        failed. The cancel is on disk before this returns.
+        this call). JobNotFound for no such job (or one not of ``view``), JobConflict for a
+        job already done or failed. The cancel is on disk before this returns.
         """
         with self._cond:
             entry = self._ledger.get(job_id)
-            if entry is None:
-                return self._ledger.cancelled_before(job_id), True
+            if entry is None or (view is not None and entry.job.owner.folder != view):
+                return self._ledger.cancelled_before(job_id, view), True
             job = entry.job
             if not job.cancelling:
                 self.outbox.request_cancel(job_id)
-                withdrawn = self._runner.withdraw(job_id)
+                withdrawn = self._runner.withdraw(job.owner.name, job_id)
                 self._open_images -= len(withdrawn)
+                self._owners[job.owner.name] -= len(withdrawn)
                 job.cancel([work.index for work in withdrawn])
                 for work in sorted(withdrawn, key=lambda work: work.index):
                     self._image_event(entry, work.index)
@@ -195,8 +210,7 @@ class Engine:
         with self._cond:
             if self._ledger.get(job_id) is not None:
                 return
-            recovered = recover(self.outbox, job_id, self._intake.parse, self._intake.new_job,
-                                self.settings.keep_finished, self.settings.root)
+            recovered = recover(self.outbox, job_id, self._intake, self.settings.keep_finished)
             if recovered is None:
                 return
             job, request = recovered
@@ -236,6 +250,10 @@ class Engine:
         """Images accepted and not yet finished, all jobs together."""
         return self._open_images
 
+    def open_images_of(self, owner: str) -> int:
+        """Images accepted and not yet finished of ``owner``'s jobs."""
+        return self._owners[owner]
+
     def stop_accepting(self) -> None:
         """Refuse new requests and release everyone waiting; running images go on."""
         with self._cond:
@@ -270,7 +288,7 @@ class Engine:
             # short job is done before, and only its final status is written. Until then the
             # request file is the job's record (a restart makes the job from it).
             entry.dirty, entry.written_at = True, time.monotonic()
-        self._events.emit(JobAccepted, job.id, job.summary())
+        self._events.emit(JobAccepted, job.id, job.summary(), folder=job.owner.folder)
         document = job.to_document()  # as accepted: queued
         self._advance()  # a free worker starts it now, not when the engine thread wakes
         self._cond.notify_all()
@@ -278,7 +296,7 @@ class Engine:
 
     def refuse(self, job: Job) -> dict:
         """Record a stored request that is invalid as the failed job ``job``."""
-        self._events.emit(JobAccepted, job.id, job.summary())
+        self._events.emit(JobAccepted, job.id, job.summary(), folder=job.owner.folder)
         self._finish(Entry(job))
         return job.to_document()
 
@@ -289,8 +307,11 @@ class Engine:
             if image.state in FINAL_STATES:
                 continue
             image.state, image.outputs, image.error = QUEUED, [], None
-            self._runner.queue.push(job.id, Work(job.id, index, self._intake.task(spec, request)))
+            task = self._intake.task(spec, request, job.owner)
+            self._runner.queue.push(job.owner.name, job.id,
+                                    Work(job.id, index, task, job.owner.name))
             self._open_images += 1
+            self._owners[job.owner.name] += 1
         if job.finish_if_complete(self.settings.keep_finished):
             self._finish(entry)
         return entry
@@ -369,7 +390,8 @@ class Engine:
         entry.job.images[work.index].state = RUNNING
         if entry.job.state == QUEUED:
             entry.job.start()
-            self._events.emit(StateChanged, entry.job.id, RUNNING, entry.job.progress())
+            self._events.emit(StateChanged, entry.job.id, RUNNING, entry.job.progress(),
+                              folder=entry.job.owner.folder)
             # Written with the next flush: a short job is often done before, and its final
             # status (written at once) says running's times too.
             entry.dirty = True
@@ -381,6 +403,7 @@ class Engine:
         image.state, image.outputs, image.error = (outcome.state, list(outcome.outputs),
                                                    outcome.error)
         self._open_images -= 1
+        self._owners[work.owner] -= 1
         entry.dirty = True
         waited = None if work.started_at is None else work.started_at - work.queued_at
         self._image_event(entry, work.index, waited, outcome.seconds)
@@ -392,14 +415,15 @@ class Engine:
         progress = entry.job.progress()
         self._events.emit(ImageFinished, entry.job.id, index,
                           dataclasses.replace(entry.job.images[index]), progress["done"],
-                          progress["total"], waited, seconds)
+                          progress["total"], waited, seconds, folder=entry.job.owner.folder)
 
     def _finish(self, entry: Entry) -> None:
         self._ledger.retire(entry)
         job = entry.job
         document = job.to_document()
-        self._events.emit(StateChanged, job.id, job.state, job.progress())
-        self._events.emit(JobFinished, job.id, document)
+        folder = job.owner.folder
+        self._events.emit(StateChanged, job.id, job.state, job.progress(), folder=folder)
+        self._events.emit(JobFinished, job.id, document, folder=folder)
         self._ledger.answer(entry, document)
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from imgserver.jobs.job import ImageStatus
@@ -27,10 +27,11 @@ logger = logging.getLogger("imgserver.jobs.events")
 
 @dataclass(frozen=True)
 class JobEvent:
-    """Something happened to a job."""
+    """Something happened to a job (of ``folder``: whose streams may hear of it)."""
 
     seq: int
     job_id: str
+    folder: str = field(default="", kw_only=True)
 
 
 @dataclass(frozen=True)
@@ -83,12 +84,13 @@ class Announcer:
         """Call ``listener`` for every event from now on."""
         self._listeners.append(listener)
 
-    def emit(self, kind: type[JobEvent], job_id: str, *fields: object) -> None:
-        """Number an event of ``kind`` and hand it to every listener."""
+    def emit(self, kind: type[JobEvent], job_id: str, *fields: object, folder: str = "") -> None:
+        """Number an event of ``kind`` (of a job of ``folder``) and hand it to every
+        listener."""
         # Numbers follow the clock (microseconds) when it is ahead: they keep growing across
         # restarts, and a number says when its event happened, at the latest.
         self.seq = max(self.seq + 1, time.time_ns() // 1000)
-        event: Event = kind(self.seq, job_id, *fields)  # type: ignore[assignment]
+        event: Event = kind(self.seq, job_id, *fields, folder=folder)  # type: ignore
         for listener in self._listeners:
             try:
                 listener(event)

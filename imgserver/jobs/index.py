@@ -2,7 +2,8 @@
 the server cost the same with ten jobs in the outbox or a million.
 
     OUTBOX/<id>.request.json, <id>.status.json    the record: always written first
-    OUTBOX/.jobs.sqlite3                            one row per job: state, source, times and
+    OUTBOX/.jobs.sqlite3                            one row per job: state, source, times,
+                                                    folder (its owner's, "" for the root) and
                                                     its summary (the document without images)
 
 The files stay the record; the index is derived from them and can be rebuilt from them at
@@ -31,7 +32,7 @@ from imgserver.errors import RequestError
 
 FILENAME = ".jobs.sqlite3"
 #: Bump when the schema changes: an index of another version is rebuilt.
-VERSION = "2"
+VERSION = "3"
 #: The rows written in one transaction while scanning the outbox.
 BATCH = 2000
 
@@ -43,7 +44,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     source TEXT NOT NULL,
     finished_at TEXT,
     notify INTEGER NOT NULL DEFAULT 0,
-    summary TEXT NOT NULL
+    summary TEXT NOT NULL,
+    folder TEXT NOT NULL DEFAULT ''
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
@@ -56,6 +58,7 @@ INDEXES = {
     "jobs_source": "ON jobs (source, state, created_at, id)",
     "jobs_finished": "ON jobs (finished_at) WHERE finished_at IS NOT NULL",
     "jobs_notify": "ON jobs (notify) WHERE notify = 1",
+    "jobs_folder": "ON jobs (folder, created_at, id)",
 }
 _SCHEMA = _TABLES + "".join(f"CREATE INDEX IF NOT EXISTS {name} {definition};\n"
                             for name, definition in INDEXES.items())
@@ -156,33 +159,38 @@ class Index:
 
     # -- writing ------------------------------------------------------------------------
 
-    def reserve(self, job_id: str, source: str, created_at: str) -> bool:
-        """Claim ``job_id`` for a new job; False if a row has it already."""
+    def reserve(self, job_id: str, source: str, created_at: str, folder: str = "") -> bool:
+        """Claim ``job_id`` for a new job of ``folder``; False if a row has it already."""
         try:
             with self._transaction() as cursor:
-                cursor.execute("INSERT INTO jobs VALUES (?, ?, 'queued', ?, NULL, 0, ?)",
+                cursor.execute("INSERT INTO jobs VALUES (?, ?, 'queued', ?, NULL, 0, ?, ?)",
                                (job_id, created_at, source, json.dumps({
                                    "id": job_id, "state": "queued", "source": source,
-                                   "created_at": created_at})))
+                                   "created_at": created_at}), folder))
         except sqlite3.IntegrityError:
             return False
         return True
 
-    def put(self, summary: dict[str, Any]) -> None:
-        """Write the row of the job ``summary`` describes (a status document without images)."""
+    def put(self, summary: dict[str, Any], folder: str = "") -> None:
+        """Write the row of the job ``summary`` describes (a status document without images).
+        A job's folder is set when its row is made (``folder``) and never changed after."""
         with self._transaction() as cursor:
-            cursor.execute("INSERT OR REPLACE INTO jobs VALUES (?, ?, ?, ?, ?, ?, ?)",
-                           _row(summary))
+            cursor.execute("INSERT INTO jobs VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(id) "
+                           "DO UPDATE SET created_at = excluded.created_at, state = "
+                           "excluded.state, source = excluded.source, finished_at = "
+                           "excluded.finished_at, notify = excluded.notify, summary = "
+                           "excluded.summary", _row(summary, folder=folder))
 
-    def add(self, summaries: Iterable[tuple[dict[str, Any], str | None]]) -> None:
+    def add(self, summaries: Iterable[tuple[dict[str, Any], str | None, str]]) -> None:
         """Write rows for jobs that have none (a scan: a row written meanwhile is newer).
 
-        Each job comes as its summary and, when at hand, that summary as JSON text (the
-        head of its status file, which then need not be encoded again).
+        Each job comes as its summary, that summary as JSON text when at hand (the head of
+        its status file, which then need not be encoded again), and its folder.
         """
-        rows = [_row(summary, text) for summary, text in summaries]
+        rows = [_row(summary, text, folder) for summary, text, folder in summaries]
         with self._transaction() as cursor:
-            cursor.executemany("INSERT OR IGNORE INTO jobs VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
+            cursor.executemany("INSERT OR IGNORE INTO jobs VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                               rows)
 
     @contextlib.contextmanager
     def bulk(self) -> Iterator[None]:
@@ -226,27 +234,31 @@ class Index:
             "SELECT id FROM jobs WHERE finished_at IS NOT NULL AND finished_at <= ? "
             "AND notify = 0 ORDER BY finished_at LIMIT ?", (cutoff, limit))]
 
-    def finished_since(self, moment: str, limit: int) -> list[dict[str, Any]]:
-        """Summaries of the jobs finished at or after ``moment`` (ISO-8601), newest first, at
-        most ``limit``."""
+    def finished_since(self, moment: str, limit: int, folder: str | None = None
+                       ) -> list[dict[str, Any]]:
+        """Summaries of the jobs (of ``folder`` only, unless None) finished at or after
+        ``moment`` (ISO-8601), newest first, at most ``limit``."""
+        only = "" if folder is None else " AND folder = ?"
+        values = (moment, limit) if folder is None else (moment, folder, limit)
         return [json.loads(summary) for (summary,) in self._query(
-            "SELECT summary FROM jobs WHERE finished_at >= ? ORDER BY finished_at DESC "
-            "LIMIT ?", (moment, limit))]
+            f"SELECT summary FROM jobs WHERE finished_at >= ?{only} ORDER BY finished_at "
+            f"DESC LIMIT ?", values)]
 
     def notify_pending(self) -> list[str]:
         """Ids of finished jobs with a webhook still to deliver."""
         return [job_id for (job_id,) in self._query("SELECT id FROM jobs WHERE notify = 1", ())]
 
     def page(self, *, states: Sequence[str] = (), source: str | None = None, limit: int = 50,
-             cursor: str | None = None) -> tuple[list[dict[str, Any]], str | None]:
-        """Summaries of jobs newest first (by ``created_at``, then id), filtered by state and
-        source, and the cursor of the next page (None on the last page)."""
+             cursor: str | None = None, folder: str | None = None
+             ) -> tuple[list[dict[str, Any]], str | None]:
+        """Summaries of jobs newest first (by ``created_at``, then id), filtered by state,
+        source and folder, and the cursor of the next page (None on the last page)."""
         after = decode_cursor(cursor) if cursor else None
         # One query per state, each walking its own index in order, merged here: an index on
         # (state, created_at) cannot give several states in order in one query.
         rows: list[tuple[str, str, str]] = []
         for state in states or (None,):
-            rows += self._newest(state, source, after, limit + 1)
+            rows += self._newest(state, source, folder, after, limit + 1)
         rows.sort(key=lambda row: (row[0], row[1]), reverse=True)
         rows = rows[:limit + 1]
         more = len(rows) > limit
@@ -254,9 +266,12 @@ class Index:
         summaries = [json.loads(summary) for _, _, summary in rows]
         return summaries, encode_cursor(rows[-1][0], rows[-1][1]) if more else None
 
-    def _newest(self, state: str | None, source: str | None, after: tuple[str, str] | None,
-                limit: int) -> list[tuple[str, str, str]]:
+    def _newest(self, state: str | None, source: str | None, folder: str | None,
+                after: tuple[str, str] | None, limit: int) -> list[tuple[str, str, str]]:
         conditions, values = [], []
+        if folder is not None:
+            conditions.append("folder = ?")
+            values.append(folder)
         if state is not None:
             conditions.append("state = ?")
             values.append(state)
@@ -316,14 +331,14 @@ def _unavailable() -> Iterator[None]:
         raise IndexUnavailable(f"the job index {FILENAME}: {exc}") from exc
 
 
-def _row(summary: dict[str, Any], text: str | None = None
-         ) -> tuple[str, str, str, str, str | None, int, str]:
+def _row(summary: dict[str, Any], text: str | None = None, folder: str = ""
+         ) -> tuple[str, str, str, str, str | None, int, str, str]:
     final = summary["state"] in _FINAL
     notify = final and any(entry.get("state") == "pending"
                            for entry in summary.get("notifications") or ())
     return (summary["id"], summary["created_at"], summary["state"], summary["source"],
             summary.get("finished_at") if final else None, int(notify),
-            json.dumps(summary) if text is None else text)
+            json.dumps(summary) if text is None else text, folder)
 
 
 _FINAL = ("done", "failed", "cancelled")

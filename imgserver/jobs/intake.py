@@ -9,19 +9,24 @@
 A request refused over HTTP or on the command line leaves no trace. An accepted one is on
 disk before anyone is told, and is handed to the engine (``Desk.accept``), which decides
 everything that happens to it from then on.
+
+Every request comes for an ``Owner``: its paths are resolved and confined in the owner's
+folder (the root itself by default), its images count against the owner's quota as well as
+the queue, and its idempotency keys are its own.
 """
 
 from __future__ import annotations
 
+import os
 import threading
 import uuid
 from pathlib import Path
 from typing import Protocol
 
-from imgserver.errors import CapacityError, RequestError
+from imgserver.errors import CapacityError, RequestError, TooManyRequests
 from imgserver.images.pipeline import ImageTask
 from imgserver.jobs.arrivals import Arrivals
-from imgserver.jobs.job import ImageStatus, Job, Notification
+from imgserver.jobs.job import ANYONE, DROP_FOLDER, ImageStatus, Job, Notification, Owner
 from imgserver.jobs.keys import check_key
 from imgserver.jobs.outbox import Outbox
 from imgserver.jobs.request import ImageSpec, Request, RequestLimits, parse_request
@@ -41,6 +46,9 @@ class Desk(Protocol):
     @property
     def open_images(self) -> int:
         """Images accepted and not yet finished, all jobs together."""
+
+    def open_images_of(self, owner: str) -> int:
+        """Images accepted and not yet finished of ``owner``'s jobs."""
 
     def accept(self, job: Job, request: Request, lock_fd: int | None, *, write: bool) -> dict:
         """Take a stored, valid request on as a queued job; its status document."""
@@ -73,45 +81,65 @@ class Intake:
         self._limits = RequestLimits(settings.max_body_bytes, settings.max_images,
                                      settings.notify_allow)
 
-    def parse(self, body: bytes) -> Request:
-        """The request ``body``, validated; RequestError naming what is wrong."""
-        return parse_request(body, self.settings.root, self._limits)
+    def root_of(self, owner: Owner) -> Path:
+        """Where ``owner``'s paths are resolved: its folder under the root, which must be
+        a folder inside it (RequestError otherwise)."""
+        if not owner.folder:
+            return self.settings.root
+        folder = Path(os.path.realpath(self.settings.root / owner.folder))
+        if not folder.is_relative_to(self.settings.root) or not folder.is_dir():
+            raise RequestError.single("request", (
+                f"the token's folder {owner.folder!r} is not a folder under the server's "
+                f"root; ask its operator to create it"))
+        return folder
 
-    def new_job(self, job_id: str, source: str, request: Request) -> Job:
-        """A queued job for a valid ``request``, told to notify the URLs it should."""
+    def parse(self, body: bytes, owner: Owner = ANYONE) -> Request:
+        """The request ``body`` of ``owner``, validated; RequestError naming what is wrong."""
+        return parse_request(body, self.root_of(owner), self._limits)
+
+    def new_job(self, job_id: str, source: str, request: Request, owner: Owner = ANYONE
+                ) -> Job:
+        """A queued job of ``owner`` for a valid ``request``, told to notify the URLs it
+        should."""
         urls = [url for url in (self.settings.notify_url, request.notify) if url]
         return Job(id=job_id, source=source, operations=list(request.operations),
                    images=[ImageStatus(spec.input, spec.output) for spec in request.images],
-                   notifications=[Notification(redacted(url)) for url in dict.fromkeys(urls)])
+                   notifications=[Notification(redacted(url)) for url in dict.fromkeys(urls)],
+                   owner=owner)
 
-    def task(self, spec: ImageSpec, request: Request) -> ImageTask:
-        """What a worker is given to run the image ``spec`` of ``request``."""
+    def task(self, spec: ImageSpec, request: Request, owner: Owner = ANYONE) -> ImageTask:
+        """What a worker is given to run the image ``spec`` of ``owner``'s ``request``."""
         return ImageTask(
-            root=str(self.settings.root), input=str(spec.input_path),
+            root=str(self.root_of(owner)), input=str(spec.input_path),
             outputs=tuple(str(path) for path in spec.outputs), operations=request.parsed,
             max_pixels=self.settings.max_pixels, max_file_bytes=self.settings.max_file_bytes)
 
-    def submit(self, body: bytes, *, source: str, name: str | None = None) -> dict:
-        """Accept a request; its job's status document.
+    def submit(self, body: bytes, *, source: str, name: str | None = None,
+               owner: Owner = ANYONE) -> dict:
+        """Accept ``owner``'s request; its job's status document.
 
         An invalid request raises RequestError and leaves no trace; CapacityError when the
-        queue is full or the request cannot be stored.
+        queue is full or the request cannot be stored, TooManyRequests when the owner's
+        quota would be exceeded.
         """
-        return self._create(body, self.parse(body), source=source, name=name)[0]
+        return self._create(body, self.parse(body, owner), source=source, name=name,
+                            owner=owner)[0]
 
-    def submit_once(self, body: bytes, key: str, *, source: str) -> tuple[dict, bool]:
+    def submit_once(self, body: bytes, key: str, *, source: str, owner: Owner = ANYONE
+                    ) -> tuple[dict, bool]:
         """``submit`` with an idempotency key: the document, and whether a job was created.
 
-        A key used in the last 24 hours answers with that key's job (its current status)
-        and creates nothing; RequestError if that job's request differs from ``body``.
+        A key the same owner used in the last 24 hours answers with that key's job (its
+        current status) and creates nothing; RequestError if that job's request differs
+        from ``body``. Owners' keys never meet: each has its own.
         """
         check_key(key)
         with self._lock:
-            earlier = self._replay(key, body)
+            earlier = self._replay(_own(key, owner), body)
         if earlier is not None:
             return earlier, False
-        return self._create(body, self.parse(body), source=source, name=uuid.uuid4().hex,
-                            key=key)
+        return self._create(body, self.parse(body, owner), source=source,
+                            name=uuid.uuid4().hex, key=_own(key, owner), owner=owner)
 
     def take(self, path: Path, *, name: str | None, peek: bytes, source: str = "inbox") -> dict:
         """Take the drop-folder file ``path`` as a job; its status document.
@@ -122,14 +150,16 @@ class Intake:
         was replaced meanwhile) and what was moved is what is validated and run. An invalid
         request becomes a failed job, since nobody is there to answer.
         """
+        owner = Owner(DROP_FOLDER)
         try:
             peeked: Request | None = self.parse(peek)
         except RequestError:
             peeked = None  # it will be recorded as failed once taken
         with self._lock:
             # Room for what it asks (at most a full queue: more fails below, once taken).
-            self._admit(min(len(peeked.images), self.settings.max_queue) if peeked else 0)
-            placeholder = Job(id="", source=source, operations=[], images=[])
+            self._admit(min(len(peeked.images), self.settings.max_queue) if peeked else 0,
+                        owner)
+            placeholder = Job(id="", source=source, operations=[], images=[], owner=owner)
 
             def reserved(job_id: str) -> None:
                 # Says where the job came from, should the server stop before it is written.
@@ -156,7 +186,7 @@ class Intake:
                     placeholder.notifications = [Notification(redacted(self.settings.notify_url))]
                 placeholder.reject(str(error), self.settings.keep_finished)
                 return self._desk.refuse(placeholder)
-            job = self.new_job(job_id, source, request)
+            job = self.new_job(job_id, source, request, owner)
             job.created_at = placeholder.created_at
             return self._desk.accept(job, request, None, write=True)
 
@@ -173,20 +203,33 @@ class Intake:
                 f"use a new key for a new request"))
         return self._desk.status(job_id)
 
-    def _admit(self, count: int) -> None:
-        """Whether ``count`` more images fit in the queue now (holding the lock)."""
+    def _admit(self, count: int, owner: Owner) -> None:
+        """Whether ``count`` more images of ``owner`` fit in the queue, and in its quota,
+        now (holding the lock)."""
         if not self._desk.accepting:
             raise CapacityError("the server is shutting down", retry_after=5)
         limit, waiting = self.settings.max_queue, self._desk.open_images
         if count > limit:
             raise RequestError.single("images", _never_fits(count, limit))
+        quota = owner.max_queued
+        if quota is not None:
+            if count > quota:
+                raise RequestError.single("images", (
+                    f"lists {count} images, more than the token {owner.name!r} may have "
+                    f"queued ({quota}, --max-queued)"))
+            mine = self._desk.open_images_of(owner.name)
+            if mine + count > quota:
+                raise TooManyRequests(
+                    f"the token {owner.name!r} has {mine} images waiting or running, this "
+                    f"request adds {count}, its limit is {quota} (--max-queued)",
+                    retry_after=5)
         if waiting + count > limit:
             raise CapacityError(
                 f"the queue is full: {waiting} images are waiting or running, "
                 f"this request adds {count}, the limit is {limit} (--max-queue)")
 
     def _create(self, body: bytes, request: Request, *, source: str, name: str | None,
-                key: str | None = None) -> tuple[dict, bool]:
+                owner: Owner, key: str | None = None) -> tuple[dict, bool]:
         """Store a valid request and accept it as a queued job: its status document, and
         True; with an idempotency ``key`` used before, that key's job, and False.
 
@@ -194,7 +237,7 @@ class Intake:
         meanwhile), then placed under its id and handed over.
         """
         try:
-            staged = self._arrivals.stage(body, lock=self._lock_jobs)
+            staged = self._arrivals.stage(body, lock=self._lock_jobs, owner=owner)
         except OSError as exc:
             with self._lock:
                 raise self._storage_failed(exc) from None
@@ -204,18 +247,19 @@ class Intake:
                     earlier = self._replay(key, body)  # the same key sent twice at once
                     if earlier is not None:
                         return earlier, False
-                self._admit(len(request.images))
+                self._admit(len(request.images), owner)
                 if key is not None and name is not None:
                     # Bound before the job exists: a crash in between binds it to nothing.
                     self.outbox.keys.bind(key, name)
                 try:
-                    job_id = self._arrivals.place(staged, name, source=source)
+                    job_id = self._arrivals.place(staged, name, source=source,
+                                                  folder=owner.folder)
                 except OSError as exc:
                     raise self._storage_failed(exc) from None
                 self._storage.succeeded()
                 lock_fd = staged.detach() if self._lock_jobs else None
-                return self._desk.accept(self.new_job(job_id, source, request), request,
-                                         lock_fd, write=False), True
+                return self._desk.accept(self.new_job(job_id, source, request, owner),
+                                         request, lock_fd, write=False), True
         finally:
             staged.close()
 
@@ -223,6 +267,11 @@ class Intake:
         problem = f"the outbox {self.outbox.path} cannot store requests: {exc.strerror or exc}"
         self._storage.failed(problem)
         return CapacityError(problem, retry_after=30)
+
+
+def _own(key: str, owner: Owner) -> str:
+    """An idempotency key as ``owner``'s own (the same key of two owners is two keys)."""
+    return f"{owner.name}\x00{key}" if owner.name else key
 
 
 def _never_fits(count: int, limit: int) -> str:

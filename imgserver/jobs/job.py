@@ -66,6 +66,30 @@ class ImageStatus:
 PENDING, DELIVERED = "pending", "delivered"
 
 
+#: The owner of the drop folder's jobs: the operator, one more owner for fair share.
+DROP_FOLDER = "inbox"
+
+
+@dataclass(frozen=True)
+class Owner:
+    """Whom a job is for: a name (a token's; "" with no tokens) for fair share and quotas,
+    and the folder its paths are relative to ("": the root). Not part of the status
+    document: kept beside the request (``Outbox.write_owner``)."""
+
+    name: str = ""
+    folder: str = ""
+    max_queued: int | None = None  # images accepted and unfinished, at most (None: no limit)
+
+    @property
+    def kept(self) -> bool:
+        """Whether the outbox must keep it (anything but the default)."""
+        return bool(self.name or self.folder)
+
+
+#: The owner of a job when there are no tokens: the root, nobody in particular.
+ANYONE = Owner()
+
+
 @dataclass
 class Notification:
     """One completion webhook of a job: where it goes (without credentials) and how it went."""
@@ -99,6 +123,7 @@ class Job:
     notifications: list[Notification] = field(default_factory=list)
     #: Cancelled by its user: images not started never start; the job ends ``cancelled``.
     cancelling: bool = False
+    owner: Owner = field(default_factory=Owner)
 
     @property
     def finished(self) -> bool:

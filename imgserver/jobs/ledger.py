@@ -32,6 +32,7 @@ from imgserver.jobs.job import (
     RUNNING,
     Job,
     Notification,
+    Owner,
     served,
     summary,
     timestamp,
@@ -77,7 +78,7 @@ class Ledger:
         self._lock = lock
         self._storage = storage
         self._live: dict[str, Entry] = {}
-        self._unsaved: dict[str, dict] = {}  # finished, but not yet all on disk
+        self._unsaved: dict[str, tuple[dict, Owner]] = {}  # finished, not yet all on disk
 
     # -- the live jobs (the engine holds the lock) -----------------------------------------
 
@@ -104,7 +105,7 @@ class Ledger:
         answered (``put_row``): a crash in between leaves a row that start-up checks
         against the file."""
         if not self.write(entry, index=False):
-            self._unsaved[entry.job.id] = entry.job.to_document()
+            self._unsaved[entry.job.id] = (entry.job.to_document(), entry.job.owner)
         self._live.pop(entry.job.id, None)
 
     def answer(self, entry: Entry, document: dict) -> None:
@@ -113,8 +114,10 @@ class Ledger:
         for waiter in entry.waiters:
             waiter.set_result(document)
         entry.waiters.clear()
-        if entry.job.id not in self._unsaved and not self.put_row(summary(document)):
-            self._unsaved[entry.job.id] = document
+        owner = entry.job.owner
+        if entry.job.id not in self._unsaved and not self.put_row(summary(document),
+                                                                  owner.folder):
+            self._unsaved[entry.job.id] = (document, owner)
         entry.release()
 
     def wait(self, job_id: str, refusal: Callable[[str], Exception] | None) -> Future:
@@ -141,7 +144,8 @@ class Ledger:
         """Write the job's status file (and, unless ``index`` is False, its index row);
         whether it worked (if not, it is tried again: the entry stays dirty)."""
         try:
-            self.outbox.write_status(entry.job.to_document(), index=index)
+            self.outbox.write_status(entry.job.to_document(), index=index,
+                                     folder=entry.job.owner.folder)
         except OSError as exc:
             self._storage.failed(f"cannot write the status of job {entry.job.id}: {exc}")
             entry.dirty = True
@@ -171,10 +175,11 @@ class Ledger:
         probe = self._storage.next_probe()
         return probe if probe is not None else min(due, default=None)
 
-    def put_row(self, job_summary: dict[str, Any]) -> bool:
-        """Put a job's index row; whether it worked (the status file is the record)."""
+    def put_row(self, job_summary: dict[str, Any], folder: str) -> bool:
+        """Put the index row of a job of ``folder``; whether it worked (the status file is
+        the record)."""
         try:
-            self.outbox.index.put(job_summary)
+            self.outbox.index.put(job_summary, folder)
         except OSError as exc:
             self._storage.failed(f"cannot index job {job_summary['id']}: {exc}")
             return False
@@ -182,9 +187,9 @@ class Ledger:
 
     def _repair(self) -> None:
         """Write the finished jobs' status files and index rows that could not be written."""
-        for job_id, document in list(self._unsaved.items()):
+        for job_id, (document, owner) in list(self._unsaved.items()):
             try:
-                self.outbox.write_status(document)
+                self.outbox.write_status(document, folder=owner.folder)
             except OSError as exc:
                 self._storage.failed(f"cannot write the status of job {job_id}: {exc}")
                 return
@@ -198,21 +203,46 @@ class Ledger:
 
     # -- questions (any thread) ------------------------------------------------------------
 
-    def status(self, job_id: str) -> dict:
-        """The status document of ``job_id``; JobNotFound if there is no such job."""
+    def status(self, job_id: str, view: str | None = None) -> dict:
+        """The status document of ``job_id``; JobNotFound if there is no such job, or, with
+        a ``view``, none of that folder (another folder's job is not there for it)."""
         with self._lock:
             entry = self._live.get(job_id)
             if entry is not None:
-                return entry.job.to_document()
-            unsaved = self._unsaved.get(job_id)
-            if unsaved is not None:
-                return served(unsaved, self._keep)
+                if view is None or entry.job.owner.folder == view:
+                    return entry.job.to_document()
+                raise _not_found(job_id)
+            if job_id in self._unsaved:
+                unsaved, owner = self._unsaved[job_id]
+                if view is None or owner.folder == view:
+                    return served(unsaved, self._keep)
+                raise _not_found(job_id)
         document = self.outbox.read_status(job_id)
-        if document is None:
-            raise JobNotFound(f"no job with id {job_id!r}")
+        if document is None or (view is not None and self._folder(job_id) != view):
+            raise _not_found(job_id)
         return served(document, self._keep)
 
-    def unfinished(self, since: int | None = None) -> list[dict]:
+    def owner(self, job_id: str) -> Owner:
+        """Whom ``job_id`` is for; JobNotFound if there is no such job."""
+        with self._lock:
+            entry = self._live.get(job_id)
+            if entry is not None:
+                return entry.job.owner
+            if job_id in self._unsaved:
+                return self._unsaved[job_id][1]
+        try:
+            return self.outbox.read_owner(job_id)
+        except OSError:
+            raise _not_found(job_id) from None
+
+    def _folder(self, job_id: str) -> str | None:
+        """The folder of a finished job (None when its owner cannot be read: nobody's)."""
+        try:
+            return self.outbox.read_owner(job_id).folder
+        except OSError:
+            return None
+
+    def unfinished(self, since: int | None = None, view: str | None = None) -> list[dict]:
         """Summaries of the jobs not finished, and of those finished since the event
         ``since`` (at most RECENTLY_FINISHED, newest first; the caller holds the lock).
 
@@ -220,17 +250,20 @@ class Ledger:
         finished since are those with a ``finished_at`` from that moment on (and a few from
         the same millisecond).
         """
-        summaries = [entry.job.summary() for entry in self._live.values()]
+        summaries = [entry.job.summary() for entry in self._live.values()
+                     if view is None or entry.job.owner.folder == view]
         if since is not None:
             moment = timestamp(datetime.fromtimestamp(since / 1e6, timezone.utc))
-            summaries += [served(s, self._keep) for s in
-                          self.outbox.index.finished_since(moment, RECENTLY_FINISHED)]
+            summaries += [served(s, self._keep) for s in self.outbox.index.finished_since(
+                moment, RECENTLY_FINISHED, view)]
         return summaries
 
     def page(self, *, states: Sequence[str] = (), source: str | None = None, limit: int = 50,
-             cursor: str | None = None) -> tuple[list[dict], str | None]:
-        """Summaries of jobs (documents without images), newest first, and the cursor of the
-        next page (None on the last). CapacityError while the index is being rebuilt."""
+             cursor: str | None = None, view: str | None = None
+             ) -> tuple[list[dict], str | None]:
+        """Summaries of jobs (documents without images; of the folder ``view`` only, unless
+        None), newest first, and the cursor of the next page (None on the last).
+        CapacityError while the index is being rebuilt."""
         if self.outbox.index.needs_scan:
             raise CapacityError("the job index is being rebuilt from the status files; "
                                 "listing is back when it is done", retry_after=5)
@@ -238,17 +271,18 @@ class Ledger:
         if asked & {QUEUED, RUNNING}:  # a live job's row may still say the other one
             asked |= {QUEUED, RUNNING}
         summaries, after = self.outbox.index.page(states=sorted(asked), source=source,
-                                                  limit=limit, cursor=cursor)
+                                                  limit=limit, cursor=cursor, folder=view)
         with self._lock:  # a running job's row lags its status by up to STATUS_INTERVAL
             summaries = [self._live[s["id"]].job.summary() if s["id"] in self._live
-                         else served(summary(self._unsaved.get(s["id"], s)), self._keep)
+                         else served(summary(self._unsaved.get(s["id"], (s,))[0]), self._keep)
                          for s in summaries]
         return [s for s in summaries if not states or s["state"] in states], after
 
-    def cancelled_before(self, job_id: str) -> dict:
+    def cancelled_before(self, job_id: str, view: str | None = None) -> dict:
         """The document of ``job_id``, not live, if it was cancelled; JobConflict if it is
-        done or failed (or run by another process), JobNotFound if there is no such job."""
-        document = self.status(job_id)
+        done or failed (or run by another process), JobNotFound if there is no such job
+        (of ``view``)."""
+        document = self.status(job_id, view)
         if document["state"] == CANCELLED:
             return document
         if document["state"] in FINAL_STATES:
@@ -261,3 +295,7 @@ class Ledger:
         """Record how the job's notification ``index`` went (the webhooks' progress)."""
         with self._lock:  # not while the job's own status is being written
             self.outbox.note_delivery(job_id, index, notification.to_document())
+
+
+def _not_found(job_id: str) -> JobNotFound:
+    return JobNotFound(f"no job with id {job_id!r}")

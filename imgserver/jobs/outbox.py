@@ -3,6 +3,9 @@
     OUTBOX/<id>.request.json   the job's durable record, written before the job is accepted
     OUTBOX/<id>.status.json    the status document, replaced atomically as the job moves
     OUTBOX/<id>.cancel         the job was cancelled (until its final status says so)
+    OUTBOX/<id>.owner.json     whom the job is for (a token's name, its folder), when it is
+                               for a token: there before the request, so that a restart
+                               resolves the job's paths in the right folder
     OUTBOX/.jobs.sqlite3       the index: a row per job, for listing (imgserver.jobs.index)
     OUTBOX/.keys/              idempotency keys (imgserver.jobs.keys)
     OUTBOX/.tmp/               files being written
@@ -29,7 +32,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from imgserver.jobs.index import BATCH, Index
-from imgserver.jobs.job import FINAL_STATES, summary
+from imgserver.jobs.job import FINAL_STATES, Owner, summary
 from imgserver.jobs.keys import IdempotencyKeys
 
 logger = logging.getLogger("imgserver.jobs.outbox")
@@ -37,6 +40,7 @@ logger = logging.getLogger("imgserver.jobs.outbox")
 REQUEST_SUFFIX = ".request.json"
 STATUS_SUFFIX = ".status.json"
 CANCEL_SUFFIX = ".cancel"
+OWNER_SUFFIX = ".owner.json"
 #: How a status file (indented JSON) introduces its images, after every other key.
 _IMAGES_KEY = b',\n  "images": ['
 #: The bytes of a status file read first for its summary (a few hundred are enough).
@@ -102,6 +106,23 @@ class Outbox:
         """Where the status document of ``job_id`` is kept."""
         return self.path / (job_id + STATUS_SUFFIX)
 
+    def owner_path(self, job_id: str) -> Path:
+        """Where whom ``job_id`` is for is kept (when it is for a token)."""
+        return self.path / (job_id + OWNER_SUFFIX)
+
+    def read_owner(self, job_id: str) -> Owner:
+        """Whom ``job_id`` is for, as kept beside its request; the root's default when
+        nothing is kept."""
+        try:
+            with open(self.owner_path(job_id), encoding="utf-8") as file:
+                kept = json.load(file)
+            return Owner(str(kept.get("name", "")), str(kept.get("folder", "")))
+        except FileNotFoundError:
+            return Owner()
+        except (OSError, ValueError, AttributeError) as exc:
+            # Never the root by mistake: a job whose owner cannot be read is nobody's.
+            raise OSError(f"cannot read the owner of job {job_id}: {exc}") from None
+
     def cancel_path(self, job_id: str) -> Path:
         """The marker saying ``job_id`` was cancelled, until its final status is written."""
         return self.path / (job_id + CANCEL_SUFFIX)
@@ -119,9 +140,11 @@ class Outbox:
 
     # -- status, requests, removal --------------------------------------------------------
 
-    def write_status(self, document: dict[str, Any], *, index: bool = True) -> None:
+    def write_status(self, document: dict[str, Any], *, index: bool = True,
+                     folder: str = "") -> None:
         """Replace the status file of ``document['id']`` atomically, then its index row
-        (unless ``index`` is False: the caller puts the row itself, a moment later)."""
+        (unless ``index`` is False: the caller puts the row itself, a moment later);
+        ``folder`` is the job's, should its row be new."""
         temp = self.temp_path()
         data = (json.dumps(document, indent=2) + "\n").encode()
         try:
@@ -136,7 +159,7 @@ class Outbox:
         finally:
             unlink(temp)
         if index:
-            self.index.put(summary(document))
+            self.index.put(summary(document), folder)
         if document["state"] in FINAL_STATES:
             unlink(self.cancel_path(document["id"]))  # the status says it from now on
 
@@ -195,7 +218,7 @@ class Outbox:
         """Remove the request, status and index row of each job (its outputs stay)."""
         for job_id in job_ids:
             for path in (self.status_path(job_id), self.request_path(job_id),
-                         self.cancel_path(job_id)):
+                         self.cancel_path(job_id), self.owner_path(job_id)):
                 unlink(path)
         self.index.remove(job_ids)
 
@@ -224,7 +247,8 @@ class Outbox:
         (``Index.bulk``).
         """
         known = self.index.ids()
-        missing = sorted(self._ids_on_disk() - known)
+        on_disk, owned = self._ids_on_disk()
+        missing = sorted(on_disk - known)
         bulk = len(missing) >= max(BULK_SCAN, len(known))
         del known
         added = 0
@@ -235,10 +259,12 @@ class Outbox:
                 stack.enter_context(self.index.bulk())
             batches = (missing[start:start + BATCH] for start in range(0, len(missing), BATCH))
 
-            def read(ids: list[str]) -> list[_Read]:
-                return [_read_summary(job_id + STATUS_SUFFIX, folder) for job_id in ids]
+            def read(ids: list[str]) -> list[tuple[_Read, str]]:
+                return [(_read_summary(job_id + STATUS_SUFFIX, folder),
+                         self._folder_of(job_id) if job_id in owned else "")
+                        for job_id in ids]
 
-            read_batches: Generator[tuple[list[str], list[_Read]], None, None]
+            read_batches: Generator[tuple[list[str], list[tuple[_Read, str]]], None, None]
             if READERS:
                 pool = stack.enter_context(ThreadPoolExecutor(
                     READERS, thread_name_prefix="imgserver-index-read"))
@@ -249,8 +275,8 @@ class Outbox:
             for ids, documents in read_batches:
                 if stopping():
                     return added
-                found: list[tuple[dict[str, Any], str | None]] = []
-                for job_id, read_back in zip(ids, documents, strict=True):
+                found: list[tuple[dict[str, Any], str | None, str]] = []
+                for job_id, (read_back, owner_folder) in zip(ids, documents, strict=True):
                     document, text = read_back or ({}, None)
                     if document.get("state") not in FINAL_STATES:
                         request = self.request_path(job_id)
@@ -260,7 +286,7 @@ class Outbox:
                     if _indexable(document):
                         if document.get("id") != job_id:  # the file's name says
                             document["id"], text = job_id, None
-                        found.append((document, text))
+                        found.append((document, text, owner_folder))
                 self.index.add(found)
                 added += len(found)
         self.index.scanned()
@@ -280,9 +306,11 @@ class Outbox:
             logger.info("job index built: %d jobs added in %.1f s", added,
                         time.monotonic() - started)
 
-    def _ids_on_disk(self) -> set[str]:
-        """The id of every job with a request or status file."""
+    def _ids_on_disk(self) -> tuple[set[str], set[str]]:
+        """The id of every job with a request or status file; and those kept with an
+        owner."""
         ids: set[str] = set()
+        owned: set[str] = set()
         with os.scandir(self.path) as entries:
             for entry in entries:
                 name = entry.name
@@ -290,7 +318,17 @@ class Outbox:
                     ids.add(name[:-len(STATUS_SUFFIX)])
                 elif name.endswith(REQUEST_SUFFIX):
                     ids.add(name[:-len(REQUEST_SUFFIX)])
-        return {job_id for job_id in ids if valid_id(job_id)}
+                elif name.endswith(OWNER_SUFFIX):
+                    owned.add(name[:-len(OWNER_SUFFIX)])
+        return {job_id for job_id in ids if valid_id(job_id)}, owned
+
+    def _folder_of(self, job_id: str) -> str:
+        """The folder of a job kept with an owner; a job whose owner cannot be read is
+        listed under a folder nobody has ("?"), never the root."""
+        try:
+            return self.read_owner(job_id).folder
+        except OSError:
+            return "?"
 
     def remove_stale_temps(self) -> None:
         """Remove temporary files older than ``STALE_TEMP``: a killed process left them (a

@@ -14,17 +14,20 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
-from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 
 from imgserver.errors import RequestError
 from imgserver.images.paths import relative
 from imgserver.images.pipeline import remove_partial
+from imgserver.jobs.intake import Intake
 from imgserver.jobs.job import (
+    ANYONE,
     DONE,
+    DROP_FOLDER,
     FAILED,
     FINAL_STATES,
     QUEUED,
@@ -32,6 +35,7 @@ from imgserver.jobs.job import (
     SOURCES,
     ImageStatus,
     Job,
+    Owner,
     summary,
 )
 from imgserver.jobs.outbox import Outbox
@@ -40,23 +44,25 @@ from imgserver.jobs.request import Request
 logger = logging.getLogger("imgserver.jobs.recovery")
 
 
-def recover(outbox: Outbox, job_id: str, parse: Callable[[bytes], Request],
-            new_job: Callable[[str, str, Request], Job], keep: float, root: Path
+def recover(outbox: Outbox, job_id: str, intake: Intake, keep: float
             ) -> tuple[Job, Request] | None:
     """The job and request of the unfinished job ``job_id``, to run again; None if there is
-    nothing to run (its status file then says why). ``parse`` validates a request,
-    ``new_job(id, source, request)`` makes a job that never started, ``keep`` is
-    --keep-finished, ``root`` the root that outputs are listed relative to."""
+    nothing to run (its status file then says why). ``intake`` parses its request and makes
+    a job that never started, for its owner (kept beside the request); ``keep`` is
+    --keep-finished."""
     document = outbox.read_status(job_id)
     try:
         body = outbox.read_request(job_id)
+        owner = outbox.read_owner(job_id)
     except FileNotFoundError:
-        body = b""
+        body, owner = b"", ANYONE
     except OSError as exc:
         logger.error("cannot read the request of job %s: %s", job_id, exc)
         return None
+    if not owner.kept and _source(document) == "inbox":
+        owner = Owner(DROP_FOLDER)
     if document is not None and document.get("state") in FINAL_STATES:
-        outbox.index.put(summary(document))  # the index had not caught up
+        outbox.index.put(summary(document), owner.folder)  # the index had not caught up
         return None
     if not body:
         outbox.discard(job_id)
@@ -65,16 +71,19 @@ def recover(outbox: Outbox, job_id: str, parse: Callable[[bytes], Request],
         job = Job.from_document(document) if document else None
     except (KeyError, TypeError):
         job = None
+    if job is not None:
+        job = dataclasses.replace(job, owner=owner)
     try:
-        request = parse(body)
+        request = intake.parse(body, owner)
     except RequestError as error:
-        job = job or Job(id=job_id, source=_source(document), operations=[], images=[])
+        job = job or Job(id=job_id, source=_source(document), operations=[], images=[],
+                         owner=owner)
         job.reject(str(error), keep)
-        outbox.write_status(job.to_document())
+        outbox.write_status(job.to_document(), folder=owner.folder)
         return None
     if job is None or len(job.images) != len(request.images):
         # Accepted, but stopped before its first full status file: it never started.
-        job = new_job(job_id, _source(document), request)
+        job = intake.new_job(job_id, _source(document), request, owner)
         if document and isinstance(document.get("created_at"), str):
             job.created_at = document["created_at"]
     for spec, image in zip(request.images, job.images, strict=False):
@@ -85,7 +94,7 @@ def recover(outbox: Outbox, job_id: str, parse: Callable[[bytes], Request],
         accepted = datetime.fromisoformat(job.created_at.replace("Z", "+00:00")).timestamp() - 0.01
         for spec, image in zip(request.images, job.images, strict=False):
             if image.state not in FINAL_STATES:
-                _written_meanwhile(image, spec.outputs, accepted, root)
+                _written_meanwhile(image, spec.outputs, accepted, intake.root_of(owner))
         job.cancel([index for index, image in enumerate(job.images)
                     if image.state not in FINAL_STATES])
     elif job.state == RUNNING and all(i.state not in FINAL_STATES for i in job.images):

@@ -55,6 +55,7 @@ class Work:
     job_id: str
     index: int
     task: ImageTask
+    owner: str = ""            # whose job: fair share goes round the owners first
     queued_at: float = field(default_factory=time.monotonic)
     started_at: float | None = None
     retried: bool = False      # its worker died once: it now runs alone
@@ -154,9 +155,10 @@ class Runner:
             raise CapacityError(f"the workers cannot take work now: {exc}", retry_after=5) \
                 from None
 
-    def withdraw(self, job_id: str) -> list[Work]:
-        """Take the images of ``job_id`` that wait (queued or to be retried) out; them."""
-        works = self.queue.remove(job_id)
+    def withdraw(self, owner: str, job_id: str) -> list[Work]:
+        """Take the images of ``owner``'s job ``job_id`` that wait (queued or to be
+        retried) out; them."""
+        works = self.queue.remove(owner, job_id)
         retries = [work for work in self._retries if work.job_id == job_id]
         if retries:
             self._retries = deque(work for work in self._retries if work.job_id != job_id)
@@ -181,7 +183,7 @@ class Runner:
         while self.queue and len(self._running) < self._room():
             work = self.queue.pop()
             if not self._hand_over(work):
-                self.queue.push_front(work.job_id, work)
+                self.queue.push_front(work.owner, work.job_id, work)
                 break
             started.append(work)
         return started
@@ -250,7 +252,8 @@ class Runner:
                 outcomes.append(Outcome(work, FAILED, error=str(error),
                                         seconds=getattr(error, "seconds", None)))
             elif isinstance(error, LostWork):
-                self.queue.push_front(work.job_id, work)  # not the image's fault: run it again
+                # Not the image's fault: run it again.
+                self.queue.push_front(work.owner, work.job_id, work)
             elif isinstance(error, BrokenExecutor):
                 remove_partial(work.task.outputs)
                 outcomes += self._worker_died(work)
@@ -263,7 +266,8 @@ class Runner:
     def _worker_died(self, work: Work) -> list[Outcome]:
         if work.bystander:
             work.bystander = False
-            self.queue.push_front(work.job_id, work)  # stopped by a reset meant for another
+            # Stopped by a reset meant for another: it runs again first.
+            self.queue.push_front(work.owner, work.job_id, work)
             return []
         self.restarts["died"] += 1
         self._crash_streak += 1

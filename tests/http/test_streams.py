@@ -48,7 +48,7 @@ def test_streams_slow_client_is_bounded_then_skipped_ahead_or_closed(
     async def scenario() -> None:
         state = {"seq": 0}
         hub = EventHub(lambda job_id: (document(job_id, "running", 1), state["seq"]),
-                       lambda since: ([], state["seq"]))
+                       lambda since, view: ([], state["seq"]))
         hub.attach(asyncio.get_running_loop())
         job_stream = hub.job_stream("a", None).__aiter__()
         all_stream = hub.all_streams(None).__aiter__()
@@ -81,7 +81,7 @@ def test_streams_slow_client_is_bounded_then_skipped_ahead_or_closed(
 
 def test_streams_opened_before_any_event_get_the_first_ones() -> None:
     async def scenario() -> None:
-        hub = EventHub(lambda job_id: (document(job_id, "queued"), 0), lambda since: ([], 0))
+        hub = EventHub(lambda job_id: (document(job_id, "queued"), 0), lambda since, view: ([], 0))
         hub.attach(asyncio.get_running_loop())
         everything = hub.all_streams(None).__aiter__()  # the history is empty
         first = asyncio.ensure_future(collect(everything, 3))
@@ -99,7 +99,7 @@ def test_streams_resume_after_last_event_id_or_fresh_status() -> None:
     async def scenario() -> None:
         asked: list[int | None] = []
         hub = EventHub(lambda job_id: (document(job_id, "running", 2), 1003),
-                       lambda since: (asked.append(since) or [document("b", "running"),
+                       lambda since, view: (asked.append(since) or [document("b", "running"),
                                                               document("z", "done", 3)], 1003))
         hub.attach(asyncio.get_running_loop())
         hub(JobAccepted(1000, "b", {"id": "b"}))
@@ -126,7 +126,7 @@ def test_streams_resume_after_last_event_id_or_fresh_status() -> None:
 def test_streams_finished_job_reconnecting_after_its_end_gets_status_and_end() -> None:
     async def scenario() -> None:
         final = document("c", "done", 3)
-        hub = EventHub(lambda job_id: (final, 1002), lambda since: ([], 1002))
+        hub = EventHub(lambda job_id: (final, 1002), lambda since, view: ([], 1002))
         hub.attach(asyncio.get_running_loop())
         hub(JobAccepted(1000, "c", {"id": "c"}))
         hub(StateChanged(1001, "c", "done", {"done": 3, "total": 3}))
@@ -144,7 +144,7 @@ def test_streams_idle_stream_gets_a_keepalive_comment(monkeypatch: pytest.Monkey
     monkeypatch.setattr(streams, "KEEPALIVE", 0.2)  # 15 s in the server
 
     async def scenario() -> None:
-        hub = EventHub(lambda job_id: (document(job_id, "running"), 1), lambda since: ([], 1))
+        hub = EventHub(lambda job_id: (document(job_id, "running"), 1), lambda since, view: ([], 1))
         hub.attach(asyncio.get_running_loop())
         idle = hub.all_streams(None).__aiter__()
         begun = asyncio.get_running_loop().time()
