@@ -138,10 +138,11 @@ class SSE:
 
 def stream_events(server: Server, path: str, *, last_id: str | None = None,
                   count: int | None = None, timeout: float = 60.0,
-                  into: list[SSE] | None = None) -> list[SSE]:
+                  into: list[SSE] | None = None,
+                  headers: dict[str, str] | None = None) -> list[SSE]:
     """Read the events of ``path`` until the server ends the stream (or ``count`` events),
     appending each to ``into`` as it comes."""
-    headers = {"Last-Event-ID": last_id} if last_id else {}
+    headers = {**(headers or {}), **({"Last-Event-ID": last_id} if last_id else {})}
     connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=timeout)
     found: list[SSE] = [] if into is None else into
     try:

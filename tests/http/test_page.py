@@ -7,6 +7,8 @@ import contextlib
 import http.server
 import json
 import shutil
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -326,3 +328,38 @@ def test_page_and_docs_work_under_their_security_policy(browser: object, server:
     violations = [m for m in browser_log(browser) if "Content Security Policy" in m]
     assert len(violations) == 1 and "inline script" in violations[0]  # that script, only
     assert requested_hosts(browser) == {f"127.0.0.1:{server.port}"}
+
+
+def test_page_with_a_folder_token_shows_that_folders_jobs_only(
+        browser: object, root: Path, make_image: Callable[..., Path],
+        tmp_path_factory: pytest.TempPathFactory) -> None:
+    tokens = tmp_path_factory.mktemp("tokens") / "tokens.json"
+    secrets = {}
+    for name in ("a", "b"):
+        make_image(f"{name}/in.png")
+        added = subprocess.run([sys.executable, "-m", "imgserver", "token", "add", name,
+                                "--folder", name, "--tokens", str(tokens)],
+                               capture_output=True, text=True, timeout=60)
+        secrets[name] = added.stdout.strip()
+    server = start_server(root, "--tokens", str(tokens))
+    try:
+        ids = {name: server.request("POST", "/jobs?wait=true", request_body(
+            [("in.png", "out.png")]), headers={"Authorization": f"Bearer {secret}"}).json()["id"]
+            for name, secret in secrets.items()}
+        browser.get(url(server, "/ui"))  # type: ignore[attr-defined]
+        wait_for(lambda: script(browser, "return !!document.querySelector('form.token')"))
+        script(browser, "const f = document.querySelector('form.token');"
+                        f"f.elements.token.value = '{secrets['a']}'; f.requestSubmit()")
+        rows = "return [...document.querySelectorAll('tr[data-job]')].map(r => r.dataset.job)"
+        wait_for(lambda: script(browser, rows) == [ids["a"]], timeout=15)
+        browser.get(url(server, f"/ui/jobs/{ids['a']}"))  # type: ignore[attr-defined]
+        wait_for(lambda: script(browser, "const i = document.querySelector('.thumbs img');"
+                                         "return i && i.naturalWidth > 0"), timeout=15)
+        browser.get(url(server, f"/ui/jobs/{ids['b']}"))  # type: ignore[attr-defined]
+        wait_for(lambda: f"No job {ids['b']}" in script(
+            browser, "return document.querySelector('main').textContent"), timeout=15)
+        assert ids["b"] not in browser.page_source.replace(  # type: ignore[attr-defined]
+            f"No job {ids['b']}", "")
+    finally:
+        script(browser, "sessionStorage.clear()")
+        server.stop()
