@@ -645,6 +645,8 @@ def main() -> int:
                              "the operations of SPEC §12); '' for none")
     parser.add_argument("--rounds", type=int, help="rounds of the workloads that have them "
                                                    "(default: theirs; 1 with --quick)")
+    parser.add_argument("--images", type=int, help="images per workload instead of its own "
+                                                   "count (longer runs: steadier ratios)")
     args = parser.parse_args()
     work = args.work.resolve()
     (work / "inbox").mkdir(parents=True, exist_ok=True)
@@ -656,7 +658,7 @@ def main() -> int:
     for workload in WORKLOADS:
         if args.only and workload.name not in args.only:
             continue
-        count = workload.quick if args.quick else workload.count
+        count = args.images or (workload.quick if args.quick else workload.count)
         images = 1 if workload.sequential else min(count, 20)
         inputs = make_inputs(work / "inputs", f"{workload.width}x{workload.height}", images,
                              workload.width, workload.height, workload.extension)
