@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from imgserver.errors import ConfigError
-from imgserver.urls import check_url
+from imgserver.urls import check_prefix, check_url
 
 
 def _positive_int(text: str) -> int:
@@ -88,7 +88,7 @@ def duration(text: str) -> float:
 def _prefixes(text: str) -> tuple[str, ...]:
     prefixes = tuple(part.strip() for part in text.split(",") if part.strip())
     for prefix in prefixes:
-        check_url(prefix)
+        check_prefix(prefix)
     return prefixes
 
 

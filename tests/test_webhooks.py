@@ -22,7 +22,7 @@ from imgserver.webhooks import message_id, payload, retry_delay, sign
 from conftest import request_body, wait_for
 from processes import peak_rss_kib
 from receiver import Receiver
-from serving import Server, start_server
+from serving import Reply, Server, start_server
 
 SECRET = "whsec_" + base64.b64encode(b"0123456789abcdef0123456789abcdef").decode()
 
@@ -73,10 +73,11 @@ def test_webhooks_delivered_signed_to_global_and_request_urls(
         root: Path, receiver: Receiver, make_image: Callable[..., Path]) -> None:
     make_image("a.png")
     other = Receiver()
-    server = webhook_server(root, receiver.url, allow=f"http://127.0.0.1:{other.port}/")
+    server = webhook_server(root, f"http://user:pass@127.0.0.1:{receiver.port}/hook",
+                            allow=f"http://127.0.0.1:{other.port}/")
     try:
         body = json.loads(request_body([("a.png", "x.png")]))
-        body["notify"] = f"http://user:pass@127.0.0.1:{other.port}/mine?x=1"
+        body["notify"] = f"http://127.0.0.1:{other.port}/mine?x=1"
         done = server.request("POST", "/jobs?wait=true", json.dumps(body).encode()).json()
         assert [n["url"] for n in done["notifications"]] == [
             receiver.url, f"http://127.0.0.1:{other.port}/mine?x=1"]  # without credentials
@@ -88,7 +89,7 @@ def test_webhooks_delivered_signed_to_global_and_request_urls(
             event = Webhook(SECRET).verify(delivery.body, delivery.headers)
             assert event["type"] == "job.done" and event["data"]["id"] == done["id"]
             assert event["data"]["images"] == done["images"]
-        assert other.deliveries[0].headers.get("authorization", "").startswith("Basic ")
+        assert receiver.deliveries[0].headers.get("authorization", "").startswith("Basic ")
     finally:
         server.stop()
         other.close()
@@ -298,6 +299,62 @@ def test_webhooks_notify_outside_allow_list_is_422_and_writes_nothing(
         assert not list((root / "outbox").glob("*.json"))
     finally:
         server.stop()
+
+
+def test_webhooks_notify_is_matched_on_the_url_boundaries(
+        root: Path, receiver: Receiver, make_image: Callable[..., Path]) -> None:
+    # Each refused URL would have passed a string prefix test; each would have reached the
+    # receiver, at /admin, /hooks-evil/ or with credentials, or another port on its host.
+    make_image("a.png")
+    base = f"http://127.0.0.1:{receiver.port}"
+    server = webhook_server(root, allow=f"{base}/hooks,http://localhost")
+    try:
+        def submit(url: str, wait: bool = False) -> Reply:
+            body = json.loads(request_body([("a.png", "x.png")]))
+            body["notify"] = url
+            return server.request("POST", "/jobs" + ("?wait=true" if wait else ""),
+                                  json.dumps(body).encode())
+
+        for url, message in [
+                (f"{base}/hooks/../admin", f"resolves to '{base}/admin', which does not start "
+                                           f"with an allowed prefix"),
+                (f"{base}/hooks/%2e%2e/admin", "which does not start with an allowed prefix"),
+                (f"{base}/hooks-evil/x", "does not start with an allowed prefix"),
+                (f"http://localhost:{receiver.port}/hooks/x", "does not start with an "
+                                                              "allowed prefix"),  # another port
+                ("http://localhost.evil.example/", "does not start with an allowed prefix"),
+                (f"http://user:pw@127.0.0.1:{receiver.port}/hooks/x",
+                 "carries a user name or password"),
+                (f"{base}/hooks/x\\..\\..\\admin", "has a backslash"),
+                (f"{base}/hooks/..%2fadmin", "has an encoded '/'")]:
+            reply = submit(url)
+            assert reply.status == 422, (url, reply.json())
+            [error] = reply.json()["errors"]
+            assert error["field"] == "notify" and message in error["message"], error
+            assert error["message"].endswith(
+                f"(allowed prefixes: '{base}/hooks', 'http://localhost')")
+        assert not list((root / "outbox").glob("*.json"))
+
+        # Allowed: delivered to exactly the path that was checked (dot segments resolved).
+        for url, path in [(f"{base}/hooks/x?job=1", "/hooks/x?job=1"),
+                          (f"{base}/hooks/a/%2e%2e/b/./c", "/hooks/b/c")]:
+            done = submit(url, wait=True).json()
+            assert [n["url"] for n in done["notifications"]] == [base + path]
+            assert [n["state"] for n in settled(server, done["id"])] == ["delivered"]
+            assert receiver.deliveries[-1].path == path
+        assert [delivery.path for delivery in receiver.deliveries] == [
+            "/hooks/x?job=1", "/hooks/b/c"]
+    finally:
+        server.stop()
+
+
+def test_webhooks_a_prefix_with_credentials_or_a_query_is_refused_at_start(root: Path) -> None:
+    for allow, message in [("http://user:pw@127.0.0.1:9/hooks", "carries a user name or password"),
+                           ("http://127.0.0.1:9/hooks?x=1", "has a query or a fragment")]:
+        result = subprocess.run([sys.executable, "-m", "imgserver", "serve", "--root", str(root),
+                                 "--notify-allow", allow], capture_output=True, text=True,
+                                timeout=60, env={**os.environ, "IMGSERVER_NOTIFY_SECRET": SECRET})
+        assert result.returncode == 2 and message in result.stderr, result.stderr
 
 
 def test_webhooks_without_a_secret_the_server_refuses_to_start(root: Path) -> None:

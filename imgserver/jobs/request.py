@@ -29,7 +29,7 @@ from imgserver.images.operations import (
     parse_operation,
 )
 from imgserver.images.paths import OutsideRoot, check_name, confine, shown
-from imgserver.urls import check_url, redacted
+from imgserver.urls import check_allowed, check_url
 
 #: Most files one request may write (each split multiplies an image's files by four).
 MAX_OUTPUTS = 100_000
@@ -110,14 +110,15 @@ def _notify(value: Any, limits: RequestLimits, problems: list[Problem]) -> str |
     except ValueError as exc:
         problems.append(Problem("notify", str(exc)))
         return None
-    # Matched without credentials: "https://hooks.example.com@evil.example/" must not pass
-    # for the prefix "https://hooks.example.com".
-    if not any(redacted(value).startswith(prefix) for prefix in limits.notify_allow):
-        allowed = ", ".join(map(repr, limits.notify_allow)) or "none are (--notify-allow)"
-        problems.append(Problem("notify", f"{redacted(value)[:200]!r} does not start with an "
-                                          f"allowed prefix ({allowed})"))
+    # Matched on the URL's boundaries (imgserver.urls), and kept as checked: the webhook
+    # goes to the URL with its dot segments resolved, never to what a receiver would make
+    # of "/hooks/../admin".
+    try:
+        return check_allowed(value, limits.notify_allow)
+    except ValueError as exc:
+        allowed = ", ".join(map(repr, limits.notify_allow)) or "none (--notify-allow)"
+        problems.append(Problem("notify", f"{exc} (allowed prefixes: {allowed})"))
         return None
-    return value
 
 
 def _load_json(body: bytes) -> Any:
