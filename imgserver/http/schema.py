@@ -77,9 +77,11 @@ class JobRequest(BaseModel):
     notify: str | None = Field(
         None, pattern=r"^https?://", json_schema_extra=_string_not_null, description=(
             "A URL to tell when the job is finished: a signed webhook (Standard Webhooks v1), "
-            "retried for about 28 hours until it is answered 2xx. Accepted only when "
-            "it starts with one of the server's --notify-allow prefixes, of which there are "
-            "none by default: `https://hooks.example.com/imgserver` needs `--notify-allow "
+            "retried for about 28 hours until it is answered 2xx. Accepted only under one "
+            "of the server's --notify-allow prefixes, of which there are none by default, "
+            "matched on the URL's boundaries: the same scheme, host and port, and the path "
+            "by whole segments once dot segments are resolved; no credentials. "
+            "`https://hooks.example.com/imgserver` needs `--notify-allow "
             "https://hooks.example.com/`; otherwise 422. Leave it out for no webhook."))
 
 
