@@ -157,6 +157,10 @@ OPTIONS: tuple[Option, ...] = (
     Option("max_streams", _positive_int, 1000,
            "event streams open at once (GET /events, /jobs/<id>/events); beyond, 503",
            ("serve",)),
+    Option("tls_cert", str, None, "certificate (PEM, with its chain) to serve HTTPS with; "
+           "needs --tls-key", ("serve",), shown="none (plain HTTP)"),
+    Option("tls_key", str, None, "private key (PEM, unencrypted) of --tls-cert",
+           ("serve",), shown="none"),
     Option("executor", _executor, "local", "where images run: 'local' process pool or 'dask'",
            ("serve",)),
     Option("scheduler", _scheduler, None, "Dask scheduler address, e.g. tcp://host:8786",
@@ -186,6 +190,8 @@ class Settings:
     notify_allow: tuple[str, ...] = ()
     read_timeout: float = 10.0
     max_streams: int = 1000
+    tls_cert: str | None = None
+    tls_key: str | None = None
     executor: str = "local"
     scheduler: str | None = None
     token: str | None = dataclasses.field(default=None, repr=False)
