@@ -8,7 +8,10 @@
 At start the open-file soft limit is raised to the hard limit (a systemd service starts
 with 1024): clients holding connections open must not starve the engine of descriptors.
 Connections are served by ``imgserver.http.connection``'s protocol, which closes one that has
-not sent a whole request within ``--read-timeout`` seconds.
+not sent a whole request within ``--read-timeout`` seconds. With ``--tls-cert`` and
+``--tls-key`` uvicorn serves HTTPS on the same port: TLS wraps the transport under that
+protocol, which sees the same bytes, decrypted, and a TLS handshake gets ``--read-timeout``
+seconds of its own. The pair is checked before anything starts.
 
 Shutdown (SIGTERM or Ctrl-C): the engine stops accepting and releases ``wait=true``
 clients, uvicorn closes its connections, the drop folder stops watching, the engine lets
@@ -18,13 +21,17 @@ started stay in the outbox and run at the next start.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import fcntl
+import functools
 import ipaddress
 import logging
 import os
 import resource
 import signal
+import socket
+import ssl
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import Executor
@@ -54,11 +61,30 @@ FILES_KEPT = 256
 
 
 class _Server(uvicorn.Server):
-    """uvicorn's server, telling the engine first when a stop signal arrives."""
+    """uvicorn's server, telling the engine first when a stop signal arrives, and giving a
+    TLS handshake ``handshake_timeout`` seconds."""
 
-    def __init__(self, config: uvicorn.Config, on_exit: Callable[[], None]) -> None:
+    def __init__(self, config: uvicorn.Config, on_exit: Callable[[], None],
+                 handshake_timeout: float) -> None:
         super().__init__(config)
         self._on_exit = on_exit
+        self._handshake_timeout = handshake_timeout
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        # A connection reaches the protocol, and its --read-timeout clock, only once its TLS
+        # handshake is over; until then asyncio's limit applies, 60 s by default, which
+        # uvicorn does not set. A client silent from the start must not hold its socket
+        # longer over HTTPS than over HTTP: the listening socket gets the same limit.
+        loop = asyncio.get_running_loop()
+        if not self.config.is_ssl or not isinstance(loop, asyncio.BaseEventLoop):
+            await super().startup(sockets)
+            return
+        loop.create_server = functools.partial(  # type: ignore[method-assign]
+            loop.create_server, ssl_handshake_timeout=self._handshake_timeout)
+        try:
+            await super().startup(sockets)
+        finally:
+            del loop.create_server  # the loop's own method again
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         self._on_exit()
@@ -141,10 +167,58 @@ def _kernel_file_limit() -> int:
         return 1 << 20
 
 
+class _Encrypted(Exception):
+    """The TLS key asks for a password."""
+
+
+def _no_password() -> bytes:
+    raise _Encrypted  # never OpenSSL's prompt on a terminal a service does not have
+
+
+def check_tls(settings: Settings) -> None:
+    """Check ``--tls-cert`` and ``--tls-key``: both or neither, readable, a certificate and
+    its own unencrypted key; a ConfigError that names the file and the reason otherwise."""
+    cert, key = settings.tls_cert, settings.tls_key
+    if not cert and not key:
+        return
+    if not key:
+        raise ConfigError("--tls-cert is set but --tls-key (IMGSERVER_TLS_KEY) is not: "
+                          "HTTPS needs the certificate's private key too")
+    if not cert:
+        raise ConfigError("--tls-key is set but --tls-cert (IMGSERVER_TLS_CERT) is not: "
+                          "HTTPS needs the certificate too")
+    for flag, path in (("--tls-cert", cert), ("--tls-key", key)):
+        try:
+            with open(path, "rb"):
+                pass
+        except OSError as exc:
+            raise ConfigError(f"cannot read {flag} {path!r}: {exc.strerror}") from None
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        context.load_cert_chain(cert, key, password=_no_password)
+    except _Encrypted:
+        raise ConfigError(f"--tls-key {key!r} is encrypted: give the server an unencrypted "
+                          f"key, readable by its user only") from None
+    except ssl.SSLError as exc:
+        if exc.reason == "KEY_VALUES_MISMATCH":
+            raise ConfigError(f"--tls-key {key!r} is not the private key of --tls-cert "
+                              f"{cert!r}") from None
+        try:
+            ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cafile=cert)
+        except ssl.SSLError:
+            raise ConfigError(f"--tls-cert {cert!r} holds no PEM certificate") from None
+        raise ConfigError(f"--tls-key {key!r} holds no PEM private key that goes with "
+                          f"--tls-cert {cert!r}: {exc}") from None
+    except OSError as exc:  # a file replaced or removed meanwhile
+        raise ConfigError(f"cannot load --tls-cert {cert!r} and --tls-key {key!r}: "
+                          f"{exc.strerror or exc}") from None
+
+
 def serve(settings: Settings) -> int:
     """Run the HTTP API until SIGTERM or Ctrl-C; return the exit code."""
     files = raise_open_file_limit()
     try:
+        check_tls(settings)
         with _single_instance(settings):
             executor = build_executor(settings)
             try:
@@ -203,10 +277,12 @@ def _serve(settings: Settings, executor: Executor, files: int) -> int:
         # The access log is the app's own (it names each request's token): not uvicorn's.
         config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="info",
                                 timeout_graceful_shutdown=10, access_log=False,
-                                http=protocol(settings.read_timeout, connections))
-        server = _Server(config, on_exit=stopping)
-        logger.info("serving %s on http://%s:%d (drop folder %s, outbox %s)", settings.root,
-                    settings.host, settings.port, settings.inbox, settings.outbox)
+                                http=protocol(settings.read_timeout, connections),
+                                ssl_certfile=settings.tls_cert, ssl_keyfile=settings.tls_key)
+        server = _Server(config, on_exit=stopping, handshake_timeout=settings.read_timeout)
+        logger.info("serving %s on %s://%s:%d (drop folder %s, outbox %s)", settings.root,
+                    "https" if settings.tls_cert else "http", settings.host, settings.port,
+                    settings.inbox, settings.outbox)
         try:
             server.run()
         except SystemExit:  # uvicorn exits when it cannot bind; it has logged why

@@ -167,6 +167,10 @@ OPTIONS: tuple[Option, ...] = (
     Option("max_streams", _positive_int, 1000,
            "event streams open at once (GET /events, /jobs/<id>/events); beyond, 503",
            ("serve",)),
+    Option("tls_cert", str, None, "certificate (PEM, with its chain) to serve HTTPS with; "
+           "needs --tls-key", ("serve",), shown="none (plain HTTP)"),
+    Option("tls_key", str, None, "private key (PEM, unencrypted) of --tls-cert",
+           ("serve",), shown="none"),
     Option("tokens", str, None, "the tokens file: who may use the server, with which scopes, "
            "folders and limits ('imgserver token add' writes it)", ("serve",), shown="none"),
     Option("allow_anonymous", _boolean, False, "serve an address other than loopback without "
@@ -200,6 +204,8 @@ class Settings:
     notify_allow: tuple[str, ...] = ()
     read_timeout: float = 10.0
     max_streams: int = 1000
+    tls_cert: str | None = None
+    tls_key: str | None = None
     tokens: str | None = None
     allow_anonymous: bool = False
     executor: str = "local"

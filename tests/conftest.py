@@ -14,6 +14,7 @@ from typing import Any
 import cv2
 import numpy as np
 import pytest
+import trustme
 from hypothesis import strategies as st
 
 from imgserver.errors import JobNotFound
@@ -58,6 +59,13 @@ def make_image(root: Path) -> Callable[..., Path]:
         return path
 
     return make
+
+
+@pytest.fixture(scope="session")
+def test_ca() -> trustme.CA:
+    """A throwaway certificate authority, made in memory and trusted by no system: the
+    issuer of the HTTPS tests' certificates (``serving.tls_files``)."""
+    return trustme.CA()
 
 
 @pytest.fixture

@@ -1,4 +1,5 @@
-"""Helpers to run a real ``imgserver serve`` process on a loopback port and talk to it."""
+"""Helpers to run a real ``imgserver serve`` process on a loopback port and talk to it, over
+HTTP, or over HTTPS with certificates of a throwaway CA (``tls_files``)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import json
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -16,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import cv2
+import trustme
 
 from conftest import wait_for
 
@@ -40,17 +43,60 @@ class Reply:
 
 
 @dataclass
+class TLSFiles:
+    """A certificate and its key in PEM files, and the file of the CA that signed it."""
+
+    cert: Path
+    key: Path
+    cacert: Path
+
+    def args(self) -> tuple[str, ...]:
+        """The server's options that serve HTTPS with this certificate."""
+        return "--tls-cert", str(self.cert), "--tls-key", str(self.key)
+
+    def context(self) -> ssl.SSLContext:
+        """A client's TLS context that trusts the CA (and nothing else)."""
+        return ssl.create_default_context(cafile=str(self.cacert))
+
+
+def tls_files(folder: Path, ca: trustme.CA, *hosts: str, **issue: Any) -> TLSFiles:
+    """A certificate for ``hosts`` from ``ca`` (``issue``: more of trustme's ``issue_cert``
+    arguments, e.g. ``not_after``), written with its key and the CA under ``folder``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    leaf = ca.issue_cert(*hosts, **issue)
+    files = TLSFiles(folder / "cert.pem", folder / "key.pem", folder / "ca.pem")
+    files.cert.write_bytes(b"".join(blob.bytes() for blob in leaf.cert_chain_pems))
+    leaf.private_key_pem.write_to_path(str(files.key))
+    ca.cert_pem.write_to_path(str(files.cacert))
+    return files
+
+
+@dataclass
 class Server:
-    """A running ``imgserver serve`` process."""
+    """A running ``imgserver serve`` process; over HTTPS when ``context`` is given (the
+    client side's TLS context)."""
 
     process: subprocess.Popen
     port: int
     root: Path
     log: Path
+    context: ssl.SSLContext | None = None
+
+    @property
+    def url(self) -> str:
+        """The server's base URL."""
+        return f"{'https' if self.context else 'http'}://127.0.0.1:{self.port}"
+
+    def connection(self, timeout: float) -> http.client.HTTPConnection:
+        """A new connection to the server, in its scheme."""
+        if self.context is not None:
+            return http.client.HTTPSConnection("127.0.0.1", self.port, timeout=timeout,
+                                               context=self.context)
+        return http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
 
     def request(self, method: str, path: str, body: bytes | None = None,
                 headers: dict[str, str] | None = None, timeout: float = 60.0) -> Reply:
-        connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
+        connection = self.connection(timeout)
         try:
             connection.request(method, path, body=body, headers=headers or {})
             response = connection.getresponse()
@@ -71,10 +117,11 @@ class Server:
 
 def start_server(root: Path, *args: str, env: dict[str, str] | None = None,
                  wait: bool = True, command: list[str] | None = None, cwd: Path | None = None,
-                 preexec_fn: Callable[[], Any] | None = None, port: int | None = None
-                 ) -> Server:
+                 preexec_fn: Callable[[], Any] | None = None, port: int | None = None,
+                 context: ssl.SSLContext | None = None) -> Server:
     """Start ``python -m imgserver serve`` (or ``command serve``) on ``port`` (by default a
-    free one); wait until /healthz answers."""
+    free one); wait until /healthz answers (over HTTPS with ``context``, when ``args`` make
+    the server serve HTTPS)."""
     port = port or free_port()
     log = root.parent / f"server-{port}.log"
     process = subprocess.Popen(
@@ -83,7 +130,7 @@ def start_server(root: Path, *args: str, env: dict[str, str] | None = None,
         stdout=open(log, "wb"), stderr=subprocess.STDOUT,  # noqa: SIM115 (the child keeps it)
         env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}, cwd=cwd,
         preexec_fn=preexec_fn)
-    server = Server(process, port, root, log)
+    server = Server(process, port, root, log, context)
     if wait:
         def healthy() -> bool:
             if process.poll() is not None:
@@ -96,17 +143,18 @@ def start_server(root: Path, *args: str, env: dict[str, str] | None = None,
     return server
 
 
-def shared_server(root: Path, images: list[tuple[str, int, int]], *args: str
-                  ) -> Iterator[Server]:
+def shared_server(root: Path, images: list[tuple[str, int, int]], *args: str,
+                  context: ssl.SSLContext | None = None) -> Iterator[Server]:
     """A server on ``root`` (given inbox/ and outbox/ and photo-like ``images``: name,
-    width, height) for a whole test module, whose tests each use their own names."""
+    width, height) for a whole test module, whose tests each use their own names (over
+    HTTPS with ``context``, as for ``start_server``)."""
     from conftest import photo
 
     (root / "inbox").mkdir()
     (root / "outbox").mkdir()
     for name, width, height in images:
         assert cv2.imwrite(str(root / name), photo(height, width))
-    running = start_server(root, *args)
+    running = start_server(root, *args, context=context)
     yield running
     running.stop()
 
@@ -143,7 +191,7 @@ def stream_events(server: Server, path: str, *, last_id: str | None = None,
     """Read the events of ``path`` until the server ends the stream (or ``count`` events),
     appending each to ``into`` as it comes."""
     headers = {**(headers or {}), **({"Last-Event-ID": last_id} if last_id else {})}
-    connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=timeout)
+    connection = server.connection(timeout)
     found: list[SSE] = [] if into is None else into
     try:
         connection.request("GET", path, headers=headers)

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import http.client
 import json
+import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -14,11 +18,13 @@ from pathlib import Path
 
 import cv2
 import pytest
+import trustme
+from cryptography.hazmat.primitives import serialization
 
 from imgserver.images.pipeline import TEMP_SUFFIX
 
 from conftest import job_files, request_body, wait_for
-from serving import Server, start_server, wait_state
+from serving import Server, free_port, start_server, stream_events, tls_files, wait_state
 
 
 @pytest.fixture
@@ -202,3 +208,97 @@ def test_server_drop_folder_runs_the_readme_example(server: Server) -> None:
     assert cv2.imread(str(outputs / "logo.png"), cv2.IMREAD_UNCHANGED).shape == (200, 200, 4)
     assert server.request("GET", "/jobs/example").json() == json.loads(status.read_text())
     assert list((server.root / "inbox").iterdir()) == []
+
+
+def test_server_serves_https_with_tls_cert_and_key(root: Path, make_image: Callable[..., Path],
+                                                   test_ca: trustme.CA) -> None:
+    make_image("a.png", 64, 48)
+    tls = tls_files(root.parent / "tls", test_ca, "127.0.0.1", "localhost")
+    server = start_server(root, "--workers", "1", *tls.args(), context=tls.context())
+    try:  # /healthz answered over HTTPS, verified against the CA: the server is up
+        reply = server.request("POST", "/jobs?wait=true", request_body(
+            [("a.png", "out/a.png")], ["resize=50"]))
+        assert reply.status == 200 and reply.json()["state"] == "done"
+        assert cv2.imread(str(root / "out/a.png")).shape == (24, 32, 3)
+        events = stream_events(server, f"/jobs/{reply.json()['id']}/events", timeout=10)
+        assert [event.event for event in events] == ["status", "end"]
+        by_name = http.client.HTTPSConnection("localhost", server.port, timeout=10,
+                                              context=tls.context())
+        try:  # the certificate's other name
+            by_name.request("GET", "/healthz")
+            assert by_name.getresponse().status == 200
+        finally:
+            by_name.close()
+        plain = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+        try:  # the port speaks TLS only: plain HTTP gets no answer
+            with pytest.raises((ConnectionError, http.client.HTTPException)):
+                plain.request("GET", "/healthz")
+                plain.getresponse()
+        finally:
+            plain.close()
+        assert f"on https://127.0.0.1:{server.port}" in server.output()
+    finally:
+        assert server.stop() == 0
+    assert "Traceback" not in server.output()
+
+
+def test_server_https_handshake_gets_the_read_timeout(root: Path, test_ca: trustme.CA) -> None:
+    tls = tls_files(root.parent / "tls", test_ca, "127.0.0.1")
+    server = start_server(root, "--workers", "1", "--read-timeout", "1", *tls.args(),
+                          context=tls.context())
+    try:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=30) as silent:
+            began = time.monotonic()
+            with contextlib.suppress(ConnectionResetError):  # closed, like a silent client
+                assert silent.recv(1) == b""                   # of plain HTTP
+            assert time.monotonic() - began < 10  # asyncio's own limit would be 60 s
+        assert server.request("GET", "/healthz", timeout=10).status == 200
+    finally:
+        assert server.stop() == 0
+
+
+def _encrypted(key: Path) -> bytes:
+    private = serialization.load_pem_private_key(key.read_bytes(), password=None)
+    return private.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                 serialization.BestAvailableEncryption(b"secret"))
+
+
+#: What the server says when it refuses to start: the name of the case, and its message
+#: ({tls}: the folder of the certificate, the key and the CA).
+TLS_REFUSALS = {
+    "cert-without-key": "--tls-cert is set but --tls-key (IMGSERVER_TLS_KEY) is not",
+    "key-without-cert": "--tls-key is set but --tls-cert (IMGSERVER_TLS_CERT) is not",
+    "key-missing": "cannot read --tls-key '{tls}/nope.pem': No such file or directory",
+    "cert-a-folder": "cannot read --tls-cert '{tls}': Is a directory",
+    "cert-not-a-certificate": "--tls-cert '{tls}/key.pem' holds no PEM certificate",
+    "key-not-a-key": "--tls-key '{tls}/cert.pem' holds no PEM private key",
+    "key-of-another-certificate": "--tls-key '{tls}/other.pem' is not the private key of",
+    "key-encrypted": "--tls-key '{tls}/encrypted.pem' is encrypted",
+}
+
+
+@pytest.mark.parametrize("case", TLS_REFUSALS)
+def test_server_tls_options_refused_at_start(root: Path, test_ca: trustme.CA, case: str
+                                             ) -> None:
+    tls = tls_files(root.parent / "tls", test_ca, "127.0.0.1")
+    folder = tls.cert.parent
+    test_ca.issue_cert("127.0.0.1").private_key_pem.write_to_path(str(folder / "other.pem"))
+    (folder / "encrypted.pem").write_bytes(_encrypted(tls.key))
+    options, env = {
+        "cert-without-key": (["--tls-cert", tls.cert], {}),
+        "key-without-cert": ([], {"IMGSERVER_TLS_KEY": str(tls.key)}),
+        "key-missing": (["--tls-cert", tls.cert, "--tls-key", folder / "nope.pem"], {}),
+        "cert-a-folder": (["--tls-cert", folder, "--tls-key", tls.key], {}),
+        "cert-not-a-certificate": (["--tls-cert", tls.key, "--tls-key", tls.key], {}),
+        "key-not-a-key": (["--tls-cert", tls.cert, "--tls-key", tls.cert], {}),
+        "key-of-another-certificate": (["--tls-cert", tls.cert,
+                                        "--tls-key", folder / "other.pem"], {}),
+        "key-encrypted": (["--tls-cert", tls.cert, "--tls-key", folder / "encrypted.pem"], {}),
+    }[case]
+    result = subprocess.run(
+        [sys.executable, "-m", "imgserver", "serve", "--root", str(root), "--port",
+         str(free_port()), "--workers", "1", *map(str, options)], capture_output=True,
+        text=True, timeout=60, stdin=subprocess.DEVNULL, env={**os.environ, **env})
+    assert result.returncode == 2, result.stderr
+    assert TLS_REFUSALS[case].format(tls=folder) in result.stderr
+    assert "Traceback" not in result.stderr

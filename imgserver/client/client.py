@@ -10,11 +10,16 @@ The server's answers become the engine's own exceptions (RequestError for a 422,
 JobNotFound, JobConflict), and a server that cannot be reached, or that refuses for a reason
 other than the request's content, ServerUnavailable: the command line turns them into exit
 codes.
+
+An ``https://`` server is verified with the system's CA certificates, or with those of the
+``cacert`` file instead. A certificate that does not verify is ServerUnavailable at once,
+saying why: trying again cannot change a certificate.
 """
 
 from __future__ import annotations
 
 import json
+import ssl
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -23,7 +28,14 @@ from urllib.parse import quote
 
 import httpx2
 
-from imgserver.errors import JobConflict, JobNotFound, Problem, RequestError, ServerUnavailable
+from imgserver.errors import (
+    ConfigError,
+    JobConflict,
+    JobNotFound,
+    Problem,
+    RequestError,
+    ServerUnavailable,
+)
 
 #: Attempts at a request the server answers 503 (busy) before giving up.
 ATTEMPTS = 5
@@ -33,14 +45,32 @@ CONNECT_ATTEMPTS = 3
 MAX_WAIT = 30.0
 
 
+def trusted(cacert: str | None) -> ssl.SSLContext | bool:
+    """What an ``https://`` server's certificate is verified with: the CA certificates (PEM)
+    in the file ``cacert``, or, without one, the system's (True). ConfigError when the file
+    cannot be read or holds no certificate."""
+    if not cacert:
+        return True
+    try:
+        return ssl.create_default_context(cafile=cacert)
+    except ssl.SSLError:
+        raise ConfigError(f"--cacert {cacert!r} holds no PEM certificate") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read --cacert {cacert!r}: {exc.strerror or exc}") from None
+
+
 class Client:
-    """Talks to the server at ``url``, with ``token`` if it needs one."""
+    """Talks to the server at ``url``, with ``token`` if it needs one; an ``https://`` server
+    must have a certificate signed by a CA in ``cacert`` (a PEM file), or, without it, by
+    one the system trusts."""
 
     def __init__(self, url: str, token: str | None = None, *, timeout: float = 30.0,
-                 sleep: Callable[[float], None] = time.sleep) -> None:
+                 sleep: Callable[[float], None] = time.sleep,
+                 cacert: str | None = None) -> None:
         headers = {"authorization": f"Bearer {token}"} if token else {}
         self.url = url.rstrip("/")
-        self._http = httpx2.Client(base_url=self.url, headers=headers, timeout=timeout)
+        self._http = httpx2.Client(base_url=self.url, headers=headers, timeout=timeout,
+                                   verify=trusted(cacert))
         self._sleep = sleep
 
     def close(self) -> None:
@@ -105,6 +135,7 @@ class Client:
                             if event.event == "end":
                                 return data
             except (httpx2.TransportError, ServerUnavailable) as exc:
+                self._check_certificate(exc)
                 failures += 1
                 if failures >= ATTEMPTS:
                     raise ServerUnavailable(f"lost the connection to {self.url}: {exc}") from None
@@ -116,6 +147,7 @@ class Client:
             try:
                 response = self._http.request(method, path, **kwargs)
             except httpx2.TransportError as exc:
+                self._check_certificate(exc)
                 if attempt >= CONNECT_ATTEMPTS:
                     raise ServerUnavailable(f"cannot reach the server at {self.url}: "
                                             f"{exc or type(exc).__name__}") from None
@@ -128,6 +160,21 @@ class Client:
                 return response.json()
             self._raise(response)
         raise AssertionError("unreachable: the last attempt returns or raises")
+
+    def _check_certificate(self, exc: BaseException) -> None:
+        """ServerUnavailable, at once, if ``exc`` comes from a certificate that does not
+        verify (another CA, another host name, expired): retrying cannot help."""
+        cause: BaseException | None = exc
+        seen: set[int] = set()
+        while cause is not None and id(cause) not in seen:
+            if isinstance(cause, ssl.SSLCertVerificationError):
+                reason = cause.verify_message or cause.reason or str(cause)
+                raise ServerUnavailable(
+                    f"the certificate of the server at {self.url} does not verify: {reason} "
+                    f"(a certificate of a private CA needs that CA's certificate: --cacert "
+                    f"FILE or IMGSERVER_CACERT)") from None
+            seen.add(id(cause))
+            cause = cause.__cause__ or cause.__context__
 
     def _raise(self, response: httpx2.Response) -> None:
         """The exception for an error answer."""

@@ -7,7 +7,9 @@
     cancel ID                      exit 0 cancelled, 1 already done or failed, 2 no such job
 
 The server is ``--server`` or ``IMGSERVER_URL`` (default http://127.0.0.1:8000); the token,
-if it needs one, ``IMGSERVER_TOKEN``.
+if it needs one, ``IMGSERVER_TOKEN``. An ``https://`` server is verified with the system's CA
+certificates, or with ``--cacert FILE`` (``IMGSERVER_CACERT``) instead: a certificate that
+does not verify is exit 3, a --cacert file that cannot be read exit 2.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from typing import Any
 
 from imgserver.client.client import Client
 from imgserver.client.progress import Progress
-from imgserver.errors import JobConflict, JobNotFound, RequestError, ServerUnavailable
+from imgserver.errors import ConfigError, JobConflict, JobNotFound, RequestError, ServerUnavailable
 
 EXIT_DONE, EXIT_FAILED, EXIT_INVALID, EXIT_UNAVAILABLE = 0, 1, 2, 3
 DEFAULT_URL = "http://127.0.0.1:8000"
@@ -33,8 +35,9 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
         "submit", help="submit a request to a running server",
         description="Submit a request file to a running server and print its job's status. "
                     "Exit 0: accepted (with --wait: every image done); 1: an image failed or "
-                    "the job was cancelled; 2: invalid request; 3: the server cannot be "
-                    "reached or refuses.")
+                    "the job was cancelled; 2: invalid request (or a --cacert file that "
+                    "cannot be read); 3: the server cannot be reached, refuses, or has a "
+                    "certificate that does not verify.")
     submit.add_argument("request", type=Path, help="the request file (JSON)")
     submit.add_argument("--wait", action="store_true",
                         help="follow the job's progress until it ends; print its final status")
@@ -46,18 +49,28 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     jobs.add_argument("--json", action="store_true", help="one JSON summary per line")
     cancel = commands.add_parser(
         "cancel", help="cancel a job on a running server",
-        description="Exit 0: cancelled; 1: already done or failed; 2: no such job; 3: the "
-                    "server cannot be reached.")
+        description="Exit 0: cancelled; 1: already done or failed; 2: no such job (or a "
+                    "--cacert file that cannot be read); 3: the server cannot be reached, "
+                    "or has a certificate that does not verify.")
     cancel.add_argument("job", help="the job's id")
     for sub in (submit, jobs, cancel):
         sub.add_argument("--server", default=None, metavar="URL",
-                         help=f"the server [env IMGSERVER_URL; default: {DEFAULT_URL}]")
+                         help=f"the server, http:// or https:// [env IMGSERVER_URL; default: "
+                              f"{DEFAULT_URL}]")
+        sub.add_argument("--cacert", default=None, metavar="FILE",
+                         help="verify an https:// server with the CA certificates (PEM) in "
+                              "FILE instead of the system's [env IMGSERVER_CACERT]")
 
 
 def main(args: argparse.Namespace) -> int:
     """Run the client command ``args.command``; its exit code."""
-    client = Client(args.server or os.environ.get("IMGSERVER_URL") or DEFAULT_URL,
-                    os.environ.get("IMGSERVER_TOKEN") or None)
+    try:
+        client = Client(args.server or os.environ.get("IMGSERVER_URL") or DEFAULT_URL,
+                        os.environ.get("IMGSERVER_TOKEN") or None,
+                        cacert=args.cacert or os.environ.get("IMGSERVER_CACERT") or None)
+    except ConfigError as exc:
+        _error(str(exc))
+        return EXIT_INVALID
     try:
         if args.command == "submit":
             return _submit(client, args.request, args.wait)

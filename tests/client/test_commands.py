@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import datetime
 import json
 import os
 import pty
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -14,11 +16,20 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+import trustme
 
 from imgserver.client.client import Client
 
 from conftest import request_body
-from serving import Server, free_port, shared_server, start_server, wait_state
+from serving import (
+    Server,
+    TLSFiles,
+    free_port,
+    shared_server,
+    start_server,
+    tls_files,
+    wait_state,
+)
 
 
 @pytest.fixture(scope="module")
@@ -28,12 +39,26 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     yield from shared_server(tmp_path_factory.mktemp("remote"), images, "--workers", "1")
 
 
+@pytest.fixture(scope="module")
+def tls(tmp_path_factory: pytest.TempPathFactory, test_ca: trustme.CA) -> TLSFiles:
+    """A certificate for 127.0.0.1 from the tests' CA, which no system trusts."""
+    return tls_files(tmp_path_factory.mktemp("tls"), test_ca, "127.0.0.1", "localhost")
+
+
+@pytest.fixture(scope="module")
+def https_server(tmp_path_factory: pytest.TempPathFactory, tls: TLSFiles) -> Iterator[Server]:
+    """A server like ``server``, over HTTPS with the certificate of ``tls``."""
+    yield from shared_server(tmp_path_factory.mktemp("remote-tls"), [("a.png", 64, 48)],
+                             "--workers", "1", *tls.args(), context=tls.context())
+
+
 def imgserver(server: Server | None, *args: str, env: dict[str, str] | None = None,
-              port: int | None = None) -> subprocess.CompletedProcess:
-    url = f"http://127.0.0.1:{server.port if server else port}"
+              port: int | None = None, url: str | None = None) -> subprocess.CompletedProcess:
+    url = url or (server.url if server else f"http://127.0.0.1:{port}")
+    environ = {k: v for k, v in os.environ.items() if k != "IMGSERVER_CACERT"}
     return subprocess.run([sys.executable, "-m", "imgserver", *args, "--server", url],
                           capture_output=True, text=True, timeout=120,
-                          env={**os.environ, **(env or {})})
+                          env={**environ, **(env or {})})
 
 
 def write(root: Path, name: str, body: bytes) -> str:
@@ -220,3 +245,87 @@ def test_commands_follow_survives_a_dropped_connection(server: Server) -> None:
     reported = {index for name, index in seen if name in ("image", "done before")}
     assert reported == {0, 1, 2, 3}  # nothing missed
     assert seen[-1] == ("end", None)
+
+
+def test_commands_over_https_with_cacert(https_server: Server, tls: TLSFiles) -> None:
+    request = write(https_server.root, "tls.json", request_body([("a.png", "t/1.png")]))
+    done = imgserver(https_server, "submit", request, "--wait", "--cacert", str(tls.cacert))
+    assert done.returncode == 0, done.stderr
+    job_id = json.loads(done.stdout)["id"]
+    assert json.loads(done.stdout)["state"] == "done" and (https_server.root / "t/1.png").exists()
+    assert "1/1 a.png -> t/1.png: done" in done.stderr
+    listed = imgserver(https_server, "jobs", "--cacert", str(tls.cacert))
+    assert listed.returncode == 0 and listed.stdout.split()[:2] == [job_id, "done"]
+    by_variable = imgserver(https_server, "jobs", "--json",
+                            env={"IMGSERVER_CACERT": str(tls.cacert)})
+    assert by_variable.returncode == 0, by_variable.stderr
+    assert json.loads(by_variable.stdout.splitlines()[0])["id"] == job_id
+    finished = imgserver(https_server, "cancel", job_id, env={"IMGSERVER_CACERT": str(tls.cacert)})
+    assert finished.returncode == 1 and "already done" in finished.stderr
+
+
+def test_commands_https_server_whose_certificate_does_not_verify_is_exit_3(
+        https_server: Server, tmp_path: Path) -> None:
+    request = write(https_server.root, "untrusted.json", request_body([("a.png", "u/1.png")]))
+    stranger = tmp_path / "stranger.pem"  # another CA: not the one that signed the server's
+    trustme.CA().cert_pem.write_to_path(str(stranger))
+    refused = [
+        imgserver(https_server, "submit", request, "--wait"),  # the system's CAs only
+        imgserver(https_server, "jobs"),
+        imgserver(https_server, "cancel", "some-job"),
+        imgserver(https_server, "submit", request, "--cacert", str(stranger)),
+        imgserver(https_server, "jobs", env={"IMGSERVER_CACERT": str(stranger)}),
+    ]
+    for result in refused:
+        assert result.returncode == 3, result.stderr
+        assert result.stderr.startswith(f"imgserver: the certificate of the server at "
+                                        f"{https_server.url} does not verify: ")
+        assert "unable to get local issuer certificate" in result.stderr
+        assert "--cacert FILE or IMGSERVER_CACERT" in result.stderr
+        assert "Traceback" not in result.stderr and result.stdout == ""
+    assert not (https_server.root / "u").exists()
+
+
+#: A certificate the client refuses, signed by the CA it is given, and the reason it says.
+UNVERIFIED = {"another-host-name": "IP address mismatch, certificate is not valid for '127.0.0.1'",
+              "expired": "certificate has expired"}
+
+
+@pytest.mark.parametrize("case", UNVERIFIED)
+def test_commands_https_certificate_for_another_host_or_expired_is_exit_3(
+        root: Path, test_ca: trustme.CA, case: str) -> None:
+    if case == "expired":
+        yesterday = datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(days=1)
+        tls = tls_files(root.parent / "tls", test_ca, "127.0.0.1", not_after=yesterday)
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # to see it start, and no more
+        context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+    else:
+        tls = tls_files(root.parent / "tls", test_ca, "imgserver.example")
+        context = tls.context()
+        context.check_hostname = False
+    server = start_server(root, "--workers", "1", *tls.args(), context=context)
+    try:
+        result = imgserver(server, "jobs", "--cacert", str(tls.cacert))
+    finally:
+        server.stop()
+    assert result.returncode == 3, result.stderr
+    assert (f"the certificate of the server at {server.url} does not verify: "
+            f"{UNVERIFIED[case]}") in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_commands_cacert_that_cannot_be_read_is_exit_2(root: Path) -> None:
+    request = write(root, "ok.json", request_body([("a.png", "x.png")]))
+    url = f"https://127.0.0.1:{free_port()}"  # no server: the file is read before connecting
+    missing = imgserver(None, "submit", request, "--cacert", str(root / "nope.pem"), url=url)
+    assert missing.returncode == 2
+    assert f"cannot read --cacert '{root / 'nope.pem'}': No such file or directory" in (
+        missing.stderr)
+    by_variable = imgserver(None, "jobs", env={"IMGSERVER_CACERT": str(root / "nope.pem")},
+                            url=url)
+    assert by_variable.returncode == 2 and "cannot read --cacert" in by_variable.stderr
+    not_pem = imgserver(None, "cancel", "x", "--cacert", request, url=url)
+    assert not_pem.returncode == 2
+    assert f"--cacert {request!r} holds no PEM certificate" in not_pem.stderr
+    for result in (missing, by_variable, not_pem):
+        assert "Traceback" not in result.stderr and result.stdout == ""
