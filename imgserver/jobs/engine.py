@@ -8,10 +8,10 @@ what happens to a job.
     GET /jobs, wait, cancel <-- Ledger: status documents <---+<-- outcomes: settle, finish
                                 (live jobs, the outbox)       --> subscribers (events)
 
-Everything here happens holding one condition, on whichever thread has news: a submitting
-thread hands a new job's first image to a free worker at once; the executor's thread
-settles a finished image and hands its worker the next; the engine thread keeps time (time
-limits, status files due, probes of a broken pool). On start, every job whose request is
+Everything here happens holding one condition, on whichever thread has news (the ``Pump``
+says when: a submitting thread hands a new job's first image to a free worker at once; the
+executor's thread settles a finished image and hands its worker the next; the engine thread
+keeps time). On start, every job whose request is
 kept and whose status is not final is queued again: an accepted job is never lost. A
 cancelled job's images that have not started never start, and a restart does not resume it.
 """
@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import threading
 import time
 from collections import Counter
@@ -50,6 +49,7 @@ from imgserver.jobs.job import (
 )
 from imgserver.jobs.ledger import Entry, Ledger
 from imgserver.jobs.outbox import Outbox
+from imgserver.jobs.pump import Pump
 from imgserver.jobs.recovery import recover
 from imgserver.jobs.request import Request
 from imgserver.jobs.runner import Outcome, Runner, Work
@@ -83,13 +83,11 @@ class Engine:
         self._open_images = 0
         self._owners: Counter[str] = Counter()  # open images by owner
         self._accepting = False
-        self._closing = False
-        self._advancing = False
-        self._sleeping_until = 0.0  # when the engine thread wakes by itself (monotonic)
-        self._runner.on_complete = self._completed
-        self._thread = threading.Thread(target=self._loop, name="imgserver-engine", daemon=True)
+        self._pump = Pump(self._cond, self._runner, self._ledger, settle=self._settle,
+                          started=self._started, dispatching=lambda: self._accepting)
         self._scanner = threading.Thread(target=self.outbox.rebuild, name="imgserver-index-scan",
-                                         args=(self.resume, lambda: self._closing), daemon=True)
+                                         args=(self.resume, lambda: self._pump.closing),
+                                         daemon=True)
 
     # -- public interface -------------------------------------------------------------
 
@@ -108,7 +106,7 @@ class Engine:
                 self._scanner.start()
         with self._cond:
             self._accepting = True
-        self._thread.start()
+        self._pump.start()
 
     def subscribe(self, listener: Listener) -> None:
         """Call ``listener`` for every event (``jobs.events``), holding the engine's lock."""
@@ -231,7 +229,7 @@ class Engine:
         """Why the engine cannot run work, or None when it can."""
         if not self._accepting:
             return "the server is not accepting work (starting or shutting down)"
-        if not self._thread.is_alive():
+        if not self._pump.alive:
             return "the engine thread has stopped"
         return self._storage.problem or self._runner.problem
 
@@ -267,11 +265,7 @@ class Engine:
         Jobs not finished stay on disk and resume at the next start.
         """
         self.stop_accepting()
-        with self._cond:
-            self._closing = True
-            self._cond.notify_all()
-        if self._thread.is_alive():
-            self._thread.join()
+        self._pump.stop()
         if self._scanner.is_alive():
             self._scanner.join()
         self.outbox.close()
@@ -290,7 +284,7 @@ class Engine:
             entry.dirty, entry.written_at = True, time.monotonic()
         self._events.emit(JobAccepted, job.id, job.summary(), folder=job.owner.folder)
         document = job.to_document()  # as accepted: queued
-        self._advance()  # a free worker starts it now, not when the engine thread wakes
+        self._pump.advance()  # a free worker starts it now, not when the engine thread wakes
         self._cond.notify_all()
         return document
 
@@ -315,75 +309,6 @@ class Engine:
         if job.finish_if_complete(self.settings.keep_finished):
             self._finish(entry)
         return entry
-
-    # -- the engine thread --------------------------------------------------------------
-
-    def _loop(self) -> None:
-        with self._cond:
-            while True:
-                try:
-                    if self._step():
-                        break
-                except Exception:  # a bug must not stop every job: log it and go on
-                    logger.exception("the engine loop failed; going on")
-                    self._cond.wait(1.0)
-            self._ledger.flush(force=True)
-            self._ledger.release_all()
-
-    def _step(self) -> bool:
-        """One turn of the engine thread; True once it is closing and nothing runs."""
-        self._advancing = True  # a reset's callbacks fire on this thread: not into this
-        try:
-            expired = self._runner.enforce_deadlines()
-        finally:
-            self._advancing = False
-        for outcome in expired:
-            self._settle(outcome)
-        self._advance()
-        self._runner.probe()
-        if self._closing and self._runner.idle:
-            return True
-        self._ledger.flush()
-        timeout = self._next_wakeup()
-        self._sleeping_until = math.inf if timeout is None else time.monotonic() + timeout
-        self._cond.wait(timeout)
-        self._sleeping_until = 0.0
-        return False
-
-    def _completed(self) -> None:
-        """An image finished (on the executor's thread, holding the condition): settle it
-        and hand its worker the next image now, without waking the engine thread."""
-        if self._advancing:
-            # On this thread, mid-collect or mid-dispatch (a reset's callbacks, or an image
-            # finished before its hand-over returned): the engine thread settles it at
-            # once (Runner.next_wakeup).
-            return
-        self._advance()
-        # The engine thread is woken only when it must act sooner than it planned to (a
-        # status to write, a time limit, the end at closing), not for every image.
-        timeout = self._next_wakeup()
-        if self._closing or (timeout is not None
-                             and time.monotonic() + timeout < self._sleeping_until):
-            self._cond.notify_all()
-
-    def _advance(self) -> None:
-        """Settle the images that finished; hand images to free workers."""
-        self._advancing = True
-        try:
-            for outcome in self._runner.collect():
-                self._settle(outcome)
-            if self._accepting and not self._closing:  # once stopping, queued images wait
-                for work in self._runner.dispatch():
-                    self._started(work)
-        finally:
-            self._advancing = False
-
-    def _next_wakeup(self) -> float | None:
-        moments = [moment for moment in (self._ledger.next_write(), self._runner.next_wakeup())
-                   if moment is not None]
-        if not moments:
-            return None
-        return max(0.0, min(moments) - time.monotonic()) + 0.001
 
     def _started(self, work: Work) -> None:
         entry = self._ledger[work.job_id]
