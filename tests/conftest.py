@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import sqlite3
 import struct
 import subprocess
 import time
@@ -190,6 +192,27 @@ def png_chunk(kind: bytes, body: bytes) -> bytes:
     """One PNG chunk: length, type, data and CRC."""
     crc = zlib.crc32(kind + body)
     return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", crc)
+
+
+def job_summary(job_id: str, created_at: str, state: str = "done",
+                source: str = "http") -> dict:
+    """A job's status document without its images, as the index keeps it."""
+    return {"id": job_id, "state": state, "source": source, "created_at": created_at,
+            "started_at": None, "finished_at": created_at if state != "queued" else None,
+            "expires_at": None, "operations": [], "progress": {"done": 0, "total": 1},
+            "error": None}
+
+
+def sql(path: Path, query: str) -> list[tuple]:
+    """The rows a query of the SQLite file at ``path`` answers."""
+    with contextlib.closing(sqlite3.connect(path)) as db, db:
+        return db.execute(query).fetchall()
+
+
+def sqlite_indexes(path: Path) -> set[str]:
+    """The names of the indexes made in the SQLite file at ``path``."""
+    return {name for (name,) in sql(
+        path, "SELECT name FROM sqlite_master WHERE type = 'index' AND sql IS NOT NULL")}
 
 
 def final_status(engine: Engine, job_id: str, timeout: float = 60.0) -> dict:

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from imgserver.errors import CapacityError
+from imgserver.jobs import rescan
 from imgserver.jobs.events import (
     Announcer,
     ImageFinished,
@@ -85,9 +86,9 @@ class Engine:
         self._accepting = False
         self._pump = Pump(self._cond, self._runner, self._ledger, settle=self._settle,
                           started=self._started, dispatching=lambda: self._accepting)
-        self._scanner = threading.Thread(target=self.outbox.rebuild, name="imgserver-index-scan",
-                                         args=(self.resume, lambda: self._pump.closing),
-                                         daemon=True)
+        self._scanner = threading.Thread(
+            target=rescan.rebuild, name="imgserver-index-scan", daemon=True,
+            args=(self.outbox, self.resume, lambda: self._pump.closing))
 
     # -- public interface -------------------------------------------------------------
 

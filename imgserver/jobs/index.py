@@ -7,7 +7,7 @@ the server cost the same with ten jobs in the outbox or a million.
                                                     its summary (the document without images)
 
 The files stay the record; the index is derived from them and can be rebuilt from them at
-any time (``imgserver.jobs.outbox.Outbox.scan``). A job's row is written before its request file
+any time (``imgserver.jobs.rescan``). A job's row is written before its request file
 exists, and again after every write of its status file, so after a crash (``kill -9``) every
 job on disk has a row, and a row that is not final is checked against its files at start.
 The database runs in WAL mode with ``synchronous=NORMAL``: a commit survives the death of
