@@ -25,31 +25,22 @@ comes back with ``Last-Event-ID`` gets the events after it from the history, or 
 from __future__ import annotations
 
 import asyncio
-import bisect
 import contextlib
 import ctypes
-import json
 import logging
 from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Any
 
-from fastapi.sse import KEEPALIVE_COMMENT, format_sse_event
+from fastapi.sse import KEEPALIVE_COMMENT
 
 from imgserver.errors import CapacityError
-from imgserver.jobs.events import Event, ImageFinished, JobAccepted, JobFinished, StateChanged
+from imgserver.http.history import HISTORY, History, encode, sse
+from imgserver.jobs.events import Event
 from imgserver.jobs.job import FINAL_STATES
 
 logger = logging.getLogger("imgserver.http.streams")
 
-#: Events kept for streams that have not read them yet, and for clients that reconnect
-#: with Last-Event-ID: at most this many, and this many bytes. A stream further behind than
-#: that falls out (see above): the bound on the server's backlog, whatever the streams.
-HISTORY = 10_000
-HISTORY_BYTES = 8 << 20
-#: A stream sends at most this many bytes of events in one write.
-CHUNK = 16 * 1024
 #: An idle stream gets a comment this often (seconds), so that proxies keep it open.
 KEEPALIVE = 15.0
 #: Once this many streams have closed, the memory they freed is handed back to the system
@@ -60,83 +51,6 @@ TRIM_INTERVAL = 10.0
 #: goes at once, those of a busy job gather (a hundred streams then write twice a
 #: second each, not once per image); a job's end is never held back.
 GATHER = 0.5
-
-
-@dataclass(frozen=True)
-class _Frame:
-    """One event, encoded for a job's stream and for the all-jobs stream."""
-
-    seq: int
-    job_id: str
-    job_bytes: bytes | None   # None: not part of a job's stream (``job``)
-    all_bytes: bytes
-    last: bool                # the job's ``end``: its stream closes after it
-    folder: str = ""          # the job's: streams that see only one folder see only its
-
-
-class _History:
-    """The last events, at most HISTORY of them and HISTORY_BYTES of their bytes, by seq."""
-
-    def __init__(self) -> None:
-        self._frames: list[_Frame] = []
-        self._seqs: list[int] = []
-        self._start = 0   # the oldest frame still held (those before are going)
-        self._size = 0    # bytes of the frames held
-        #: Every event after this seq is held (or still to come): the last one let go, or,
-        #: before any was, the one before the first (None: nothing held yet).
-        self.floor: int | None = None
-        self._dropped = 0  # the seq of the last frame let go
-
-    def append(self, frame: _Frame) -> None:
-        """Keep ``frame``; the oldest go when there are too many, or too many bytes."""
-        if self.floor is None:
-            self.floor = frame.seq - 1
-        self._frames.append(frame)
-        self._seqs.append(frame.seq)
-        self._size += _size(frame)
-        while (len(self._frames) - self._start > HISTORY
-               or self._size > HISTORY_BYTES and len(self._frames) - self._start > 1):
-            self._size -= _size(self._frames[self._start])
-            self.floor = self._dropped = self._seqs[self._start]
-            self._start += 1
-        if self._start > len(self._frames) // 2:  # cut the front in bulk: it costs a copy
-            del self._frames[:self._start]
-            del self._seqs[:self._start]
-            self._start = 0
-
-    @property
-    def last(self) -> int:
-        """The seq of the newest frame, 0 when none."""
-        return self._seqs[-1] if self._seqs else 0
-
-    def holds(self, after: int) -> bool:
-        """Whether every event after seq ``after`` is held (or still to come)."""
-        return self.floor is not None and self.floor <= after <= self.last
-
-    def lost(self, cursor: int) -> bool:
-        """Whether events after seq ``cursor`` have been let go (a stream there is behind)."""
-        return cursor < self._dropped
-
-    def after(self, seq: int, job_id: str | None, view: str | None = None) -> list[_Frame]:
-        """The frames after ``seq`` a stream of ``job_id`` (None: every job; of the folder
-        ``view`` only, unless None) wants, as many as fit in CHUNK bytes (at least one)."""
-        found: list[_Frame] = []
-        size = 0
-        start = max(self._start, bisect.bisect_right(self._seqs, seq))
-        for frame in self._frames[start:]:
-            data = frame.all_bytes if job_id is None else frame.job_bytes
-            if data is None or (job_id is not None and frame.job_id != job_id) or (
-                    view is not None and frame.folder != view):
-                continue
-            if found and size + len(data) > CHUNK:
-                break
-            found.append(frame)
-            size += len(data)
-        return found
-
-
-def _size(frame: _Frame) -> int:
-    return len(frame.all_bytes) + len(frame.job_bytes or b"")
 
 
 @dataclass(eq=False)
@@ -168,7 +82,7 @@ class EventHub:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._pending: deque[Event] = deque()
         self._scheduled = False
-        self._history = _History()
+        self._history = History()
         self._ended: OrderedDict[str, int] = OrderedDict()  # job -> its end's seq, recent
         self._signals: dict[str | None, asyncio.Event] = {}  # job (None: all) -> news
         self._watching: dict[str | None, int] = {}          # job (None: all) -> streams
@@ -225,7 +139,7 @@ class EventHub:
     def _catch_up(self) -> None:
         woken: set[str | None] = set()
         while self._pending:
-            frame = _encode(self._pending.popleft())
+            frame = encode(self._pending.popleft())
             self._history.append(frame)
             if frame.last:
                 self._ended[frame.job_id] = frame.seq
@@ -326,14 +240,14 @@ class EventHub:
             documents, seq = await asyncio.to_thread(self._active, stream.since, stream.view)
             # Each its own id, growing, the last one ``seq``: all are as of that event.
             first = seq - len(documents) + 1
-            data = b"".join(_sse("status", {**document, "job": document["id"]}, first + number)
+            data = b"".join(sse("status", {**document, "job": document["id"]}, first + number)
                             for number, document in enumerate(documents))
         else:
             document, seq = await asyncio.to_thread(self._snapshot, stream.job_id)
-            data = _sse("status", document, seq)
+            data = sse("status", document, seq)
             if document["state"] in FINAL_STATES:
                 final = True
-                data += _sse("end", document, seq + 1)  # ids grow within the stream
+                data += sse("end", document, seq + 1)  # ids grow within the stream
         # Events the snapshot reflects are not sent again.
         stream.cursor = max(stream.cursor, seq)
         return data, final
@@ -377,33 +291,6 @@ class EventHub:
             wait = sent_at + GATHER - loop.time()
             if wait > 0 and not self._closed:
                 await asyncio.sleep(wait)  # let the events of this moment gather
-
-
-def _encode(event: Event) -> _Frame:
-    """An engine event as its SSE bytes (encoded once, for every stream)."""
-    job_id = event.job_id
-    last = False
-    if isinstance(event, ImageFinished):
-        name = "image"
-        data: dict[str, Any] = {"index": event.index, "image": event.image.to_document(),
-                                "progress": {"done": event.done, "total": event.total}}
-    elif isinstance(event, StateChanged):
-        name, data = "state", {"state": event.state, "progress": event.progress}
-    elif isinstance(event, JobFinished):
-        name, data, last = "end", event.document, True
-    elif isinstance(event, JobAccepted):
-        return _Frame(event.seq, job_id, None,
-                      _sse("job", {**event.summary, "job": job_id}, event.seq), False,
-                      event.folder)
-    else:
-        raise TypeError(f"unknown event {event!r}")
-    return _Frame(event.seq, job_id, _sse(name, data, event.seq),
-                  _sse(name, {**data, "job": job_id}, event.seq), last, event.folder)
-
-
-def _sse(name: str, data: dict[str, Any], seq: int) -> bytes:
-    return format_sse_event(data_str=json.dumps(data, separators=(",", ":")), event=name,
-                            id=str(seq))
 
 
 def _seq(last_id: str | None) -> int | None:

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from fastapi.sse import KEEPALIVE_COMMENT
 
-from imgserver.http import streams
+from imgserver.http import history, streams
 from imgserver.http.streams import EventHub
 from imgserver.jobs.events import ImageFinished, JobAccepted, JobFinished, StateChanged
 from imgserver.jobs.job import ImageStatus
@@ -43,7 +43,7 @@ def names(chunks: list[bytes]) -> list[str]:
 
 def test_streams_slow_client_is_bounded_then_skipped_ahead_or_closed(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(streams, "HISTORY_BYTES", 1 << 20)  # 8 MiB in the server
+    monkeypatch.setattr(history, "HISTORY_BYTES", 1 << 20)  # 8 MiB in the server
 
     async def scenario() -> None:
         state = {"seq": 0}
@@ -67,7 +67,7 @@ def test_streams_slow_client_is_bounded_then_skipped_ahead_or_closed(
         except StopAsyncIteration:  # closed before it sent anything
             chunks = []
         chunks += [chunk async for chunk in all_stream]
-        assert sum(len(c) for c in chunks) <= streams.HISTORY_BYTES
+        assert sum(len(c) for c in chunks) <= history.HISTORY_BYTES
         state["seq"] = 400
         hub(JobFinished(400, "a", document("a", "done", 3)))
         rest = await collect(job_stream, 1)
