@@ -3,7 +3,9 @@ exactly once, whatever else arrives at the same moment.
 
     over HTTP, or from ``imgserver run``:
         stage (write + fsync a temporary file, before the engine's lock is taken)
-        -> place: an id claimed in the index, the file linked under it
+        -> place: an id claimed in the index, the file linked under it (holding the lock)
+        -> the folder synced, one fsync shared by the requests placed meanwhile (after
+           the lock, before the answer)
     from the drop folder:
         claim: an id reserved (index row + an empty request file made exclusively),
         -> the INBOX file linked over the reservation, then unlinked from INBOX
@@ -76,7 +78,9 @@ class Arrivals:
         name. It is claimed in the index first, then by linking the file under it, which
         fails if the name is taken (by a job the index does not know yet): a crash at any
         point leaves a row for every request on disk. A staged owner is linked before the
-        request: a request on disk always has its owner beside it.
+        request: a request on disk always has its owner beside it. The link is durable once
+        the outbox's folder is synced (``Outbox.sync_folder``), which the caller does before
+        it answers anyone, outside its lock: concurrent requests share that fsync.
         """
         created_at = now()
         for job_id in _candidates(name):
@@ -98,7 +102,6 @@ class Arrivals:
                     continue
                 raise
             unlink(staged.path)
-            self.outbox.sync_folder()
             return job_id
         raise AssertionError("unreachable: candidate ids are endless")
 

@@ -286,7 +286,7 @@ class Engine:
         self._events.emit(JobAccepted, job.id, job.summary(), folder=job.owner.folder)
         document = job.to_document()  # as accepted: queued
         self._pump.advance()  # a free worker starts it now, not when the engine thread wakes
-        self._cond.notify_all()
+        self._pump.nudge()
         return document
 
     def refuse(self, job: Job) -> dict:

@@ -258,10 +258,20 @@ class Intake:
                     raise self._storage_failed(exc) from None
                 self._storage.succeeded()
                 lock_fd = staged.detach() if self._lock_jobs else None
-                return self._desk.accept(self.new_job(job_id, source, request, owner),
-                                         request, lock_fd, write=False), True
+                document = self._desk.accept(self.new_job(job_id, source, request, owner),
+                                             request, lock_fd, write=False)
         finally:
             staged.close()
+        # The request's link is made durable outside the lock, in one fsync with those of
+        # the requests placed meanwhile, and before anyone is answered.
+        try:
+            self.outbox.sync_folder()
+        except OSError as exc:
+            # The job is accepted and runs (its request is in the folder); only a crash of
+            # the machine before the folder reaches the disk could lose it. Said, not hidden.
+            with self._lock:
+                self._storage_failed(exc)
+        return document, True
 
     def _storage_failed(self, exc: OSError) -> CapacityError:
         problem = f"the outbox {self.outbox.path} cannot store requests: {exc.strerror or exc}"

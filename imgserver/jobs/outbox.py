@@ -25,6 +25,7 @@ import logging
 import os
 import re
 import secrets
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -70,6 +71,7 @@ class Outbox:
         self.index = Index(path)
         self.keys = IdempotencyKeys(path / ".keys")
         self.temps = path / ".tmp"
+        self._folder_sync = FolderSync(path)
 
     def open(self) -> None:
         """Create the folder if needed and open the index."""
@@ -236,12 +238,69 @@ class Outbox:
         return self.temps / f"tmp-{secrets.token_hex(8)}"
 
     def sync_folder(self) -> None:
-        """Make the folder's entries durable (renames and links into it)."""
-        fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY)
+        """Make the folder's entries durable (renames and links into it): once this returns,
+        every entry made before it was called is on disk. Threads that ask at once share an
+        fsync (``FolderSync``)."""
+        self._folder_sync()
+
+
+class FolderSync:
+    """fsync of a folder, shared by the threads that need one at the same moment (group
+    commit): a caller returns once an fsync that began after its call has ended.
+
+    While one fsync runs, the callers that arrive wait for it, then one of them runs the
+    next for all of them: under load, many new jobs are made durable by one fsync instead
+    of one each, and none waits for more than the one running and its own.
+    """
+
+    def __init__(self, path: Path) -> None:
+        """A sync of the folder ``path``."""
+        self._path = path
+        self._cond = threading.Condition(threading.Lock())
+        self._begun = 0   # fsyncs begun (the number of the last one)
+        self._ended = 0   # the number of the last fsync that ended
+        self._running = False
+        self._failed: dict[int, OSError] = {}  # recent fsyncs that failed, by number
+
+    def __call__(self) -> None:
+        """Return once an fsync begun after this call has ended; its OSError if it failed."""
+        with self._cond:
+            ticket = self._begun + 1  # the one running (if any) began before this call
+            while self._ended < ticket:
+                if self._running:
+                    self._cond.wait()
+                    continue
+                self._running = True
+                self._begun += 1
+                number = self._begun
+                self._cond.release()
+                error: OSError | None = None
+                try:
+                    error = _fsync_folder(self._path)
+                finally:
+                    self._cond.acquire()
+                    self._running = False
+                    self._ended = number
+                    if error is not None:
+                        self._failed[number] = error
+                    for old in [key for key in self._failed if key < number - 64]:
+                        del self._failed[old]  # waiters of those have long seen them
+                    self._cond.notify_all()
+            error = self._failed.get(ticket)
+        if error is not None:
+            raise error
+
+
+def _fsync_folder(path: Path) -> OSError | None:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
             os.fsync(fd)
         finally:
             os.close(fd)
+    except OSError as exc:
+        return exc
+    return None
 
 
 def locked(path: Path) -> bool:

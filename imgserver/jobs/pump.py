@@ -116,8 +116,12 @@ class Pump:
             # once (Runner.next_wakeup).
             return
         self.advance()
-        # The engine thread is woken only when it must act sooner than it planned to (a
-        # status to write, a time limit, the end at closing), not for every image.
+        self.nudge()
+
+    def nudge(self) -> None:
+        """Wake the engine thread if it must act sooner than it planned to (a status to
+        write, a time limit, the end at closing): not for every image or job (holding the
+        lock)."""
         timeout = self._next_wakeup()
         if self.closing or (timeout is not None
                             and time.monotonic() + timeout < self._sleeping_until):
