@@ -15,6 +15,7 @@ engine's future: the event loop never blocks.
 from __future__ import annotations
 
 import asyncio
+from concurrent.futures import Future
 from typing import Any
 from urllib.parse import quote
 
@@ -81,18 +82,22 @@ def router(engine: Engine, hub: EventHub, settings: Settings, auth: Auth) -> API
         body = await _read_body(request, settings.max_body_bytes)
         created = True
         owner = principal.owner
+        # Attached as the job is accepted: a short job may end before the answer is sent.
+        waiter: Future | None = Future() if wait else None
         if idempotency_key is None:
             document = await run_in_threadpool(engine.submit, body, source="http",
-                                               owner=owner)
+                                               owner=owner, waiter=waiter)
         else:
             document, created = await run_in_threadpool(engine.submit_once, body,
                                                         idempotency_key, source="http",
-                                                        owner=owner)
+                                                        owner=owner, waiter=waiter)
         location = f"/jobs/{quote(document['id'])}"
-        if not wait:
+        if waiter is None:
             return JSONResponse(document, status_code=202 if created else 200,
                                 headers={"Location": location})
-        document = await asyncio.wrap_future(engine.wait(document["id"]))
+        if not created:  # an earlier request's job, which may have ended long ago
+            waiter = engine.wait(document["id"])
+        document = await asyncio.wrap_future(waiter)
         return JSONResponse(document, status_code=200, headers={"Location": location})
 
     @routes.get("/jobs", summary="List jobs, newest first",

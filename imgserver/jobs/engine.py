@@ -114,14 +114,16 @@ class Engine:
         self._events.subscribe(listener)
 
     def submit(self, body: bytes, *, source: str, name: str | None = None,
-               owner: Owner = ANYONE) -> dict:
-        """Accept ``owner``'s request; its job's status document (``Intake.submit``)."""
-        return self._intake.submit(body, source=source, name=name, owner=owner)
+               owner: Owner = ANYONE, waiter: Future | None = None) -> dict:
+        """Accept ``owner``'s request; its job's status document (``Intake.submit``).
+        ``waiter``, if given, resolves to the job's final status document (as ``wait``)."""
+        return self._intake.submit(body, source=source, name=name, owner=owner, waiter=waiter)
 
-    def submit_once(self, body: bytes, key: str, *, source: str, owner: Owner = ANYONE
-                    ) -> tuple[dict, bool]:
-        """Accept a request once per idempotency key (``Intake.submit_once``)."""
-        return self._intake.submit_once(body, key, source=source, owner=owner)
+    def submit_once(self, body: bytes, key: str, *, source: str, owner: Owner = ANYONE,
+                    waiter: Future | None = None) -> tuple[dict, bool]:
+        """Accept a request once per idempotency key (``Intake.submit_once``); ``waiter``
+        as for ``submit``, for a job it creates."""
+        return self._intake.submit_once(body, key, source=source, owner=owner, waiter=waiter)
 
     def take(self, path: Path, *, name: str | None, peek: bytes, source: str = "inbox") -> dict:
         """Take a drop-folder file as a job (``Intake.take``)."""
@@ -273,9 +275,14 @@ class Engine:
 
     # -- what the intake hands over (holding the condition) -----------------------------
 
-    def accept(self, job: Job, request: Request, lock_fd: int | None, *, write: bool) -> dict:
-        """Take a stored, valid request on as a queued job; its status document."""
+    def accept(self, job: Job, request: Request, lock_fd: int | None, *, write: bool,
+               waiter: Future | None = None) -> dict:
+        """Take a stored, valid request on as a queued job; its status document. ``waiter``
+        resolves to its final status document: attached now, so that a short job does not
+        end before anyone waits for it (its document would then be read back from disk)."""
         entry = self._register(job, request, lock_fd)
+        if waiter is not None:
+            self._ledger.attach(job.id, waiter)
         if write:
             self._ledger.write(entry)
         else:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 import threading
 import uuid
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Protocol
 
@@ -50,8 +51,10 @@ class Desk(Protocol):
     def open_images_of(self, owner: str) -> int:
         """Images accepted and not yet finished of ``owner``'s jobs."""
 
-    def accept(self, job: Job, request: Request, lock_fd: int | None, *, write: bool) -> dict:
-        """Take a stored, valid request on as a queued job; its status document."""
+    def accept(self, job: Job, request: Request, lock_fd: int | None, *, write: bool,
+               waiter: Future | None = None) -> dict:
+        """Take a stored, valid request on as a queued job; its status document (``waiter``
+        resolves to the final one)."""
 
     def refuse(self, job: Job) -> dict:
         """Record a stored request that is invalid as a failed job; its status document."""
@@ -115,23 +118,25 @@ class Intake:
             max_pixels=self.settings.max_pixels, max_file_bytes=self.settings.max_file_bytes)
 
     def submit(self, body: bytes, *, source: str, name: str | None = None,
-               owner: Owner = ANYONE) -> dict:
-        """Accept ``owner``'s request; its job's status document.
+               owner: Owner = ANYONE, waiter: Future | None = None) -> dict:
+        """Accept ``owner``'s request; its job's status document. ``waiter``, if given,
+        resolves to the job's final status document.
 
         An invalid request raises RequestError and leaves no trace; CapacityError when the
         queue is full or the request cannot be stored, TooManyRequests when the owner's
         quota would be exceeded.
         """
         return self._create(body, self.parse(body, owner), source=source, name=name,
-                            owner=owner)[0]
+                            owner=owner, waiter=waiter)[0]
 
-    def submit_once(self, body: bytes, key: str, *, source: str, owner: Owner = ANYONE
-                    ) -> tuple[dict, bool]:
+    def submit_once(self, body: bytes, key: str, *, source: str, owner: Owner = ANYONE,
+                    waiter: Future | None = None) -> tuple[dict, bool]:
         """``submit`` with an idempotency key: the document, and whether a job was created.
 
         A key the same owner used in the last 24 hours answers with that key's job (its
         current status) and creates nothing; RequestError if that job's request differs
-        from ``body``. Owners' keys never meet: each has its own.
+        from ``body``. Owners' keys never meet: each has its own. ``waiter`` is resolved
+        only for a job this call creates.
         """
         check_key(key)
         with self._lock:
@@ -139,7 +144,8 @@ class Intake:
         if earlier is not None:
             return earlier, False
         return self._create(body, self.parse(body, owner), source=source,
-                            name=uuid.uuid4().hex, key=_own(key, owner), owner=owner)
+                            name=uuid.uuid4().hex, key=_own(key, owner), owner=owner,
+                            waiter=waiter)
 
     def take(self, path: Path, *, name: str | None, peek: bytes, source: str = "inbox") -> dict:
         """Take the drop-folder file ``path`` as a job; its status document.
@@ -229,7 +235,8 @@ class Intake:
                 f"this request adds {count}, the limit is {limit} (--max-queue)")
 
     def _create(self, body: bytes, request: Request, *, source: str, name: str | None,
-                owner: Owner, key: str | None = None) -> tuple[dict, bool]:
+                owner: Owner, key: str | None = None, waiter: Future | None = None
+                ) -> tuple[dict, bool]:
         """Store a valid request and accept it as a queued job: its status document, and
         True; with an idempotency ``key`` used before, that key's job, and False.
 
@@ -259,7 +266,7 @@ class Intake:
                 self._storage.succeeded()
                 lock_fd = staged.detach() if self._lock_jobs else None
                 document = self._desk.accept(self.new_job(job_id, source, request, owner),
-                                             request, lock_fd, write=False)
+                                             request, lock_fd, write=False, waiter=waiter)
         finally:
             staged.close()
         # The request's link is made durable outside the lock, in one fsync with those of

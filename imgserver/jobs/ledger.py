@@ -124,6 +124,12 @@ class Ledger:
         """A future of the job's final status document (the caller holds the lock); for a
         live job, with ``refusal``, at once its error instead."""
         future: Future = Future()
+        self.attach(job_id, future, refusal)
+        return future
+
+    def attach(self, job_id: str, future: Future,
+               refusal: Callable[[str], Exception] | None = None) -> None:
+        """Resolve ``future`` to the job's final status document (``wait``)."""
         entry = self._live.get(job_id)
         if entry is None:
             future.set_result(self.status(job_id))
@@ -131,7 +137,6 @@ class Ledger:
             future.set_exception(refusal(job_id))
         else:
             entry.waiters.append(future)
-        return future
 
     def release_waiters(self, refusal: Callable[[str], Exception]) -> None:
         """Answer everyone waiting for a live job with its ``refusal`` (the engine stops)."""

@@ -49,6 +49,22 @@ def test_engine_runs_job_to_done(engine: Engine, root: Path,
     assert engine.status(document["id"]) == final
 
 
+def test_engine_waiter_given_at_submit_gets_the_final_document(
+        engine: Engine, root: Path, make_image: Callable[..., Path]) -> None:
+    make_image("a.png", 40, 30)
+    waiters: list[Future] = [Future() for _ in range(8)]
+    ids = [engine.submit(request_body([("a.png", f"out/{n}.png")]), source="http",
+                         waiter=waiter)["id"] for n, waiter in enumerate(waiters)]
+    for job_id, waiter in zip(ids, waiters, strict=True):
+        final = waiter.result(timeout=60)
+        assert final["id"] == job_id and final["state"] == "done"
+        assert final == status_file(root, job_id)
+    with pytest.raises(RequestError):
+        engine.submit(request_body([("a.png", "out/x.nope")]), source="http",
+                      waiter=(refused := Future()))
+    assert not refused.done()  # nothing was accepted: nothing to wait for
+
+
 def test_engine_bad_image_fails_alone(engine: Engine, root: Path,
                                       make_image: Callable[..., Path]) -> None:
     make_image("good.png")
