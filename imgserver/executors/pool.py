@@ -1,11 +1,26 @@
-"""The local process pool: a ``concurrent.futures.Executor`` that survives its workers.
+"""The local process pool: a ``concurrent.futures.Executor`` of worker processes that
+survives its workers, with one pipe to each.
 
-A ``ProcessPoolExecutor`` is broken for good when one of its workers dies (a segfault in a
-codec, the OOM killer): every later ``submit`` raises ``BrokenProcessPool``. ``LocalPool``
-replaces the broken pool with a new one on the next ``submit``, and ``reset`` kills the
-running workers on purpose (an image over its time limit), which ends their tasks with
-``BrokenExecutor``. The engine sees only the ``Executor`` interface plus ``reset``, so any
-other executor (a Dask cluster's) can stand in.
+    submit (any thread) --pickled task--> an idle worker's pipe   (or the queue, if none)
+    worker: run it --pickled result or exception--> its pipe
+    reader thread: wait on every pipe and every worker's sentinel
+        result      -> the future's result; the worker takes the next queued task
+        worker died -> that worker's task ends with BrokenProcessPool; a new worker starts
+                       when there is work for it
+
+Each image costs one pickled message each way and one thread woken (the reader), where a
+``ProcessPoolExecutor`` moves it through a queue thread and a manager thread; and the pool
+knows which worker runs which task. It takes ``backlog`` (one) task beyond its workers: the
+reader hands it to the first worker that answers, so no worker idles while the server
+settles one image and picks the next (0.5-3 ms, as much as a small image); its future says
+when it really starts (``add_start_callback``), where its time limit starts.
+
+Knowing which worker runs which task, a worker that dies (a segfault in a codec, the OOM
+killer) fails its own image only, and ``reset(futures)`` stops the workers of those images
+(over their time limit) and no other. A worker is replaced after ``max_tasks_per_child``
+images (a slow leak in a codec stays bounded). The engine sees only the ``Executor``
+interface plus ``capacity`` and ``reset``, so any other executor (a Dask cluster's) can
+stand in.
 
 Workers start by forkserver, never by fork: a process forked from a parent that has run a
 cv2 call can hang in its first cv2 call. The forkserver preloads the image code, so a new
@@ -16,6 +31,7 @@ the installed imgserver, OpenCV and NumPy.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import ctypes
 import logging
@@ -26,12 +42,24 @@ import signal
 import sys
 import threading
 import time
+import traceback
 from collections.abc import Callable, Sequence
-from concurrent.futures import BrokenExecutor, Executor, Future, ProcessPoolExecutor
+from concurrent.futures import BrokenExecutor, Executor, Future, InvalidStateError
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
 from multiprocessing import forkserver
+from multiprocessing.connection import Connection
+from multiprocessing.connection import wait as connection_wait
+from multiprocessing.process import BaseProcess
 from typing import Any
 
+from imgserver.executors.batch import HeldFuture
+
 logger = logging.getLogger("imgserver.executors.pool")
+
+#: Tasks taken beyond one per worker. One is enough: the server refills it long before the
+#: next worker finishes; more would only start time limits later than the server asked.
+AHEAD = 1
 
 #: Imported once in the forkserver. Python 3.10 cannot keep the current folder off the
 #: forkserver's path (see ``_start_forkserver``): there each worker imports the image code
@@ -118,10 +146,12 @@ def _running(pid: int) -> bool:
 
 
 class LocalPool(Executor):
-    """A process pool that rebuilds itself after a worker dies."""
+    """A pool of worker processes, one image each at a time, replaced when they die."""
 
     def __init__(self, workers: int, *, max_pixels: int, max_tasks_per_child: int | None = None
                  ) -> None:
+        """``workers`` processes (started with the first task); each is replaced after
+        ``max_tasks_per_child`` tasks (None: never)."""
         self.workers = workers
         self._max_tasks_per_child = max_tasks_per_child
         self._lock = threading.Lock()
@@ -131,31 +161,35 @@ class LocalPool(Executor):
         os.environ["OPENCV_IO_MAX_IMAGE_PIXELS"] = str(max_pixels)
         self._context = multiprocessing.get_context("forkserver")
         self._context.set_forkserver_preload(_PRELOAD)
-        self._pool = self._new_pool()
-
-    def _new_pool(self) -> ProcessPoolExecutor:
-        _start_forkserver()  # again if it was killed: a lazy restart would have the folder
-        return ProcessPoolExecutor(
-            self.workers, mp_context=self._context, initializer=init_worker,
-            initargs=(os.getpid(),), max_tasks_per_child=self._max_tasks_per_child)
-
-    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future:
-        """Run ``fn(*args, **kwargs)`` in a worker; a broken pool is replaced first."""
-        with self._lock:
-            if self._closed:
-                raise RuntimeError("cannot submit after shutdown")
-            try:
-                return self._pool.submit(fn, *args, **kwargs)
-            except BrokenExecutor:
-                logger.warning("a worker process died; starting a new pool")
-                self._pool.shutdown(wait=False)
-                self._pool = self._new_pool()
-                return self._pool.submit(fn, *args, **kwargs)
+        self._live: list[_Worker] = []
+        self._idle: list[_Worker] = []
+        self._queue: collections.deque[_Task] = collections.deque()
+        self._wake_read, self._wake_write = os.pipe()  # tells the reader the workers changed
+        os.set_blocking(self._wake_write, False)
+        self._reader = threading.Thread(target=self._read, name="imgserver-pool-reader",
+                                        daemon=True)
+        self._reader.start()
 
     @property
     def capacity(self) -> int:
         """Images to run at once: one per worker process."""
         return self.workers
+
+    @property
+    def backlog(self) -> int:
+        """Images to take beyond the capacity: ``AHEAD``, queued for the first free worker."""
+        return AHEAD
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future:
+        """Run ``fn(*args, **kwargs)`` in a worker (the first idle one, or the next free)."""
+        task = _Task(HeldFuture(), fn, args, kwargs)
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("cannot submit after shutdown")
+            self._queue.append(task)
+            self._start_workers()
+            self._dispatch()
+        return task.future
 
     def warm(self) -> None:
         """Start every worker now, so that the first images do not wait for them.
@@ -170,30 +204,209 @@ class LocalPool(Executor):
             logger.error("the worker processes cannot start: %s", exc)
 
     def reset(self, futures: Sequence[Future] = ()) -> None:
-        """Kill every worker now: their running tasks end with BrokenExecutor.
-
-        A process pool cannot tell which worker runs which task, so ``futures`` (the
-        tasks to end) does not narrow it: the others come back and are run again.
-        """
+        """Stop the workers running ``futures`` now (every worker when none are named):
+        those tasks end with BrokenProcessPool; the other workers go on."""
+        wanted = set(futures)
         with self._lock:
-            pool, self._pool = self._pool, self._new_pool()
-        _kill_workers(pool)
-        pool.shutdown(wait=False, cancel_futures=True)
+            doomed = [worker for worker in self._live if worker.task is not None
+                      and (not wanted or worker.task.future in wanted)]
+        for worker in doomed:
+            with contextlib.suppress(OSError, ValueError):
+                worker.process.kill()
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
-        """Stop the pool; with ``wait``, after the running tasks finish."""
+        """Stop the pool: the queued tasks still run (unless ``cancel_futures``), then the
+        workers exit; with ``wait``, once they have."""
         with self._lock:
             self._closed = True
-            pool = self._pool
-        pool.shutdown(wait=wait, cancel_futures=cancel_futures)
+            cancelled = list(self._queue) if cancel_futures else []
+            if cancel_futures:
+                self._queue.clear()
+            for worker in self._idle:
+                worker.stop()
+            self._idle.clear()
+            self._poke()
+        for task in cancelled:
+            task.future.cancel()
+        if wait:
+            self._reader.join()
+
+    # -- workers (holding the lock) -----------------------------------------------------
+
+    def _start_workers(self) -> None:
+        """Start workers for the queued tasks, up to ``workers`` (a dead one is replaced
+        only when there is work for it: a worker that cannot start dies with a task, not
+        in a loop)."""
+        missing = min(len(self._queue) - len(self._idle), self.workers - len(self._live))
+        if missing <= 0:
+            return
+        _start_forkserver()  # again if it was killed: a lazy restart would have the folder
+        for _ in range(missing):
+            ours, theirs = self._context.Pipe()
+            process = self._context.Process(target=_serve, name="imgserver-worker",
+                                            args=(theirs, os.getpid(), self._initializer))
+            process.start()
+            theirs.close()
+            worker = _Worker(process, ours)
+            self._live.append(worker)
+            self._idle.append(worker)
+        self._poke()
+
+    def _dispatch(self) -> None:
+        """Hand queued tasks to idle workers."""
+        while self._queue and self._idle:
+            task = self._queue.popleft()
+            if task.future.cancelled():
+                continue  # cancelled while it waited
+            task.future.mark_started(time.monotonic())
+            worker = self._idle.pop()
+            worker.task = task
+            try:
+                worker.connection.send((task.fn, task.args, task.kwargs))
+            except (OSError, ValueError):  # the worker is gone: the reader will say so
+                pass
+            except Exception as exc:  # the task cannot be pickled: its own failure
+                worker.task = None
+                self._idle.append(worker)
+                _settle(task.future, False, exc)
+
+    def _poke(self) -> None:
+        with contextlib.suppress(BlockingIOError):
+            os.write(self._wake_write, b"\0")
+
+    @staticmethod
+    def _initializer(server_pid: int) -> None:
+        init_worker(server_pid)
+
+    # -- the reader thread --------------------------------------------------------------
+
+    def _read(self) -> None:
+        """Collect results and deaths until the pool is shut down and its workers gone."""
+        while True:
+            with self._lock:
+                if self._closed and not self._live:
+                    break
+                by_connection = {worker.connection: worker for worker in self._live}
+                by_sentinel = {worker.process.sentinel: worker for worker in self._live}
+            ready = connection_wait([self._wake_read, *by_connection, *by_sentinel])
+            for item in ready:
+                try:
+                    if item == self._wake_read:
+                        os.read(self._wake_read, 4096)
+                    elif item in by_connection:
+                        self._answered(by_connection[item])
+                    elif item in by_sentinel:
+                        self._gone(by_sentinel[item])
+                except Exception:  # a bug here must not stop every future for good
+                    logger.exception("the pool's reader failed on one event")
+        os.close(self._wake_read)
+        os.close(self._wake_write)
+
+    def _answered(self, worker: _Worker) -> None:
+        try:
+            ok, value = worker.connection.recv()
+        except (EOFError, OSError):
+            self._gone(worker)
+            return
+        except Exception as exc:  # a result that cannot be unpickled fails its task alone
+            ok, value = False, (exc, "")
+        with self._lock:
+            task, worker.task = worker.task, None
+            worker.tasks += 1
+            if self._closed and not self._queue or (
+                    self._max_tasks_per_child is not None
+                    and worker.tasks >= self._max_tasks_per_child):
+                worker.stop()  # it exits; its sentinel removes it, and a new one may start
+            else:
+                self._idle.append(worker)
+                self._dispatch()
+        if task is not None:  # outside the lock: the callbacks take the engine's
+            if ok:
+                _settle(task.future, True, value)
+            else:
+                error, text = value
+                if text:  # the worker's traceback, as ``ProcessPoolExecutor`` gives it
+                    error.__cause__ = _RemoteTraceback(f'\n"""\n{text}"""')
+                _settle(task.future, False, error)
+
+    def _gone(self, worker: _Worker) -> None:
+        with self._lock:
+            if worker not in self._live:
+                return  # seen already (by its pipe or its sentinel)
+            self._live.remove(worker)
+            if worker in self._idle:
+                self._idle.remove(worker)
+            task, worker.task = worker.task, None
+            self._start_workers()  # for the tasks queued, even once shut down: they run
+            self._dispatch()
+        exitcode = worker.close()
+        if task is not None:
+            _settle(task.future, False, BrokenProcessPool(
+                f"a worker process died (exit code {exitcode}) while it ran this task"))
 
 
-def _kill_workers(pool: ProcessPoolExecutor) -> None:
-    kill = getattr(pool, "kill_workers", None)  # Python 3.14 has it
-    if kill is not None:
-        kill()
-        return
-    # Before 3.14 the worker processes are only reachable through this attribute.
-    for process in list((getattr(pool, "_processes", None) or {}).values()):
+def _settle(future: Future, ok: bool, value: Any) -> None:
+    """End ``future`` with a result (``ok``) or an exception, unless it was cancelled."""
+    with contextlib.suppress(InvalidStateError):
+        if ok:
+            future.set_result(value)
+        else:
+            future.set_exception(value)
+
+
+@dataclass(eq=False)
+class _Task:
+    future: HeldFuture
+    fn: Callable[..., Any]
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+
+
+@dataclass(eq=False)
+class _Worker:
+    process: BaseProcess
+    connection: Connection
+    task: _Task | None = None
+    tasks: int = 0  # tasks it has finished
+
+    def stop(self) -> None:
+        """Ask it to exit once idle (it reads no further tasks)."""
         with contextlib.suppress(OSError, ValueError):
-            process.kill()
+            self.connection.send(None)
+
+    def close(self) -> int | None:
+        """Let go of its pipe and process once it is gone; its exit code."""
+        self.connection.close()
+        self.process.join(timeout=1)
+        exitcode = self.process.exitcode
+        with contextlib.suppress(ValueError):  # not yet ended after all: leave it be
+            self.process.close()
+        return exitcode
+
+
+def _serve(connection: Connection, server_pid: int,
+           initializer: Callable[[int], None]) -> None:
+    """A worker process: run the tasks its pipe brings, one at a time, until told to stop."""
+    initializer(server_pid)
+    while True:
+        try:
+            message = connection.recv()
+        except EOFError:  # the server is gone
+            return
+        if message is None:
+            return
+        fn, args, kwargs = message
+        try:
+            answer: tuple[bool, Any] = (True, fn(*args, **kwargs))
+        except BaseException as exc:  # noqa: BLE001 (the task's failure, for the server)
+            answer = (False, (exc, "".join(traceback.format_exception(exc))))
+        try:
+            connection.send(answer)
+        except Exception as exc:  # a result or exception that cannot be pickled
+            connection.send((False, (RuntimeError(
+                f"the worker could not send back what the task gave: {exc!r}"), "")))
+
+
+class _RemoteTraceback(Exception):
+    def __str__(self) -> str:
+        return str(self.args[0])

@@ -13,8 +13,8 @@ it runs at once; otherwise one per worker), ``problem`` (why no image can run no
 waits and /healthz says it) and ``reset(futures)`` (end these images: they ran over their
 time limit). ``LocalPool`` and ``DaskPool`` offer all three.
 
-A pool that batches images (``DaskPool``) also offers ``backlog``: images it takes beyond its
-capacity, to wait inside it for a batch. Its futures then say when their image really starts
+A pool may also offer ``backlog``: images it takes beyond its capacity, to start the moment a
+worker is free (``LocalPool``) or to wait inside it for a batch (``DaskPool``). Its futures then say when their image really starts
 (``add_start_callback(fn)``, ``fn(future, moment)``), and the time limit starts then, so an
 image's limit never counts its wait behind others.
 
