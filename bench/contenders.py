@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,12 +27,17 @@ from servers import (
     done,
     drop,
     fresh_root,
+    post_wait,
 )
 
 HERE = Path(__file__).resolve().parent
 
-#: Kept-alive client connections per thumbor process: one in flight while the next waits.
+#: Kept-alive client connections per thumbor process on the thumbnail workloads: one in
+#: flight while the next waits.
 THUMBOR_CLIENTS = 4
+#: Requests each client makes before the timing starts, on the workloads of many clients
+#: (and one-image jobs before the sequential ones): connections open, workers warm.
+WARM_REQUESTS = 5
 
 
 @dataclass
@@ -46,6 +52,7 @@ class Workload:
     extension: str
     operations: list[str]
     sequential: bool = False
+    clients: int = 0  # >0: one-image requests from as many kept-alive clients at once
     blur_bounds: bool = False  # held to the blur contract: mean <= 1, largest <= 8
     rounds: int = 1  # alternating rounds (each contender's best is kept); 1 with --quick
     contenders: tuple[str, ...] | None = None  # None: every contender asked for
@@ -53,6 +60,7 @@ class Workload:
     exact_images: int = 1  # distinct inputs held to the lossless check
     baseline: bool = False  # run against --baseline REV too (contender imgserver-base)
     held: bool = True  # whether disagreeing outputs fail the run (see outputs_agree)
+    reference: str = "opencv-loop"  # the contender whose outputs the others are held to
 
     @property
     def description(self) -> str:
@@ -62,6 +70,9 @@ class Workload:
         kind = {".jpg": "JPEG", ".png": "PNG"}[self.extension]
         if self.sequential:
             return f"1 × {size} {kind}, {self.count} sequential requests"
+        if self.clients:
+            return (f"{size} {kind}, {self.count} one-image requests from {self.clients} "
+                    f"kept-alive clients")
         return f"{self.count} × {size} {kind}"
 
 
@@ -73,7 +84,7 @@ class Result:
     images: int
     latencies_ms: list[float] = field(default_factory=list)
     peak_mib: float = 0.0
-    agreement: Agreement | None = None  # with the OpenCV loop's outputs
+    agreement: Agreement | None = None  # with the outputs of the workload's reference
     folder: Path | None = None  # where its outputs are
     cpu_seconds: float = 0.0  # CPU time of its processes (server and workers) while timed
     rounds: list[float] = field(default_factory=list)  # images/s of every round, in order
@@ -122,10 +133,11 @@ def run_contender(contender: str, work: Path, workload: Workload, inputs: list[P
                 return run_imgserver("dask", server, workload, inputs, count)
             finally:
                 server.stop()
-    if workload.baseline and baseline is not None and contender in ("imgserver-http",
-                                                                     "imgserver-base"):
-        # The two versions each in a fresh root of their own (an earlier version need not
-        # read this one's outbox), in turns.
+    fresh = workload.clients or (workload.baseline and baseline is not None
+                                 and contender in ("imgserver-http", "imgserver-base"))
+    if fresh:
+        # In a fresh root of its own: an earlier version need not read this one's outbox,
+        # and thousands of small jobs start each round from an empty one.
         root = fresh_root(work, f"root-{contender}", inputs)
         linked = [root / "in" / path.name for path in inputs]
         server = Server(root, processes, [],
@@ -167,8 +179,9 @@ def run_loop(kind: str, work: Path, workload: Workload, inputs: list[Path], proc
 
 def run_imgserver(road: str, server: Server, workload: Workload, inputs: list[Path],
                   count: int, label: str | None = None) -> Result:
-    """One job of ``count`` images (or sequential one-image jobs) through ``server``, whose
-    root holds ``inputs``; outputs under the root's out/<label>/<workload>."""
+    """One job of ``count`` images, or ``count`` one-image jobs (in turn, or from many
+    clients at once), through ``server``, whose root holds ``inputs``; outputs under the
+    root's out/<label>/<workload>."""
     root = server.root
     out = root / "out" / (label or f"imgserver-{road}") / workload.name
     shutil.rmtree(out, ignore_errors=True)
@@ -178,15 +191,26 @@ def run_imgserver(road: str, server: Server, workload: Workload, inputs: list[Pa
         return (inputs[index % len(inputs)].relative_to(root).as_posix(),
                 (out / output_name(workload, index)).relative_to(root).as_posix())
 
+    if workload.clients:
+        def ask(connection: http.client.HTTPConnection, index: int) -> None:
+            done(*post_wait(connection, body([pair(index)], workload.operations)))
+
+        driven = drive([server.port], workload.clients, count, ask, server.pids())
+        missing = [index for index in range(driven.requests)
+                   if not (out / output_name(workload, index)).is_file()]
+        if missing:
+            raise RuntimeError(f"imgserver answered done without {len(missing)} outputs, "
+                               f"{pair(missing[0])[1]} the first")
+        return Result(driven.seconds, count, driven.latencies_ms, server.peak_mib(),
+                      folder=out, cpu_seconds=driven.cpu_seconds)
     pairs = [pair(index) for index in range(count)]
-    if workload.sequential:
-        bodies = [body([one], workload.operations) for one in pairs]
-    else:
-        # Warm the workers first with one image, as the loops warm their pools.
-        warm = (out.parent / f"{workload.name}-warm{workload.extension}").relative_to(root)
-        _submit(road, server, f"{workload.name}-warm-{time.monotonic_ns()}",
+    # Warm the workers first, as the loops warm their pools.
+    warm = (out.parent / f"{workload.name}-warm{workload.extension}").relative_to(root)
+    for number in range(WARM_REQUESTS if workload.sequential else 1):
+        _submit(road, server, f"{workload.name}-warm-{number}-{time.monotonic_ns()}",
                 body([(pairs[0][0], warm.as_posix())], workload.operations))
-        bodies = [body(pairs, workload.operations)]
+    bodies = ([body([one], workload.operations) for one in pairs] if workload.sequential
+              else [body(pairs, workload.operations)])
     latencies: list[float] = []
     pids = server.pids()
     cpu = cpu_seconds(pids)
@@ -212,39 +236,71 @@ def _submit(road: str, server: Server, name: str, data: bytes) -> None:
 
 def run_thumbor(thumbor: Thumbor, work: Path, workload: Workload, inputs: list[Path],
                 count: int) -> Result:
-    """``count`` GETs of ``/unsafe/<operations>/<file>`` from THUMBOR_CLIENTS kept-alive
-    connections per instance, each answer written to a file; timed from the first request
-    to the last answer, after one warm-up request on every connection."""
+    """``count`` GETs of ``/unsafe/<operations>/<file>``, each answer written to a file,
+    from the workload's clients (else THUMBOR_CLIENTS per instance), the clients spread
+    over the instances."""
     out = work / "out" / "thumbor" / workload.name
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
-    paths = [f"/unsafe/{workload.thumbor}/{inputs[index % len(inputs)].name}"
-             for index in range(count)]
-    clients = THUMBOR_CLIENTS * len(thumbor.ports)
-    start = threading.Barrier(clients + 1)
-    lock = threading.Lock()
-    remaining = list(range(count - 1, -1, -1))
-    errors: list[BaseException] = []
 
-    def get(connection: http.client.HTTPConnection, path: str) -> bytes:
+    def ask(connection: http.client.HTTPConnection, index: int) -> None:
+        path = f"/unsafe/{workload.thumbor}/{inputs[index % len(inputs)].name}"
         connection.request("GET", path)
         response = connection.getresponse()
         data = response.read()
         if response.status != 200:
             raise RuntimeError(f"thumbor answered {response.status} to {path}: {data[:200]!r}")
-        return data
+        (out / output_name(workload, index)).write_bytes(data)
 
-    def client(port: int) -> None:
+    clients = workload.clients or THUMBOR_CLIENTS * len(thumbor.ports)
+    driven = drive(thumbor.ports, clients, count, ask, thumbor.pids(),
+                   warm=WARM_REQUESTS if workload.clients else 1)
+    return Result(driven.seconds, count, driven.latencies_ms, thumbor.peak_mib(), folder=out,
+                  cpu_seconds=driven.cpu_seconds)
+
+
+# -- many clients at once -------------------------------------------------------------------
+
+@dataclass
+class Driven:
+    """What drive measured: seconds, each timed request's milliseconds, the servers' CPU
+    seconds meanwhile, and how many requests were made in all (warm-ups included)."""
+
+    seconds: float
+    latencies_ms: list[float]
+    cpu_seconds: float
+    requests: int
+
+
+def drive(ports: list[int], clients: int, count: int,
+          ask: Callable[[http.client.HTTPConnection, int], None], pids: list[int],
+          warm: int = WARM_REQUESTS) -> Driven:
+    """``ask(connection, index)`` for every index below ``count``, taken in turn by
+    ``clients`` threads, each on a kept-alive connection of its own to one of ``ports``
+    (spread evenly), each making ``warm`` requests of its own first (indices from ``count``
+    on). Timed from the moment every client is warm to the last answer; ``ask`` raises on a
+    wrong answer, which fails the run."""
+    start = threading.Barrier(clients + 1)
+    lock = threading.Lock()
+    remaining = list(range(count - 1, -1, -1))
+    latencies: list[float] = []
+    errors: list[BaseException] = []
+
+    def client(number: int) -> None:
+        port = ports[number % len(ports)]
         connection = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
         try:
-            get(connection, paths[0])
+            for index in range(count + number * warm, count + (number + 1) * warm):
+                ask(connection, index)
             start.wait()
             while True:
                 with lock:
                     if not remaining:
                         return
                     index = remaining.pop()
-                (out / output_name(workload, index)).write_bytes(get(connection, paths[index]))
+                begun = time.perf_counter()
+                ask(connection, index)
+                latencies.append((time.perf_counter() - begun) * 1000)
         except threading.BrokenBarrierError:
             pass
         except BaseException as error:  # noqa: BLE001 (reported below)
@@ -253,11 +309,9 @@ def run_thumbor(thumbor: Thumbor, work: Path, workload: Workload, inputs: list[P
         finally:
             connection.close()
 
-    threads = [threading.Thread(target=client, args=(thumbor.ports[n % len(thumbor.ports)],))
-               for n in range(clients)]
+    threads = [threading.Thread(target=client, args=(number,)) for number in range(clients)]
     for thread in threads:
         thread.start()
-    pids = thumbor.pids()
     with contextlib.suppress(threading.BrokenBarrierError):
         start.wait()
     cpu = cpu_seconds(pids)
@@ -266,6 +320,5 @@ def run_thumbor(thumbor: Thumbor, work: Path, workload: Workload, inputs: list[P
         thread.join()
     seconds = time.perf_counter() - started
     if errors:
-        raise RuntimeError(f"thumbor failed: {errors[0]}")
-    return Result(seconds, count, [], thumbor.peak_mib(), folder=out,
-                  cpu_seconds=cpu_seconds(pids) - cpu)
+        raise RuntimeError(f"a client failed: {errors[0]}") from errors[0]
+    return Driven(seconds, latencies, cpu_seconds(pids) - cpu, count + clients * warm)
