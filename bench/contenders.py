@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from loops import cpu_seconds, loop_ops
+from loops import loop_ops
 from measures import Agreement
 from servers import (
     Server,
@@ -195,7 +195,7 @@ def run_imgserver(road: str, server: Server, workload: Workload, inputs: list[Pa
         def ask(connection: http.client.HTTPConnection, index: int) -> None:
             done(*post_wait(connection, body([pair(index)], workload.operations)))
 
-        driven = drive([server.port], workload.clients, count, ask, server.pids())
+        driven = drive([server.port], workload.clients, count, ask, server.cpu_seconds)
         missing = [index for index in range(driven.requests)
                    if not (out / output_name(workload, index)).is_file()]
         if missing:
@@ -212,8 +212,7 @@ def run_imgserver(road: str, server: Server, workload: Workload, inputs: list[Pa
     bodies = ([body([one], workload.operations) for one in pairs] if workload.sequential
               else [body(pairs, workload.operations)])
     latencies: list[float] = []
-    pids = server.pids()
-    cpu = cpu_seconds(pids)
+    cpu = server.cpu_seconds()
     started = time.perf_counter()
     for number, data in enumerate(bodies):
         begun = time.perf_counter()
@@ -221,7 +220,7 @@ def run_imgserver(road: str, server: Server, workload: Workload, inputs: list[Pa
         latencies.append((time.perf_counter() - begun) * 1000)
     seconds = time.perf_counter() - started
     return Result(seconds, count, latencies if workload.sequential else [], server.peak_mib(),
-                  folder=out, cpu_seconds=cpu_seconds(pids) - cpu)
+                  folder=out, cpu_seconds=server.cpu_seconds() - cpu)
 
 
 def _submit(road: str, server: Server, name: str, data: bytes) -> None:
@@ -253,7 +252,7 @@ def run_thumbor(thumbor: Thumbor, work: Path, workload: Workload, inputs: list[P
         (out / output_name(workload, index)).write_bytes(data)
 
     clients = workload.clients or THUMBOR_CLIENTS * len(thumbor.ports)
-    driven = drive(thumbor.ports, clients, count, ask, thumbor.pids(),
+    driven = drive(thumbor.ports, clients, count, ask, thumbor.cpu_seconds,
                    warm=WARM_REQUESTS if workload.clients else 1)
     return Result(driven.seconds, count, driven.latencies_ms, thumbor.peak_mib(), folder=out,
                   cpu_seconds=driven.cpu_seconds)
@@ -273,13 +272,14 @@ class Driven:
 
 
 def drive(ports: list[int], clients: int, count: int,
-          ask: Callable[[http.client.HTTPConnection, int], None], pids: list[int],
+          ask: Callable[[http.client.HTTPConnection, int], None], cpu: Callable[[], float],
           warm: int = WARM_REQUESTS) -> Driven:
     """``ask(connection, index)`` for every index below ``count``, taken in turn by
     ``clients`` threads, each on a kept-alive connection of its own to one of ``ports``
     (spread evenly), each making ``warm`` requests of its own first (indices from ``count``
-    on). Timed from the moment every client is warm to the last answer; ``ask`` raises on a
-    wrong answer, which fails the run."""
+    on). Timed from the moment every client is warm to the last answer, with the servers'
+    CPU seconds (``cpu()``) meanwhile; ``ask`` raises on a wrong answer, which fails the
+    run."""
     start = threading.Barrier(clients + 1)
     lock = threading.Lock()
     remaining = list(range(count - 1, -1, -1))
@@ -314,11 +314,11 @@ def drive(ports: list[int], clients: int, count: int,
         thread.start()
     with contextlib.suppress(threading.BrokenBarrierError):
         start.wait()
-    cpu = cpu_seconds(pids)
+    used = cpu()
     started = time.perf_counter()
     for thread in threads:
         thread.join()
     seconds = time.perf_counter() - started
     if errors:
         raise RuntimeError(f"a client failed: {errors[0]}") from errors[0]
-    return Driven(seconds, latencies, cpu_seconds(pids) - cpu, count + clients * warm)
+    return Driven(seconds, latencies, cpu() - used, count + clients * warm)

@@ -27,6 +27,21 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 
 
+def tree_cpu_seconds(pids: list[int]) -> float:
+    """The CPU seconds (user and system) processes ``pids`` have used so far, with those of
+    the children they have reaped: read with the pids of the moment, the whole of a tree
+    whose workers come and go (imgserver replaces a worker after --max-tasks-per-child
+    images, and its forkserver reaps the old one)."""
+    total = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += sum(int(value) for value in fields[11:15])  # utime, stime, cutime, cstime
+    return total / os.sysconf("SC_CLK_TCK")
+
+
 def free_port() -> int:
     """A loopback port nobody listens on (for a moment)."""
     with socket.socket() as sock:
@@ -87,6 +102,11 @@ class Server:
     def pids(self) -> list[int]:
         """The server's process, its workers and any workers outside its tree."""
         return [self.process.pid] + _descendants(self.process.pid) + self.workers
+
+    def cpu_seconds(self) -> float:
+        """The CPU seconds the server and its workers have used so far, those replaced
+        included."""
+        return tree_cpu_seconds(self.pids())
 
     def peak_mib(self) -> float:
         """The peak RSS of the server and its workers, summed."""
@@ -232,6 +252,10 @@ class Thumbor:
     def pids(self) -> list[int]:
         """The instances' processes."""
         return [process.pid for process in self.processes]
+
+    def cpu_seconds(self) -> float:
+        """The CPU seconds the instances have used so far."""
+        return tree_cpu_seconds(self.pids())
 
     def peak_mib(self) -> float:
         """The peak RSS of the instances, summed."""
