@@ -33,8 +33,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(HERE))
 from inputs import make_inputs  # noqa: E402
-from jobs import body, checkout, fresh_root, timed_post  # noqa: E402
-from run import Server, machine  # noqa: E402
+from servers import Server, body, checkout, fresh_root, machine, timed_post  # noqa: E402
 
 SECRET = "whsec_" + base64.b64encode(b"imgserver-benchmark-secret-key!!").decode()
 

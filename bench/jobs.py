@@ -23,7 +23,6 @@ import os
 import random
 import shutil
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -32,50 +31,12 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(HERE))
 from inputs import make_inputs  # noqa: E402
-from run import Server, machine  # noqa: E402
+from servers import Server, body, checkout, fresh_root, machine, timed_post  # noqa: E402
 
 DEFAULT_BASELINE = "42f93f4"
 IMAGES_PER_JOB = 10
 #: Bump when ``history`` writes other files: a history made before is made anew.
 HISTORY_FORMAT = 2
-
-
-def checkout(work: Path, revision: str) -> Path:
-    """The package of ``revision``, checked out once into the work folder."""
-    target = work / f"code-{revision}"
-    if not (target / "imgserver").is_dir():
-        shutil.rmtree(target, ignore_errors=True)
-        target.mkdir(parents=True)
-        archive = subprocess.run(["git", "-C", str(REPO), "archive", revision, "imgserver"],
-                                 check=True, capture_output=True).stdout
-        subprocess.run(["tar", "-x", "-C", str(target)], input=archive, check=True)
-    return target
-
-
-def fresh_root(work: Path, name: str, inputs: list[Path]) -> Path:
-    """An empty root with the inputs in ``in/`` (hard links: paths must stay inside it)."""
-    root = work / name
-    shutil.rmtree(root, ignore_errors=True)
-    (root / "inbox").mkdir(parents=True)
-    (root / "outbox").mkdir()
-    (root / "in").mkdir()
-    for path in inputs:
-        os.link(path, root / "in" / path.name)
-    return root
-
-
-def body(pairs: list[tuple[str, str]], operations: list[str]) -> bytes:
-    return json.dumps({"images": [{"input": i, "output": o} for i, o in pairs],
-                       "operations": operations}).encode()
-
-
-def timed_post(server: Server, data: bytes) -> float:
-    """Milliseconds for one POST /jobs?wait=true to answer done."""
-    started = time.perf_counter()
-    status, answer = server.post(data)
-    if status != 200 or json.loads(answer)["state"] != "done":
-        raise RuntimeError(f"imgserver answered {status}: {answer[:300]!r}")
-    return (time.perf_counter() - started) * 1000
 
 
 # -- fairness -------------------------------------------------------------------------------

@@ -24,6 +24,23 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 
+def loop_ops(operations: list[str]) -> list[tuple[str, object]]:
+    """The operations as the loops take them: resize's percent, blur's kernel, fit's box
+    (an open side None), fill's box and gravity."""
+    parsed: list[tuple[str, object]] = []
+    for text in operations:
+        name, _, value = text.partition("=")
+        if name in ("fit", "fill"):
+            size, _, gravity = value.partition(",")
+            width, height = (int(side) if side else None for side in size.split("x"))
+            parsed.append((name, [width, height] if name == "fit"
+                           else [width, height, gravity or "centre"]))
+        else:
+            parsed.append((name, float(value) if name == "resize" else
+                           int(value) if name == "blur" else None))
+    return parsed
+
+
 def opencv_image(task: dict) -> float:
     import cv2  # here, not at the top: the pyvips workers do without OpenCV
 

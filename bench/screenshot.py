@@ -19,7 +19,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(HERE))
 from inputs import make_inputs  # noqa: E402
-from run import Server  # noqa: E402
+from servers import Server, body  # noqa: E402
 
 
 def main() -> int:
@@ -36,10 +36,9 @@ def main() -> int:
     photos = make_inputs(args.work / "photos", "photo", 8, 1200, 800, ".jpg")
     server = Server(args.work, 2, [])
     try:
-        status, answer = server.post(json.dumps({
-            "images": [{"input": f"photos/{p.name}", "output": f"thumbs/{p.stem}.jpg"}
-                       for p in photos],
-            "operations": ["fit=600x600", "split", "sharpen=1"]}).encode())
+        status, answer = server.post(body(
+            [(f"photos/{p.name}", f"thumbs/{p.stem}.jpg") for p in photos],
+            ["fit=600x600", "split", "sharpen=1"]))
         job = json.loads(answer)
         options = webdriver.ChromeOptions()
         options.binary_location = shutil.which("chromium") or "chromium"

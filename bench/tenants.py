@@ -25,7 +25,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(HERE))
 from inputs import make_inputs  # noqa: E402
-from run import Server, machine  # noqa: E402
+from servers import Server, body, fresh_root, machine  # noqa: E402
 
 #: Images of the web-resize job: about five seconds a round, so that the machine's noise
 #: averages out of what one request's authorisation might cost.
@@ -55,11 +55,6 @@ def post(server: Server, body: bytes, secret: str | None, wait: bool = True) -> 
         return answer
     finally:
         connection.close()
-
-
-def body(pairs: list[tuple[str, str]], operations: list[str]) -> bytes:
-    return json.dumps({"images": [{"input": i, "output": o} for i, o in pairs],
-                       "operations": operations}).encode()
 
 
 def auth_cost(work: Path, rounds: int, processes: int) -> dict[str, float]:
@@ -101,12 +96,9 @@ def _fill(tokens: Path, count: int) -> None:
 
 
 def _root(work: Path, name: str, inputs: list[Path]) -> Path:
-    root = work / f"root-{name.replace(' ', '-')}"
-    shutil.rmtree(root, ignore_errors=True)
-    for folder in ("inbox", "outbox", "in", "out", "a", "b"):
-        (root / folder).mkdir(parents=True)
-    for path in inputs:
-        shutil.copy(path, root / "in" / path.name)
+    root = fresh_root(work, f"root-{name.replace(' ', '-')}", inputs)
+    for folder in ("out", "a", "b"):
+        (root / folder).mkdir()
     return root
 
 
