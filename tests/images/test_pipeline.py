@@ -17,6 +17,7 @@ from imgserver.images.pipeline import (
     TEMP_SUFFIX,
     ImageTask,
     process_image,
+    read_input,
     remove_partial,
     temp_prefix,
 )
@@ -95,6 +96,27 @@ def test_pipeline_file_size_limit(root: Path, make_image: Callable[..., Path]) -
     size = path.stat().st_size
     with pytest.raises(ImageError, match=f"input is {size} bytes, the limit is 100 bytes"):
         process_image(task(root, "a.png", ["x.png"], [], max_file_bytes=100))
+
+
+@pytest.mark.parametrize("size", [0, 1, 4095, 4096, 3 << 20])
+def test_pipeline_read_input_returns_the_whole_file(root: Path, size: int) -> None:
+    # Read in one go, by the size fstat gives: every byte, and not one more.
+    data = np.random.default_rng(size).integers(0, 256, size, np.uint8).tobytes()
+    (root / "in").mkdir()
+    (root / "in" / "a.jpg").write_bytes(data)
+    assert read_input(root, root / "in" / "a.jpg", 1 << 30) == data
+    assert read_input(root, root / "in" / "a.jpg", size) == data
+
+
+@pytest.mark.parametrize("name", ["status", "stat"])
+def test_pipeline_read_input_reads_on_where_the_size_is_not_the_content(name: str) -> None:
+    # /proc's files say 0 bytes and hold more: the read goes on to the end, as a file
+    # growing while it is read does, and stops one byte past the limit.
+    proc = Path(f"/proc/{os.getpid()}")
+    whole = read_input(proc, proc / name, 1 << 20)
+    assert os.stat(proc / name).st_size == 0 < len(whole)
+    assert whole.endswith(b"\n") and whole[:5] == (proc / name).read_bytes()[:5]
+    assert len(read_input(proc, proc / name, 3)) == 4
 
 
 def test_pipeline_failed_image_leaves_nothing(root: Path, make_image: Callable[..., Path]) -> None:
