@@ -10,6 +10,12 @@ stalled clients cost megabytes, not the gigabyte that Linux's autotuned buffers 
 
 The connection's transport comes from the protocol (``imgserver.http.connection`` puts it in
 the request's scope); served by something else, the stream works without those bounds.
+With the transport, and the answer's body in HTTP/1.1 chunks (a GET of HTTP/1.1), the hub's
+ticks write a stream that keeps up straight to its transport (``Chunks``): one write per
+stream per tick, without the stack of ASGI middleware, h11 and a task woken per stream that
+an ASGI message costs. The status line and headers, and whatever the stream's own task
+sends (a status, a backlog, the last chunk), go through ASGI as before; both write whole
+chunks, on the event loop, so they never interleave within one.
 """
 
 from __future__ import annotations
@@ -23,7 +29,8 @@ from typing import Any
 
 from starlette.responses import Response
 
-from imgserver.http.streams import EventHub, Stream
+from imgserver.http.followers import Stream
+from imgserver.http.streams import EventHub
 
 logger = logging.getLogger("imgserver.http.streams")
 
@@ -76,6 +83,9 @@ class EventStreamResponse(Response):
         watcher = asyncio.ensure_future(watch())
         try:
             _bound(transport)
+            if (transport is not None and scope.get("http_version") == "1.1"
+                    and scope.get("method") == "GET"):
+                self._stream.sink = Chunks(transport)  # h11 frames this answer in chunks
             await send({"type": "http.response.start", "status": self.status_code,
                         "headers": self.raw_headers})
             async for chunk in self._hub.chunks(self._stream):
@@ -98,6 +108,21 @@ class EventStreamResponse(Response):
             watcher.cancel()
             self._stream.closed = True
             self._hub.close_stream(self._stream)
+
+
+class Chunks:
+    """A stream's connection, written as HTTP/1.1 chunks straight to its transport."""
+
+    def __init__(self, transport: asyncio.WriteTransport) -> None:
+        self._transport = transport
+
+    def write(self, data: bytes) -> None:
+        """Send ``data`` as one chunk of the answer's body (buffered when the client lags)."""
+        self._transport.write(b"%x\r\n%b\r\n" % (len(data), data))
+
+    def backed_up(self) -> bool:
+        """Whether some of what was written waits for the client, or the client has gone."""
+        return self._transport.is_closing() or self._transport.get_write_buffer_size() > 0
 
 
 def _bound(transport: Any) -> None:

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import bisect
+import itertools
 import json
 from dataclasses import dataclass
 from typing import Any
@@ -84,19 +85,24 @@ class History:
     def after(self, seq: int, job_id: str | None, view: str | None = None) -> list[Frame]:
         """The frames after ``seq`` a stream of ``job_id`` (None: every job; of the folder
         ``view`` only, unless None) wants, as many as fit in CHUNK bytes (at least one)."""
+        return self.read(seq, job_id, view)[0]
+
+    def read(self, seq: int, job_id: str | None, view: str | None = None
+             ) -> tuple[list[Frame], bool]:
+        """``after``, and whether the stream wants more frames than those (CHUNK is full)."""
         found: list[Frame] = []
         size = 0
         start = max(self._start, bisect.bisect_right(self._seqs, seq))
-        for frame in self._frames[start:]:
+        for frame in itertools.islice(self._frames, start, None):
             data = frame.all_bytes if job_id is None else frame.job_bytes
             if data is None or (job_id is not None and frame.job_id != job_id) or (
                     view is not None and frame.folder != view):
                 continue
             if found and size + len(data) > CHUNK:
-                break
+                return found, True
             found.append(frame)
             size += len(data)
-        return found
+        return found, False
 
 
 def _size(frame: Frame) -> int:

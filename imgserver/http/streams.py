@@ -1,21 +1,26 @@
 """Server-Sent Event streams of the engine's events: one job's, or every job's.
 
-    engine thread --listener--> pending (a deque) --call_soon_threadsafe--> event loop
-        publish: encode each event once (SSE bytes) into the shared history (the last
-                 HISTORY events), and wake the streams that want it (one signal per job,
-                 one for the all-jobs streams: not one per stream)
+    engine thread --listener--> pending (a deque) --one wake-up, when idle--> event loop
+        tick: encode each event once (SSE bytes) into the shared history (the last HISTORY
+              events), then write to every stream that keeps up what followed its cursor,
+              straight to its connection; the next tick GATHER seconds later
     GET /jobs/{id}/events, GET /events <-- one Stream each: a cursor into the history
 
-The engine only appends to a deque and, when it was empty and a stream is open, wakes the
-event loop: a stream never slows the engine, and with nobody listening the events wait
-(for the history) until a stream opens or HISTORY of them gathered, rather than waking the
-loop for every image. A stream holds no events of its own, only how far it has read: when
-it wakes it reads what followed from the shared history, at most CHUNK bytes at a time, so
-a thousand streams cost a thousand cursors, not a thousand copies. A stream whose client
-reads too slowly to stay within the history falls out of it: a job's stream then skips to
-a fresh ``status`` event, the all-jobs stream is closed. A client that reads nothing at all
-is disconnected by its response (``imgserver.http.eventstream``), and the number of open
-streams is capped (``--max-streams``; beyond it, 503 with Retry-After).
+The engine only appends to a deque, and wakes the event loop only when no tick is due: a
+stream never slows the engine, and while events keep coming the loop wakes once every
+GATHER seconds for all the streams, not once per event nor once per stream. With nobody
+listening the events wait (for the history) until a stream opens or HISTORY of them
+gathered. A stream holds no events of its own, only how far it has read, so a thousand
+streams cost a thousand cursors, not a thousand copies.
+
+A stream whose client keeps up is written by the tick itself, one write per tick and no
+task of its own woken (``imgserver.http.followers``). Its own task sends what it has of its
+own (a fresh status, a backlog after Last-Event-ID, more than its client has taken yet)
+through the ASGI response, waiting for the client, until it has caught up. A stream whose
+client reads too slowly to stay within the history falls out of it: a job's stream then
+skips to a fresh ``status`` event, the all-jobs stream is closed. A client that reads
+nothing at all is disconnected by its response (``imgserver.http.eventstream``), and the
+number of open streams is capped (``--max-streams``; beyond it, 503 with Retry-After).
 
 Event ids are the engine's ``seq`` numbers, which grow across restarts: a client that
 comes back with ``Last-Event-ID`` gets the events after it from the history, or a fresh
@@ -30,13 +35,14 @@ import ctypes
 import logging
 from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from typing import Any
 
 from fastapi.sse import KEEPALIVE_COMMENT
 
 from imgserver.errors import CapacityError
+from imgserver.http.followers import Followers, Stream
 from imgserver.http.history import HISTORY, History, encode, sse
-from imgserver.jobs.events import Event
+from imgserver.jobs.events import Event, JobFinished
 from imgserver.jobs.job import FINAL_STATES
 
 logger = logging.getLogger("imgserver.http.streams")
@@ -47,22 +53,10 @@ KEEPALIVE = 15.0
 #: (glibc keeps freed buffers for the process otherwise), at most every TRIM_INTERVAL s.
 TRIM_AFTER = 100
 TRIM_INTERVAL = 10.0
-#: A stream writes at most once in this many seconds: the first event after a quiet spell
-#: goes at once, those of a busy job gather (a hundred streams then write twice a
-#: second each, not once per image); a job's end is never held back.
+#: Streams are written at most once in this many seconds: the first event after a quiet
+#: spell goes at once, those of a busy job gather (a hundred streams then get two writes a
+#: second each, not one per image); a job's end is never held back from its own streams.
 GATHER = 0.5
-
-
-@dataclass(eq=False)
-class Stream:
-    """One client's stream: how far it has read."""
-
-    job_id: str | None        # None: every job
-    cursor: int               # the seq of the last event it has sent (or skipped)
-    view: str | None = None   # the one folder whose jobs it sees (None: every folder)
-    fresh: bool = False       # a fresh status is due before anything else
-    since: int | None = None  # the stale id it came back with (all jobs: what changed since)
-    closed: bool = False
 
 
 class EventHub:
@@ -81,12 +75,13 @@ class EventHub:
         self.refused = 0  # streams refused at the cap, for /metrics
         self._loop: asyncio.AbstractEventLoop | None = None
         self._pending: deque[Event] = deque()
-        self._scheduled = False
+        self._scheduled = False  # a tick is due (soon, or GATHER after the last one)
         self._history = History()
         self._ended: OrderedDict[str, int] = OrderedDict()  # job -> its end's seq, recent
         self._signals: dict[str | None, asyncio.Event] = {}  # job (None: all) -> news
         self._watching: dict[str | None, int] = {}          # job (None: all) -> streams
         self._listening = 0  # streams open; read by the engine's thread
+        self._followers = Followers(self._history)  # streams the ticks write to
         self._closed = False
         self._gone = 0        # streams closed since memory was last handed back
         self._trim: asyncio.TimerHandle | None = None
@@ -99,15 +94,23 @@ class EventHub:
         if loop is None:
             return  # nobody can be listening before the server runs
         # Appended before the check: a stream that opens meanwhile catches up after it is
-        # counted (``open``), so an event is either caught up with or scheduled.
+        # counted (``open``), and a tick that ends meanwhile looks again after it says so
+        # (``_tick``), so an event is either caught up with or scheduled.
         self._pending.append(event)
-        if not self._scheduled and (self._listening or len(self._pending) >= HISTORY):
+        if self._scheduled:  # the tick due will take it, unless a job's streams wait for it
+            if isinstance(event, JobFinished) and event.job_id in self._watching:
+                self._call(loop, self._finish, event.job_id)
+        elif self._listening or len(self._pending) >= HISTORY:
             self._scheduled = True
-            try:
-                loop.call_soon_threadsafe(self._drain)
-            except RuntimeError:  # the loop closed: the server has stopped serving
-                self._loop = None
-                self._pending.clear()
+            self._call(loop, self._tick)
+
+    def _call(self, loop: asyncio.AbstractEventLoop, callback: Callable[..., None],
+              *args: Any) -> None:
+        try:
+            loop.call_soon_threadsafe(callback, *args)
+        except RuntimeError:  # the loop closed: the server has stopped serving
+            self._loop = None
+            self._pending.clear()
 
     # -- the event loop's side ------------------------------------------------------------
 
@@ -126,17 +129,39 @@ class EventHub:
         self._loop = None  # events from now on have nobody to go to
         for signal in self._signals.values():
             signal.set()
+        self._followers.end()
 
     @property
     def streams(self) -> int:
         """Streams open now."""
         return self._listening
 
-    def _drain(self) -> None:
+    def _tick(self) -> None:
+        """Publish what the engine said and write it to the followed streams; while there is
+        news, the next tick is GATHER seconds later (events meanwhile wake nobody)."""
+        news = self._catch_up()
+        loop = self._loop
+        if loop is None:
+            self._scheduled = False
+            return
+        if self._followers.push(loop.time()) or news:
+            loop.call_later(GATHER, self._tick)  # still scheduled: the engine wakes nobody
+            return
         self._scheduled = False
-        self._catch_up()
+        if self._pending:  # came after the catch-up, before the flag
+            self._scheduled = True
+            loop.call_soon(self._tick)
 
-    def _catch_up(self) -> None:
+    def _finish(self, job_id: str) -> None:
+        """A job has ended: its streams get their end now, not at the next tick."""
+        self._catch_up()
+        if self._loop is not None:
+            self._followers.push_job(job_id, self._loop.time())
+
+    def _catch_up(self) -> bool:
+        """Move the pending events into the history; whether there were any."""
+        if not self._pending:
+            return False
         woken: set[str | None] = set()
         while self._pending:
             frame = encode(self._pending.popleft())
@@ -148,6 +173,7 @@ class EventHub:
             woken.update((frame.job_id, None))
         for key in woken:
             self._wake(key)
+        return True
 
     def _wake(self, key: str | None) -> None:
         """Tell the streams of ``key`` (a job, or None: all jobs) that there is news."""
@@ -253,9 +279,9 @@ class EventHub:
         return data, final
 
     async def chunks(self, stream: Stream) -> AsyncIterator[bytes]:
-        """What the stream has to send, read from the history in as few writes as possible."""
+        """What the stream's own task has to send, read from the history in as few writes as
+        possible; with a sink, ticks write to it themselves whenever it has caught up."""
         loop = asyncio.get_running_loop()
-        sent_at = -GATHER
         while True:
             if stream.fresh:
                 status, final = await self._status(stream)
@@ -276,10 +302,14 @@ class EventHub:
             frames = self._history.after(stream.cursor, stream.job_id, stream.view)
             if frames:
                 stream.cursor = frames[-1].seq
-                sent_at = loop.time()
+                stream.sent_at = loop.time()
                 yield b"".join(frame.all_bytes if stream.job_id is None else
                                frame.job_bytes or b"" for frame in frames)
                 if frames[-1].last and stream.job_id is not None:
+                    return
+                continue
+            if stream.sink is not None and not stream.sink.backed_up():
+                if await self._followers.follow(stream, stream.sink, KEEPALIVE):
                     return
                 continue
             signal = self._signal(stream.job_id)
@@ -288,8 +318,8 @@ class EventHub:
             except asyncio.TimeoutError:
                 yield KEEPALIVE_COMMENT
                 continue
-            wait = sent_at + GATHER - loop.time()
-            if wait > 0 and not self._closed:
+            wait = stream.sent_at + GATHER - loop.time()
+            if wait > 0 and not self._closed and stream.job_id not in self._ended:
                 await asyncio.sleep(wait)  # let the events of this moment gather
 
 
