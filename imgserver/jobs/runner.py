@@ -14,9 +14,9 @@ waits and /healthz says it) and ``reset(futures)`` (end these images: they ran o
 time limit). ``LocalPool`` and ``DaskPool`` offer all three.
 
 A pool may also offer ``backlog``: images it takes beyond its capacity, to start the moment a
-worker is free (``LocalPool``) or to wait inside it for a batch (``DaskPool``). Its futures then say when their image really starts
-(``add_start_callback(fn)``, ``fn(future, moment)``), and the time limit starts then, so an
-image's limit never counts its wait behind others.
+worker is free (``LocalPool``) or to wait inside it for a batch (``DaskPool``). Its futures
+then say when their image really starts (``add_start_callback(fn)``, ``fn(future, moment)``),
+and the time limit starts then, so an image's limit never counts its wait behind others.
 
 The runner has no thread and no lock of its own: the engine calls it on its thread, holding
 the condition it was given, which the executor's callbacks notify.

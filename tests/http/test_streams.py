@@ -164,9 +164,11 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
 
 
 def busy(server: Server) -> str:
-    """Occupy the only worker for a second or so; the job's id."""
+    """Occupy the only worker, and the one image the pool takes ahead of it, for a second or
+    so: a job posted next stays queued meanwhile; the busy job's id."""
     return server.request("POST", "/jobs", request_body(
-        [("huge.png", f"busy/{time.monotonic_ns()}.png")], ["blur=31"])).json()["id"]
+        [("huge.png", f"busy/{time.monotonic_ns()}-{n}.png") for n in range(2)],
+        ["blur=31"])).json()["id"]
 
 
 def test_streams_job_events_in_order_with_a_failed_image(server: Server) -> None:
