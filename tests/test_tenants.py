@@ -245,9 +245,9 @@ def test_tenants_fair_share_between_tokens_by_images_finished(
         finished = [e.data["job"] for e in seen[accepted:] if e.event == "image"]
         mine_at = [n for n, job in enumerate(finished) if job == mine["id"]]
         # Round-robin over the tokens: from its acceptance on, every other image finished
-        # is b's (one flood image may be running already); were the flood's 8 jobs each a
-        # turn, b would get one image in nine.
-        assert mine_at[-1] <= 2 * 12, mine_at
+        # is b's (two flood images may be in the pool already: one running, one queued
+        # ahead of it); were the flood's 8 jobs each a turn, b would get one image in nine.
+        assert mine_at[-1] <= 2 * 12 + 1, mine_at
     finally:
         server.stop()
 
