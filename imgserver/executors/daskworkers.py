@@ -54,7 +54,7 @@ class WorkerSetup(_WorkerPlugin):  # type: ignore[misc, valid-type]
 
         import imgserver.executors.batch  # noqa: F401 (loaded now, not by the first batch)
         import imgserver.images.pipeline  # noqa: F401
-        from imgserver.executors.pool import keep_freed_memory
+        from imgserver.executors.worker import keep_freed_memory
 
         cv2.setNumThreads(1)
         keep_freed_memory()

@@ -33,16 +33,12 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import ctypes
 import logging
 import multiprocessing
 import os
-import select
-import signal
 import sys
 import threading
 import time
-import traceback
 from collections.abc import Callable, Sequence
 from concurrent.futures import BrokenExecutor, Executor, Future, InvalidStateError
 from concurrent.futures.process import BrokenProcessPool
@@ -54,6 +50,7 @@ from multiprocessing.process import BaseProcess
 from typing import Any
 
 from imgserver.executors.batch import HeldFuture
+from imgserver.executors.worker import init_worker, serve
 
 logger = logging.getLogger("imgserver.executors.pool")
 
@@ -64,7 +61,8 @@ AHEAD = 1
 #: Imported once in the forkserver. Python 3.10 cannot keep the current folder off the
 #: forkserver's path (see ``_start_forkserver``): there each worker imports the image code
 #: itself, after multiprocessing has given it the server's own sys.path.
-_PRELOAD = ["imgserver.images.pipeline"] if sys.version_info >= (3, 11) else []
+_PRELOAD = (["imgserver.executors.worker", "imgserver.images.pipeline"]
+            if sys.version_info >= (3, 11) else [])
 
 
 def _start_forkserver() -> None:
@@ -87,62 +85,6 @@ def _start_forkserver() -> None:
             del os.environ["PYTHONSAFEPATH"]
         else:
             os.environ["PYTHONSAFEPATH"] = saved
-
-
-def init_worker(server_pid: int) -> None:
-    """Prepare a worker process: one OpenCV thread, no SIGINT, and no life after the server."""
-    # Ctrl-C reaches the whole process group; the server decides when its workers stop.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    keep_freed_memory()
-    threading.Thread(target=_exit_with, args=(server_pid,), name="imgserver-orphan-guard",
-                     daemon=True).start()
-    import cv2
-
-    cv2.setNumThreads(1)  # one image per process; threads would only fight for the cores
-
-
-def keep_freed_memory() -> None:
-    """Let glibc reuse freed image buffers instead of returning them to the system.
-
-    By default every buffer above 128 KiB is a fresh mmap, unmapped when freed, so each
-    image pays for faulting its pages in again (30-40% of a 1080p resize). A worker handles
-    one image at a time, so keeping its peak heap costs no more than that image needs.
-    """
-    try:
-        libc = ctypes.CDLL(None)
-        libc.mallopt(_M_MMAP_THRESHOLD, 32 * 1024 * 1024)  # glibc's largest allowed value
-        libc.mallopt(_M_TRIM_THRESHOLD, 256 * 1024 * 1024)
-    except (OSError, AttributeError):  # not glibc: keep its defaults
-        pass
-
-
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # from glibc's malloc.h
-
-
-def _exit_with(pid: int) -> None:
-    """End this worker when process ``pid`` (the server) ends, even by ``kill -9``.
-
-    A worker waits for tasks on a pipe it also holds the other end of, so it would outlive
-    a killed server for ever, and go on running queued images nobody will collect.
-    """
-    try:
-        fd = os.pidfd_open(pid)
-    except (AttributeError, OSError):  # not Linux 5.3+: poll instead
-        while _running(pid):
-            time.sleep(1.0)
-    else:
-        select.select([fd], [], [])  # readable once the process has ended
-    os._exit(0)
-
-
-def _running(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class LocalPool(Executor):
@@ -188,7 +130,8 @@ class LocalPool(Executor):
                 raise RuntimeError("cannot submit after shutdown")
             self._queue.append(task)
             self._start_workers()
-            self._dispatch()
+            started = self._dispatch()
+        _after(started)
         return task.future
 
     def warm(self) -> None:
@@ -243,7 +186,7 @@ class LocalPool(Executor):
         _start_forkserver()  # again if it was killed: a lazy restart would have the folder
         for _ in range(missing):
             ours, theirs = self._context.Pipe()
-            process = self._context.Process(target=_serve, name="imgserver-worker",
+            process = self._context.Process(target=serve, name="imgserver-worker",
                                             args=(theirs, os.getpid(), self._initializer))
             process.start()
             theirs.close()
@@ -252,13 +195,17 @@ class LocalPool(Executor):
             self._idle.append(worker)
         self._poke()
 
-    def _dispatch(self) -> None:
-        """Hand queued tasks to idle workers."""
+    def _dispatch(self) -> list[_Handed]:
+        """Hand queued tasks to idle workers; what became of each, for ``_after``.
+
+        The caller tells their futures once it has let go of the lock: their callbacks take
+        the engine's lock, which is held around ``submit`` (which takes this one).
+        """
+        handed: list[_Handed] = []
         while self._queue and self._idle:
             task = self._queue.popleft()
             if task.future.cancelled():
                 continue  # cancelled while it waited
-            task.future.mark_started(time.monotonic())
             worker = self._idle.pop()
             worker.task = task
             try:
@@ -268,7 +215,10 @@ class LocalPool(Executor):
             except Exception as exc:  # the task cannot be pickled: its own failure
                 worker.task = None
                 self._idle.append(worker)
-                _settle(task.future, False, exc)
+                handed.append(_Handed(task.future, time.monotonic(), exc))
+                continue
+            handed.append(_Handed(task.future, time.monotonic()))
+        return handed
 
     def _poke(self) -> None:
         with contextlib.suppress(BlockingIOError):
@@ -313,13 +263,15 @@ class LocalPool(Executor):
         with self._lock:
             task, worker.task = worker.task, None
             worker.tasks += 1
+            started: list[_Handed] = []
             if self._closed and not self._queue or (
                     self._max_tasks_per_child is not None
                     and worker.tasks >= self._max_tasks_per_child):
                 worker.stop()  # it exits; its sentinel removes it, and a new one may start
             else:
                 self._idle.append(worker)
-                self._dispatch()
+                started = self._dispatch()
+        _after(started)
         if task is not None:  # outside the lock: the callbacks take the engine's
             if ok:
                 _settle(task.future, True, value)
@@ -338,11 +290,21 @@ class LocalPool(Executor):
                 self._idle.remove(worker)
             task, worker.task = worker.task, None
             self._start_workers()  # for the tasks queued, even once shut down: they run
-            self._dispatch()
+            started = self._dispatch()
+        _after(started)
         exitcode = worker.close()
         if task is not None:
             _settle(task.future, False, BrokenProcessPool(
                 f"a worker process died (exit code {exitcode}) while it ran this task"))
+
+
+def _after(handed: list[_Handed]) -> None:
+    """Tell the futures of tasks handed to workers that they started (or could not)."""
+    for task in handed:
+        if task.error is None:
+            task.future.mark_started(task.moment)
+        else:
+            _settle(task.future, False, task.error)
 
 
 def _settle(future: Future, ok: bool, value: Any) -> None:
@@ -352,6 +314,13 @@ def _settle(future: Future, ok: bool, value: Any) -> None:
             future.set_result(value)
         else:
             future.set_exception(value)
+
+
+@dataclass(frozen=True)
+class _Handed:
+    future: HeldFuture
+    moment: float                     # when it was sent to its worker (time.monotonic)
+    error: Exception | None = None    # why it could not be
 
 
 @dataclass(eq=False)
@@ -382,29 +351,6 @@ class _Worker:
         with contextlib.suppress(ValueError):  # not yet ended after all: leave it be
             self.process.close()
         return exitcode
-
-
-def _serve(connection: Connection, server_pid: int,
-           initializer: Callable[[int], None]) -> None:
-    """A worker process: run the tasks its pipe brings, one at a time, until told to stop."""
-    initializer(server_pid)
-    while True:
-        try:
-            message = connection.recv()
-        except EOFError:  # the server is gone
-            return
-        if message is None:
-            return
-        fn, args, kwargs = message
-        try:
-            answer: tuple[bool, Any] = (True, fn(*args, **kwargs))
-        except BaseException as exc:  # noqa: BLE001 (the task's failure, for the server)
-            answer = (False, (exc, "".join(traceback.format_exception(exc))))
-        try:
-            connection.send(answer)
-        except Exception as exc:  # a result or exception that cannot be pickled
-            connection.send((False, (RuntimeError(
-                f"the worker could not send back what the task gave: {exc!r}"), "")))
 
 
 class _RemoteTraceback(Exception):

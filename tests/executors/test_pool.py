@@ -117,3 +117,19 @@ def test_pool_queued_task_says_when_it_starts() -> None:
     finally:
         pool.shutdown()
     assert starts[1] - starts[0] >= 0.5
+
+
+def test_pool_start_callbacks_run_outside_its_lock() -> None:
+    # The runner's start callback takes the engine's lock, held by whoever submits: were it
+    # called under the pool's lock, a queued task starting would deadlock the two threads.
+    pool = LocalPool(1, max_pixels=10**8)
+    submitted: list[Future] = []
+    try:
+        pool.warm()
+        pool.submit(sleep_then_pid, 0.3)
+        queued = pool.submit(sleep_then_pid, 0)
+        queued.add_start_callback(lambda future, moment: submitted.append(
+            pool.submit(double, 5)))  # takes the pool's lock: would hang if held
+        assert wait_for(lambda: submitted, timeout=10)[0].result(10) == 10
+    finally:
+        pool.shutdown(wait=False)
