@@ -50,11 +50,11 @@ from imgserver.executors.batch import (
     BATCH_SECONDS,
     REPORT_INTERVAL,
     Call,
-    HeldFuture,
     Item,
 )
 from imgserver.executors.batcher import Batcher, Ending, end, input_bytes, unpickled
 from imgserver.executors.scheduler import SchedulerLink
+from imgserver.executors.started import HeldFuture
 from imgserver.images.pipeline import run_image
 
 logger = logging.getLogger("imgserver.executors.cluster")

@@ -49,7 +49,7 @@ from multiprocessing.connection import wait as connection_wait
 from multiprocessing.process import BaseProcess
 from typing import Any
 
-from imgserver.executors.batch import HeldFuture
+from imgserver.executors.started import HeldFuture
 from imgserver.executors.worker import init_worker, serve
 
 logger = logging.getLogger("imgserver.executors.pool")

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from concurrent.futures import Future
 
-from imgserver.executors.batch import Estimate, HeldFuture, plan
+from imgserver.executors.batch import Estimate, plan
+from imgserver.executors.started import HeldFuture
 
 
 def test_plan_small_images_go_together_up_to_the_budget() -> None:
