@@ -18,12 +18,9 @@ from __future__ import annotations
 
 import argparse
 import http.client
-import json
 import os
 import shutil
-import socket
 import statistics
-import subprocess
 import sys
 import threading
 import time
@@ -39,6 +36,7 @@ REPO = HERE.parent
 sys.path.insert(0, str(HERE))
 from inputs import make_inputs  # noqa: E402
 from loops import cpu_seconds  # noqa: E402
+from servers import Server, body, descendants, done  # noqa: E402
 
 #: photo-thumb: 12-megapixel photos to a quarter, decoded at 1/4 and written at quality 95.
 WIDTH, HEIGHT, REDUCE, QUALITY = 4000, 3000, 4, 95
@@ -119,7 +117,7 @@ def run_pool(work: Path, inputs: list[Path], count: int, processes: int) -> Run:
         pool.warm()
         for task in tasks[:processes]:  # warm the workers' heaps and code, as in http's
             pool.submit(run_image, task).result()
-        pids = _descendants(os.getpid())
+        pids = descendants(os.getpid())
         cpu = cpu_seconds(pids)
         worked: list[float] = []
 
@@ -170,56 +168,21 @@ def run_http(work: Path, inputs: list[Path], count: int, processes: int) -> Run:
     """One job of ``count`` images through ``imgserver serve`` (POST ?wait=true), after a
     one-image warm-up job."""
     out = _fresh(work / "out" / "limit" / "http")
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    with open(work / "server.log", "ab") as log:
-        server = subprocess.Popen(
-            [sys.executable, "-m", "imgserver", "serve", "--root", str(work), "--port",
-             str(port), "--workers", str(processes), "--max-images", "10000"],
-            stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+    pairs = [(inputs[index % len(inputs)].relative_to(work).as_posix(),
+              (out / f"{index:03d}.jpg").relative_to(work).as_posix())
+             for index in range(count)]
+    server = Server(work, processes, [])
     try:
-        connection = _connect(port, server)
-        pairs = [(inputs[index % len(inputs)].relative_to(work).as_posix(),
-                  (out / f"{index:03d}.jpg").relative_to(work).as_posix())
-                 for index in range(count)]
-        _post(connection, pairs[:processes])
-        pids = [server.pid] + _descendants(server.pid)
-        cpu, worked = cpu_seconds(pids), _worked(connection)
+        done(*server.post(body(pairs[:processes], OPERATIONS)))
+        pids = server.pids()
+        cpu, worked = cpu_seconds(pids), _worked(server.connection)
         began = time.perf_counter()
-        _post(connection, pairs)
+        done(*server.post(body(pairs, OPERATIONS)))
         seconds = time.perf_counter() - began
         return Run(count / seconds, 1000 * (cpu_seconds(pids) - cpu) / count,
-                   (_worked(connection) - worked) / (processes * seconds))
+                   (_worked(server.connection) - worked) / (processes * seconds))
     finally:
-        server.terminate()
-        server.wait(60)
-
-
-def _connect(port: int, server: subprocess.Popen[bytes]) -> http.client.HTTPConnection:
-    deadline = time.monotonic() + 60
-    while True:
-        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
-        try:
-            connection.request("GET", "/healthz")
-            if connection.getresponse().read() and server.poll() is None:
-                return connection
-        except OSError:
-            connection.close()
-        if time.monotonic() > deadline or server.poll() is not None:
-            raise RuntimeError("imgserver did not start; see server.log")
-        time.sleep(0.05)
-
-
-def _post(connection: http.client.HTTPConnection, pairs: list[tuple[str, str]]) -> None:
-    body = json.dumps({"images": [{"input": i, "output": o} for i, o in pairs],
-                       "operations": OPERATIONS}).encode()
-    connection.request("POST", "/jobs?wait=true", body=body,
-                       headers={"Content-Type": "application/json"})
-    response = connection.getresponse()
-    answer = response.read()
-    if response.status != 200 or json.loads(answer)["state"] != "done":
-        raise RuntimeError(f"imgserver answered {response.status}: {answer[:300]!r}")
+        server.stop()
 
 
 def _worked(connection: http.client.HTTPConnection) -> float:
@@ -233,18 +196,6 @@ def _fresh(folder: Path) -> Path:
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
     return folder
-
-
-def _descendants(pid: int) -> list[int]:
-    found: list[int] = []
-    for task in Path(f"/proc/{pid}/task").glob("*"):
-        try:
-            children = [int(c) for c in (task / "children").read_text().split()]
-        except OSError:
-            continue
-        for child in children:
-            found += [child] + _descendants(child)
-    return found
 
 
 def main() -> int:

@@ -181,15 +181,19 @@ def _init(kind: str) -> None:
         cv2.setNumThreads(1)
 
 
-def cpu_seconds(pids: list[int]) -> float:
-    """The CPU time (user and system) processes ``pids`` have used so far (0 for any gone)."""
+def cpu_seconds(pids: list[int], *, reaped: bool = False) -> float:
+    """The CPU time (user and system) processes ``pids`` have used so far (0 for any gone);
+    with ``reaped``, that of the children each has reaped too: read with the pids of the
+    moment, the whole of a tree whose workers come and go (imgserver replaces a worker after
+    --max-tasks-per-child images, and its forkserver reaps the old one)."""
     total = 0
     for pid in pids:
         try:
             fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        total += int(fields[11]) + int(fields[12])  # utime, stime: fields 14 and 15
+        # utime, stime (fields 14 and 15), then cutime, cstime: the reaped children's
+        total += sum(int(value) for value in fields[11:15 if reaped else 13])
     return total / os.sysconf("SC_CLK_TCK")
 
 

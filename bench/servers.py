@@ -21,25 +21,10 @@ from pathlib import Path
 
 import cv2
 
-from loops import peak_kib
+from loops import cpu_seconds, peak_kib
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
-
-
-def tree_cpu_seconds(pids: list[int]) -> float:
-    """The CPU seconds (user and system) processes ``pids`` have used so far, with those of
-    the children they have reaped: read with the pids of the moment, the whole of a tree
-    whose workers come and go (imgserver replaces a worker after --max-tasks-per-child
-    images, and its forkserver reaps the old one)."""
-    total = 0
-    for pid in pids:
-        try:
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        total += sum(int(value) for value in fields[11:15])  # utime, stime, cutime, cstime
-    return total / os.sysconf("SC_CLK_TCK")
 
 
 def free_port() -> int:
@@ -101,12 +86,12 @@ class Server:
 
     def pids(self) -> list[int]:
         """The server's process, its workers and any workers outside its tree."""
-        return [self.process.pid] + _descendants(self.process.pid) + self.workers
+        return [self.process.pid] + descendants(self.process.pid) + self.workers
 
     def cpu_seconds(self) -> float:
         """The CPU seconds the server and its workers have used so far, those replaced
         included."""
-        return tree_cpu_seconds(self.pids())
+        return cpu_seconds(self.pids(), reaped=True)
 
     def peak_mib(self) -> float:
         """The peak RSS of the server and its workers, summed."""
@@ -190,7 +175,8 @@ def fresh_root(work: Path, name: str, inputs: list[Path]) -> Path:
     return root
 
 
-def _descendants(pid: int) -> list[int]:
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid``, from /proc."""
     found: list[int] = []
     for task in Path(f"/proc/{pid}/task").glob("*"):
         try:
@@ -198,7 +184,7 @@ def _descendants(pid: int) -> list[int]:
         except OSError:
             continue
         for child in children:
-            found += [child] + _descendants(child)
+            found += [child] + descendants(child)
     return found
 
 
@@ -255,7 +241,7 @@ class Thumbor:
 
     def cpu_seconds(self) -> float:
         """The CPU seconds the instances have used so far."""
-        return tree_cpu_seconds(self.pids())
+        return cpu_seconds(self.pids(), reaped=True)
 
     def peak_mib(self) -> float:
         """The peak RSS of the instances, summed."""

@@ -66,6 +66,17 @@ def image(seq: int, job_id: str = "a") -> ImageFinished:
                          seq, 1000)
 
 
+async def followed(hub: EventHub, job_id: str | None
+                   ) -> tuple[Connection, Stream, asyncio.Future]:
+    """A stream of ``job_id`` (None: every job) served to a connection of its own, once it
+    has sent what it had and follows the ticks: the connection, the stream, its task."""
+    connection = Connection()
+    stream = hub.open(job_id, None)
+    task = asyncio.ensure_future(serve(hub, stream, connection))
+    await until(lambda: stream.woken is not None)
+    return connection, stream, task
+
+
 def hub_for(state: dict[str, int]) -> EventHub:
     hub = EventHub(lambda job_id: (document(job_id, "running"), state["seq"]),
                    lambda since, view: ([], state["seq"]))
@@ -109,10 +120,7 @@ def test_followers_a_jobs_end_is_not_held_for_the_next_tick(
 
     async def scenario() -> None:
         hub = hub_for({"seq": 10})
-        connection = Connection()
-        stream = hub.open("a", None)
-        task = asyncio.ensure_future(serve(hub, stream, connection))
-        await until(lambda: stream.woken is not None)  # sent its status, then followed
+        connection, stream, task = await followed(hub, "a")  # sent its status, then followed
         hub(StateChanged(11, "a", "running", {"done": 0, "total": 1}))  # at once: quiet
         await until(lambda: connection.names("tick") == ["state"])
         hub(image(12))   # held for the next tick, 5 s away...
@@ -130,10 +138,7 @@ def test_followers_hand_a_lagging_stream_back_to_its_task(
 
     async def scenario() -> None:
         hub = hub_for({"seq": 0})
-        connection = Connection()
-        stream = hub.open(None, None)
-        task = asyncio.ensure_future(serve(hub, stream, connection))
-        await until(lambda: stream.woken is not None)
+        connection, stream, task = await followed(hub, None)
         hub(image(1))
         await until(lambda: connection.names() == ["image"])
         connection.lagging = True  # the next ticks must not write: its task waits instead
@@ -190,10 +195,7 @@ def test_followers_idle_followed_stream_gets_a_keepalive_comment(
 
     async def scenario() -> None:
         hub = hub_for({"seq": 0})
-        connection = Connection()
-        stream = hub.open(None, None)
-        task = asyncio.ensure_future(serve(hub, stream, connection))
-        await until(lambda: stream.woken is not None)
+        connection, stream, task = await followed(hub, None)
         begun = asyncio.get_running_loop().time()
         await until(lambda: connection.writes)
         assert connection.writes == [("tick", KEEPALIVE_COMMENT)]
