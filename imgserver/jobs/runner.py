@@ -3,7 +3,7 @@
     FairQueue --pop--> dispatch --submit(run_image, task)--> executor (pool or Dask)
                                                                       |
     outcomes: done / failed  <--- collect, enforce_deadlines <-------+
-    or back into the queue:    lost by the executor, stopped by a reset meant for another
+    or back into the queue:    lost by the executor through no fault of its own (LostWork)
     or retried alone:          its worker died (a second death fails it)
 
 An image is handed over only when the executor has room (its ``capacity``), so it starts
@@ -11,7 +11,8 @@ when it is handed over: that is when its time limit starts (but see ``backlog`` 
 executor is any ``concurrent.futures.Executor``; a pool may also offer ``capacity`` (images
 it runs at once; otherwise one per worker), ``problem`` (why no image can run now: the queue
 waits and /healthz says it) and ``reset(futures)`` (end these images: they ran over their
-time limit). ``LocalPool`` and ``DaskPool`` offer all three.
+time limit; an image it drops beside them ends with ``LostWork``, and runs again).
+``DaskPool`` offers all three, ``LocalPool`` the first and the last.
 
 A pool may also offer ``backlog``: images it takes beyond its capacity, to start the moment a
 worker is free (``LocalPool``) or to wait inside it for a batch (``DaskPool``). Its futures
@@ -61,7 +62,6 @@ class Work:
     retried: bool = False      # its worker died once: it now runs alone
     deadline: float = 0.0
     abandoned: bool = False    # already failed (timed out); waiting for its worker to end
-    bystander: bool = False    # was running when the pool was reset on purpose
 
 
 @dataclass(frozen=True)
@@ -264,11 +264,6 @@ class Runner:
         return outcomes
 
     def _worker_died(self, work: Work) -> list[Outcome]:
-        if work.bystander:
-            work.bystander = False
-            # Stopped by a reset meant for another: it runs again first.
-            self.queue.push_front(work.owner, work.job_id, work)
-            return []
         self.restarts["died"] += 1
         self._crash_streak += 1
         if self._crash_streak >= CRASH_STREAK:
@@ -290,9 +285,6 @@ class Runner:
             return []
         for work in expired:
             work.abandoned = True
-        for work in self._running.values():
-            if not work.abandoned:
-                work.bystander = True
         reset = getattr(self._executor, "reset", None)
         self.restarts["timeout"] += 1
         if reset is not None:
