@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import http.client
 import json
 import os
@@ -21,6 +22,7 @@ import pytest
 import trustme
 from cryptography.hazmat.primitives import serialization
 
+from imgserver import server as server_module
 from imgserver.images.pipeline import TEMP_SUFFIX
 
 from conftest import job_files, request_body, wait_for
@@ -302,3 +304,15 @@ def test_server_tls_options_refused_at_start(root: Path, test_ca: trustme.CA, ca
     assert result.returncode == 2, result.stderr
     assert TLS_REFUSALS[case].format(tls=folder) in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_server_collector_leaves_start_up_objects_alone_and_runs_less_often() -> None:
+    before = gc.get_threshold()
+    try:
+        server_module._tune_collector()
+        assert gc.get_freeze_count() > 0
+        assert gc.get_threshold() == (server_module.YOUNG_GENERATION, *before[1:])
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*before)
+

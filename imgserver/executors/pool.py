@@ -36,6 +36,8 @@ import contextlib
 import logging
 import multiprocessing
 import os
+import pickle
+import selectors
 import sys
 import threading
 import time
@@ -45,7 +47,6 @@ from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from multiprocessing import forkserver
 from multiprocessing.connection import Connection
-from multiprocessing.connection import wait as connection_wait
 from multiprocessing.process import BaseProcess
 from typing import Any
 
@@ -104,6 +105,7 @@ class LocalPool(Executor):
         self._context = multiprocessing.get_context("forkserver")
         self._context.set_forkserver_preload(_PRELOAD)
         self._live: list[_Worker] = []
+        self._generation = 0  # changes with ``_live``: the reader watches them anew
         self._idle: list[_Worker] = []
         self._queue: collections.deque[_Task] = collections.deque()
         self._wake_read, self._wake_write = os.pipe()  # tells the reader the workers changed
@@ -192,6 +194,7 @@ class LocalPool(Executor):
             theirs.close()
             worker = _Worker(process, ours)
             self._live.append(worker)
+            self._generation += 1
             self._idle.append(worker)
         self._poke()
 
@@ -206,17 +209,18 @@ class LocalPool(Executor):
             task = self._queue.popleft()
             if task.future.cancelled():
                 continue  # cancelled while it waited
-            worker = self._idle.pop()
-            worker.task = task
             try:
-                worker.connection.send((task.fn, task.args, task.kwargs))
-            except (OSError, ValueError):  # the worker is gone: the reader will say so
-                pass
+                # Plain pickle: a task is plain data, without the reductions for sockets and
+                # pipes that the pipe's own send would look up for every message.
+                message = pickle.dumps((task.fn, task.args, task.kwargs),
+                                       pickle.HIGHEST_PROTOCOL)
             except Exception as exc:  # the task cannot be pickled: its own failure
-                worker.task = None
-                self._idle.append(worker)
                 handed.append(_Handed(task.future, time.monotonic(), exc))
                 continue
+            worker = self._idle.pop()
+            worker.task = task
+            with contextlib.suppress(OSError, ValueError):  # gone: the reader will say so
+                worker.connection.send_bytes(message)
             handed.append(_Handed(task.future, time.monotonic()))
         return handed
 
@@ -232,23 +236,32 @@ class LocalPool(Executor):
 
     def _read(self) -> None:
         """Collect results and deaths until the pool is shut down and its workers gone."""
+        # One selector, made again only when the workers change (not one per wake-up).
+        selector: selectors.BaseSelector | None = None
+        seen = -1
         while True:
             with self._lock:
                 if self._closed and not self._live:
                     break
-                by_connection = {worker.connection: worker for worker in self._live}
-                by_sentinel = {worker.process.sentinel: worker for worker in self._live}
-            ready = connection_wait([self._wake_read, *by_connection, *by_sentinel])
-            for item in ready:
+                if self._generation != seen:
+                    if selector is not None:
+                        selector.close()
+                    selector = _watching(self._wake_read, self._live)
+                    seen = self._generation
+            assert selector is not None
+            for key, _ in selector.select():
+                worker, what = key.data
                 try:
-                    if item == self._wake_read:
+                    if worker is None:
                         os.read(self._wake_read, 4096)
-                    elif item in by_connection:
-                        self._answered(by_connection[item])
-                    elif item in by_sentinel:
-                        self._gone(by_sentinel[item])
+                    elif what == _PIPE:
+                        self._answered(worker)
+                    else:
+                        self._gone(worker)
                 except Exception:  # a bug here must not stop every future for good
                     logger.exception("the pool's reader failed on one event")
+        if selector is not None:
+            selector.close()
         os.close(self._wake_read)
         os.close(self._wake_write)
 
@@ -286,6 +299,7 @@ class LocalPool(Executor):
             if worker not in self._live:
                 return  # seen already (by its pipe or its sentinel)
             self._live.remove(worker)
+            self._generation += 1
             if worker in self._idle:
                 self._idle.remove(worker)
             task, worker.task = worker.task, None
@@ -296,6 +310,20 @@ class LocalPool(Executor):
         if task is not None:
             _settle(task.future, False, BrokenProcessPool(
                 f"a worker process died (exit code {exitcode}) while it ran this task"))
+
+
+#: What a worker's key in the reader's selector stands for: its pipe or its sentinel.
+_PIPE, _SENTINEL = "pipe", "sentinel"
+
+
+def _watching(wake: int, workers: Sequence[_Worker]) -> selectors.BaseSelector:
+    """A selector of the reader's wake-up pipe and every worker's pipe and sentinel."""
+    selector = selectors.DefaultSelector()
+    selector.register(wake, selectors.EVENT_READ, (None, None))
+    for worker in workers:
+        selector.register(worker.connection, selectors.EVENT_READ, (worker, _PIPE))
+        selector.register(worker.process.sentinel, selectors.EVENT_READ, (worker, _SENTINEL))
+    return selector
 
 
 def _after(handed: list[_Handed]) -> None:

@@ -325,6 +325,8 @@ def test_engine_lists_a_job_by_its_live_state_before_its_row_catches_up(
     try:
         job_id = engine.submit(request_body([("a.png", "a2.png")]), source="http")["id"]
         wait_for(lambda: engine.status(job_id)["state"] == "running")  # its row: queued
+        # A new index is scanned at start (listing answers CapacityError meanwhile).
+        wait_for(lambda: not engine.outbox.index.needs_scan)
         assert [s["id"] for s in engine.jobs(states=["running"])[0]] == [job_id]
         assert engine.jobs(states=["queued"])[0] == []
     finally:

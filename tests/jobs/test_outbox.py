@@ -1,14 +1,16 @@
-"""The outbox's folder sync: one fsync shared by the threads that need it at once."""
+"""The outbox's folder sync: one fsync shared by the threads that need it at once; the
+status file's text."""
 
 from __future__ import annotations
 
+import json
 import threading
 from pathlib import Path
 
 import pytest
 
 from imgserver.jobs import outbox as outbox_module
-from imgserver.jobs.outbox import FolderSync
+from imgserver.jobs.outbox import FolderSync, Outbox, status_json
 
 from conftest import wait_for
 
@@ -66,3 +68,31 @@ def test_outbox_folder_sync_raises_what_the_fsync_met(tmp_path: Path) -> None:
         sync()
     (tmp_path / "gone").mkdir()
     sync()  # the next one is tried afresh
+
+
+def test_outbox_status_file_holds_a_key_per_line_and_an_image_per_line(tmp_path: Path) -> None:
+    document = {"id": "j1", "state": "done", "error": None, "progress": {"done": 2, "total": 2},
+                "operations": ["resize=50"],
+                "images": [{"input": "in/\udc80.jpg", "output": "o/é.jpg", "state": "done"},
+                           {"input": "b.png", "output": "o/b.png", "state": "done"}]}
+    outbox = Outbox(tmp_path)
+    outbox.ensure()
+    outbox.write_status(document, index=False)
+    text = outbox.status_path("j1").read_bytes()
+    assert text == status_json(document)
+    assert json.loads(text) == document  # a lone surrogate and non-ASCII survive, escaped
+    assert text.isascii()
+    lines = text.decode().splitlines()
+    assert lines[0] == "{" and lines[-1] == "}"
+    assert lines[1:6] == ['  "id": "j1",', '  "state": "done",', '  "error": null,',
+                          '  "progress": {"done": 2, "total": 2},',
+                          '  "operations": ["resize=50"],']
+    assert lines[6] == '  "images": ['  # last, as a scan expects (rescan._IMAGES_KEY)
+    assert [json.loads(line.rstrip(",")) for line in lines[7:9]] == document["images"]
+
+
+def test_outbox_status_file_of_a_job_without_images(tmp_path: Path) -> None:
+    document = {"id": "j2", "state": "failed", "error": "images: must not be empty", "images": []}
+    assert json.loads(status_json(document)) == document
+    assert status_json(document).endswith(b',\n  "images": []\n}\n')
+
