@@ -62,6 +62,26 @@ def test_app_wait_returns_final_document(client: TestClient,
     assert response.json()["state"] == "done" and response.headers["location"].startswith("/jobs/")
 
 
+@pytest.mark.parametrize("word, waits", [("yes", True), ("1", True), ("On", True),
+                                         ("false", False), ("0", False), ("no", False)])
+def test_app_wait_takes_the_words_of_a_boolean(client: TestClient, make_image: Callable[..., Path],
+                                               word: str, waits: bool) -> None:
+    make_image("a.png")
+    response = client.post(f"/jobs?wait={word}", content=request_body([("a.png", "b.png")]))
+    assert response.status_code == (200 if waits else 202)
+    assert (response.json()["state"] == "done") is waits
+
+
+def test_app_wait_that_is_no_boolean_is_422_naming_it_and_writes_nothing(
+        client: TestClient, root: Path, make_image: Callable[..., Path]) -> None:
+    make_image("a.png")
+    response = client.post("/jobs?wait=later", content=request_body([("a.png", "b.png")]))
+    assert response.status_code == 422
+    assert response.json()["errors"] == [
+        {"field": "wait", "message": "'later' is not a yes or no (expected true or false)"}]
+    assert not list((root / "outbox").glob("*.request.json"))
+
+
 def test_app_unknown_job_is_404(client: TestClient) -> None:
     response = client.get("/jobs/nope")
     assert response.status_code == 404 and response.json()["detail"] == "no job with id 'nope'"
