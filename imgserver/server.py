@@ -33,6 +33,7 @@ import resource
 import signal
 import socket
 import ssl
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import Executor
@@ -250,15 +251,22 @@ def gate_for(settings: Settings) -> Gate:
 #: 700: a job makes thousands of short-lived objects, so the default collects many times per
 #: job, each time walking every object still young).
 YOUNG_GENERATION = 20_000
+#: Seconds a thread may keep the interpreter while another waits for it (CPython's default
+#: is 5 ms). The server's threads hand each job to each other (the loop, the thread that
+#: stores it, the pool's reader); the one with news waits less behind the one with work.
+#: Measured under 8 clients of one-image jobs: 1.10-1.14x the jobs/s of the default.
+SWITCH_INTERVAL = 0.001
 
 
-def _tune_collector() -> None:
+def _tune_interpreter() -> None:
     """Leave the objects made at start-up (modules, the app and its routes, the schema) out
-    of every collection from now on, and collect the youngest generation less often."""
+    of every collection from now on, collect the youngest generation less often, and pass
+    the interpreter between threads sooner."""
     gc.collect()
     gc.freeze()
     _, middle, old = gc.get_threshold()
     gc.set_threshold(YOUNG_GENERATION, middle, old)
+    sys.setswitchinterval(SWITCH_INTERVAL)
 
 
 def _loopback(host: str) -> bool:
@@ -299,7 +307,7 @@ def _serve(settings: Settings, executor: Executor, files: int) -> int:
         logger.info("serving %s on %s://%s:%d (drop folder %s, outbox %s)", settings.root,
                     "https" if settings.tls_cert else "http", settings.host, settings.port,
                     settings.inbox, settings.outbox)
-        _tune_collector()
+        _tune_interpreter()
         try:
             server.run()
         except SystemExit:  # uvicorn exits when it cannot bind; it has logged why

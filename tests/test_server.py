@@ -306,13 +306,14 @@ def test_server_tls_options_refused_at_start(root: Path, test_ca: trustme.CA, ca
     assert "Traceback" not in result.stderr
 
 
-def test_server_collector_leaves_start_up_objects_alone_and_runs_less_often() -> None:
-    before = gc.get_threshold()
+def test_server_interpreter_tuned_for_many_small_jobs() -> None:
+    before, interval = gc.get_threshold(), sys.getswitchinterval()
     try:
-        server_module._tune_collector()
-        assert gc.get_freeze_count() > 0
+        server_module._tune_interpreter()
+        assert gc.get_freeze_count() > 0  # start-up objects left out of collections
         assert gc.get_threshold() == (server_module.YOUNG_GENERATION, *before[1:])
+        assert sys.getswitchinterval() == pytest.approx(server_module.SWITCH_INTERVAL)
     finally:
         gc.unfreeze()
         gc.set_threshold(*before)
-
+        sys.setswitchinterval(interval)
