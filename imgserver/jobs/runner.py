@@ -286,7 +286,7 @@ class Runner:
         for work in expired:
             work.abandoned = True
         reset = getattr(self._executor, "reset", None)
-        self.restarts["timeout"] += 1
+        self.restarts["timeout"] += len(expired)  # a worker stopped for each
         if reset is not None:
             reset([future for future, work in self._running.items() if work in expired])
         return [Outcome(work, FAILED, error=(

@@ -97,6 +97,22 @@ def test_metrics_move_with_jobs_failures_restarts_and_requests(
         server.stop()
 
 
+def test_metrics_count_each_worker_stopped_when_two_images_run_over_at_once(
+        root: Path) -> None:
+    for name in ("one.jpg", "two.jpg"):
+        large_image(root / name, 6000, 4000)  # seconds of work each: well over 0.3 s
+    server = start_server(root, "--workers", "2", "--image-timeout", "0.3")
+    try:
+        job = server.request("POST", "/jobs?wait=true", request_body(
+            [("one.jpg", "one.png"), ("two.jpg", "two.png")], ["blur=3"])).json()
+        assert [image["state"] for image in job["images"]] == ["failed", "failed"]
+        samples = scrape(server)
+        assert value(samples, "imgserver_worker_restarts_total", reason="timeout") == 2
+        assert value(samples, "imgserver_worker_restarts_total", reason="died") == 0
+    finally:
+        server.stop()
+
+
 def test_metrics_count_a_worker_restarted_for_an_image_over_its_time_limit(root: Path) -> None:
     large_image(root / "huge.jpg", 6000, 4000)  # seconds of work: well over 0.3 s
     server = start_server(root, "--workers", "1", "--image-timeout", "0.3")
