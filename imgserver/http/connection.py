@@ -48,6 +48,9 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 CLOSED_BY_SERVER = "imgserver.closed_by_server"
 #: The client's side of the request is over: no deadline applies any more.
 _RECEIVED = frozenset({h11.DONE, h11.MUST_CLOSE, h11.CLOSED, h11.ERROR, h11.SWITCHED_PROTOCOL})
+#: A request whose answer is not out this long (seconds) after its body came in is watched
+#: for its client leaving meanwhile.
+WATCH_AFTER = 0.05
 #: Refused connections are reported at most this often (seconds).
 _REFUSAL_REPORT = 60.0
 
@@ -189,7 +192,7 @@ class Disconnects:
             return
         stage = "while sending its request"
         gone = answered = False
-        watcher: asyncio.Task | None = None
+        watcher: asyncio.Task | asyncio.TimerHandle | None = None
 
         def left() -> None:
             nonlocal gone
@@ -210,6 +213,11 @@ class Disconnects:
             if message["type"] == "http.disconnect":
                 left()
 
+        def start_watching() -> None:
+            nonlocal watcher
+            if not answered:
+                watcher = asyncio.ensure_future(watch())
+
         async def receive_() -> Message:
             nonlocal watcher, stage
             message = await receive()
@@ -218,7 +226,10 @@ class Disconnects:
             elif not message.get("more_body", False) and watcher is None:
                 if stage.startswith("while sending"):
                     stage = "while waiting for its answer"
-                watcher = asyncio.ensure_future(watch())
+                # Most answers are out sooner: a task for each would cost them more than
+                # the rest of this middleware, and a client that left is heard of all the
+                # same (its disconnect waits in the queue for the watcher).
+                watcher = asyncio.get_running_loop().call_later(WATCH_AFTER, start_watching)
             return message
 
         async def send_(message: Message) -> None:

@@ -107,6 +107,9 @@ class HTTPMetrics:
     def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
         self.app = app
         self.metrics = metrics
+        # The series of each route and status, looked up once: ``labels`` costs more than
+        # the increment it leads to. Routes and statuses are few, so this stays small.
+        self._series: dict[tuple[str, int], tuple[Any, Any]] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -119,10 +122,14 @@ class HTTPMetrics:
             nonlocal answered
             if message["type"] == "http.response.start" and not answered:
                 answered = True
-                route = _route(scope)
-                self.metrics.requests.labels(route, str(message["status"])).inc()
-                self.metrics.request_seconds.labels(route).observe(
-                    time.perf_counter() - started)
+                key = (_route(scope), message["status"])
+                series = self._series.get(key)
+                if series is None:
+                    series = self._series[key] = (
+                        self.metrics.requests.labels(key[0], str(key[1])),
+                        self.metrics.request_seconds.labels(key[0]))
+                series[0].inc()
+                series[1].observe(time.perf_counter() - started)
             await send(message)
 
         await self.app(scope, receive, sending)
