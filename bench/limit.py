@@ -10,6 +10,9 @@ here with the same libraries (``measure_limit``). Beside it, in alternating roun
           steps (reading the file, the header, the checks, writing and renaming the output)
   http    ``imgserver serve`` with the same workers, one job POSTed with ?wait=true (the
           photo-thumb workload of scripts/bench): the pool plus the server's share
+  together the limit's own loop in as many processes at once as the pool has workers: what
+          the cores give when they work at the same time (they share caches and memory),
+          which the limit's "one core, times the cores" leaves out
 
 Usage: .venv/bin/python bench/limit.py [--images 100] [--rounds 3] [--processes 2]
 """
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import http.client
+import multiprocessing
 import os
 import shutil
 import statistics
@@ -27,6 +31,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -66,15 +71,27 @@ class Limit:
         return self.cores * 1000 / self.cpu_ms
 
 
-def measure_limit(inputs: list[Path], count: int, *, cores: int, reduce: int = REDUCE,
-                  quality: int = QUALITY) -> Limit:
-    """Decode ``count`` images (``inputs`` in turn, read beforehand) at 1/``reduce`` and
-    encode them as JPEG at ``quality``, one after another in this thread, on one OpenCV
+def measure_limit(inputs: list[Path], count: int, *, cores: int) -> Limit:
+    """Decode ``count`` images (``inputs`` in turn, read beforehand) at 1/REDUCE and
+    encode them as JPEG at QUALITY, one after another in this thread, on one OpenCV
     thread; the mean cost of each step, and the rate ``cores`` cores allow."""
+    decode, encode, cpu = _loop(_prepared(inputs), count)
+    return Limit(1000 * decode / count, 1000 * encode / count, 1000 * cpu / count, cores)
+
+
+def _prepared(inputs: list[Path]) -> list[np.ndarray]:
+    """The files of ``inputs`` in memory, with OpenCV on one thread and warmed by one image
+    (its code and its heap)."""
     cv2.setNumThreads(1)
     files = [np.frombuffer(path.read_bytes(), np.uint8) for path in inputs]
-    flags, parameters = _REDUCED[reduce], [cv2.IMWRITE_JPEG_QUALITY, quality]
-    cv2.imencode(".jpg", cv2.imdecode(files[0], flags), parameters)  # warm: code and heap
+    _loop(files, 1)
+    return files
+
+
+def _loop(files: list[np.ndarray], count: int) -> tuple[float, float, float]:
+    """The decode and the encode of ``count`` images of ``files`` in turn: seconds of each
+    step in all, and of this thread's CPU."""
+    flags, parameters = _REDUCED[REDUCE], [cv2.IMWRITE_JPEG_QUALITY, QUALITY]
     decode = encode = cpu = 0.0
     for index in range(count):
         begun, begun_cpu = time.perf_counter(), time.thread_time()
@@ -84,7 +101,7 @@ def measure_limit(inputs: list[Path], count: int, *, cores: int, reduce: int = R
         decode += decoded - begun
         encode += time.perf_counter() - decoded
         cpu += time.thread_time() - begun_cpu
-    return Limit(1000 * decode / count, 1000 * encode / count, 1000 * cpu / count, cores)
+    return decode, encode, cpu
 
 
 @dataclass(frozen=True)
@@ -96,6 +113,36 @@ class Run:
     rate: float
     cpu_ms: float
     busy: float
+
+
+def run_together(work: Path, inputs: list[Path], count: int, processes: int) -> Run:
+    """The limit's loop (``measure_limit``) in ``processes`` processes started together,
+    ``count`` images in all: images/s from the first start to the last end."""
+    context = multiprocessing.get_context("spawn")
+    barrier = context.Barrier(processes)
+    results = context.Queue()
+    share = [count // processes + (index < count % processes) for index in range(processes)]
+    workers = [context.Process(target=_together, args=(inputs, n, barrier, results))
+               for n in share]
+    for worker in workers:
+        worker.start()
+    spans = [results.get(timeout=600) for _ in workers]
+    for worker in workers:
+        worker.join()
+    began, ended = min(span[0] for span in spans), max(span[1] for span in spans)
+    cpu = sum(span[2] for span in spans)
+    return Run(count / (ended - began), 1000 * cpu / count, 1.0)
+
+
+def _together(inputs: list[Path], count: int, barrier: Any, results: Any) -> None:
+    """One process of ``run_together``: its files read and warm, it waits for the others,
+    then runs the loop; its start and end (``time.monotonic``, one clock for every process)
+    and its CPU seconds."""
+    files = _prepared(inputs)
+    barrier.wait()
+    began = time.monotonic()
+    cpu = _loop(files, count)[2]
+    results.put((began, time.monotonic(), cpu))
 
 
 def run_pool(work: Path, inputs: list[Path], count: int, processes: int) -> Run:
@@ -204,14 +251,14 @@ def main() -> int:
     parser.add_argument("--images", type=int, default=100)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--processes", type=int, default=os.cpu_count() or 1)
-    parser.add_argument("--contenders", nargs="*", default=["pool", "http"])
+    parser.add_argument("--contenders", nargs="*", default=["together", "pool", "http"])
     parser.add_argument("--work", type=Path, default=REPO / ".bench",
                         help="scratch folder (inputs are cached there)")
     args = parser.parse_args()
     work = args.work.resolve()
     inputs = make_inputs(work / "inputs", f"{WIDTH}x{HEIGHT}", min(args.images, 20),
                          WIDTH, HEIGHT, ".jpg")
-    runners = {"pool": run_pool, "http": run_http}
+    runners = {"pool": run_pool, "http": run_http, "together": run_together}
     rows: dict[str, list[float]] = {"limit": [], "limit-cpu": []}
     print(f"round  limit (1 core x {args.processes})  "
           + "  ".join(f"{name}: images/s, % of limit, CPU ms/image, workers busy" for name in

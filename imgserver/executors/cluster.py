@@ -293,8 +293,9 @@ class DaskPool(Executor):
             return f"the Dask cluster at {self.scheduler} has no worker that sees the root"
         return None
 
-    def reset(self, futures: Sequence[Future] = ()) -> None:
-        """Restart the workers running these futures' images (over their time limit).
+    def reset(self, futures: Sequence[Future] = ()) -> int:
+        """Restart the workers running these futures' images (over their time limit); how
+        many (a worker runs several images at once: one restart may end several).
 
         Only those workers: a cluster may be shared. The other images of their batches are
         run again. The restart happens in the background.
@@ -319,6 +320,7 @@ class DaskPool(Executor):
         self._inbox.put(("end", endings))
         threading.Thread(target=self._restart, args=(workers, keys, tasks),
                          name="imgserver-dask-restart", daemon=True).start()
+        return len(workers)
 
     def _restart(self, workers: set[str], keys: set[str], tasks: list[Any]) -> None:
         try:

@@ -148,9 +148,9 @@ class LocalPool(Executor):
         except BrokenExecutor as exc:
             logger.error("the worker processes cannot start: %s", exc)
 
-    def reset(self, futures: Sequence[Future] = ()) -> None:
+    def reset(self, futures: Sequence[Future] = ()) -> int:
         """Stop the workers running ``futures`` now (every worker when none are named):
-        those tasks end with BrokenProcessPool; the other workers go on."""
+        those tasks end with BrokenProcessPool; the other workers go on. How many stop."""
         wanted = set(futures)
         with self._lock:
             doomed = [worker for worker in self._live if worker.task is not None
@@ -158,6 +158,7 @@ class LocalPool(Executor):
         for worker in doomed:
             with contextlib.suppress(OSError, ValueError):
                 worker.process.kill()
+        return len(doomed)
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         """Stop the pool: the queued tasks still run (unless ``cancel_futures``), then the

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
@@ -36,6 +37,9 @@ from imgserver.http.security import SecurityHeaders
 from imgserver.http.streams import EventHub
 from imgserver.jobs.engine import Engine
 from imgserver.settings import Settings
+
+#: Engine calls the routes may have under way at once (as many as Starlette's own pool).
+ENGINE_CALLS = 40
 
 
 class _App(FastAPI):
@@ -59,9 +63,16 @@ def create_app(engine: Engine, settings: Settings, gate: Gate | None = None) -> 
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        hub.attach(asyncio.get_running_loop())
+        loop = asyncio.get_running_loop()
+        # The routes' engine calls and the streams' first reads run in the loop's default
+        # executor; asyncio's has cpu + 4 threads, too few: a few submits slow in their
+        # fsync (a busy disk) would hold up the status of every other job.
+        calls = ThreadPoolExecutor(ENGINE_CALLS, thread_name_prefix="imgserver-http")
+        loop.set_default_executor(calls)
+        hub.attach(loop)
         yield
         hub.close()
+        calls.shutdown(wait=False)
 
     app = _App(
         title="imgserver", version=__version__,

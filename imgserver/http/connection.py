@@ -46,6 +46,8 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 #: Set in a request's scope when the server, not the client, ended its connection.
 CLOSED_BY_SERVER = "imgserver.closed_by_server"
+#: Set in a request's scope when its connection is lost before the answer is complete.
+GONE = "imgserver.gone"
 #: The client's side of the request is over: no deadline applies any more.
 _RECEIVED = frozenset({h11.DONE, h11.MUST_CLOSE, h11.CLOSED, h11.ERROR, h11.SWITCHED_PROTOCOL})
 #: A request whose answer is not out this long (seconds) after its body came in is watched
@@ -103,6 +105,9 @@ class _DeadlineProtocol(H11Protocol):
         if (self._deadline is not None and self.conn.their_state is h11.IDLE
                 and self.conn.trailing_data[0]):
             logger.info("%s went away while sending its request", _who(self.client))
+        cycle = self.cycle
+        if cycle is not None and not cycle.response_complete:
+            cast(dict, cycle.scope)[GONE] = True  # for ``Disconnects``, when it answers
         self._disarm()
         super().connection_lost(exc)
 
@@ -227,13 +232,16 @@ class Disconnects:
                 if stage.startswith("while sending"):
                     stage = "while waiting for its answer"
                 # Most answers are out sooner: a task for each would cost them more than
-                # the rest of this middleware, and a client that left is heard of all the
-                # same (its disconnect waits in the queue for the watcher).
+                # the rest of this middleware. A client that left meanwhile is heard of
+                # all the same: by the watcher, or by the protocol's mark as the answer
+                # is sent.
                 watcher = asyncio.get_running_loop().call_later(WATCH_AFTER, start_watching)
             return message
 
         async def send_(message: Message) -> None:
             nonlocal answered, stage
+            if scope.get(GONE):  # before the watcher began: the answer goes nowhere
+                left()
             if message["type"] == "http.response.start":
                 stage = "during its answer"
             elif message["type"] == "http.response.body" and not message.get("more_body"):

@@ -226,7 +226,7 @@ def _flag(name: str, text: str | None) -> bool:
     """The yes-or-no parameter ``name`` (absent: no); RequestError naming it otherwise."""
     if text is None:
         return False
-    word = text.strip().lower()
+    word = text.lower()
     if word in _YES or word in _NO:
         return word in _YES
     raise RequestError.single(name, f"{text!r} is not a yes or no (expected true or false)")

@@ -286,9 +286,9 @@ class Runner:
         for work in expired:
             work.abandoned = True
         reset = getattr(self._executor, "reset", None)
-        self.restarts["timeout"] += len(expired)  # a worker stopped for each
-        if reset is not None:
-            reset([future for future, work in self._running.items() if work in expired])
+        if reset is not None:  # the workers it stops, which may each run several images
+            self.restarts["timeout"] += reset(
+                [future for future, work in self._running.items() if work in expired]) or 0
         return [Outcome(work, FAILED, error=(
             f"processing took longer than the limit of {self._timeout:g} s "
             f"(--image-timeout); its worker was stopped")) for work in expired]

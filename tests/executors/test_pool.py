@@ -64,7 +64,7 @@ def test_pool_reset_stops_only_the_named_tasks_workers(pool: LocalPool) -> None:
     long = pool.submit(sleep_then_pid, 30.0)
     short = pool.submit(sleep_then_pid, 0.5)
     time.sleep(0.2)  # both running: a worker each
-    pool.reset([long])
+    assert pool.reset([long]) == 1  # the workers it stopped
     with pytest.raises(BrokenExecutor):
         long.result(10)
     assert alive(short.result(30))

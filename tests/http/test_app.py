@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -15,12 +16,12 @@ from hypothesis import HealthCheck, given
 from hypothesis import strategies as st
 
 from imgserver.executors.pool import LocalPool
-from imgserver.http.app import create_app
+from imgserver.http.app import ENGINE_CALLS, create_app
 from imgserver.images.operations import Context, Operation, parse_operation
 from imgserver.jobs.engine import Engine
 from imgserver.settings import Settings
 
-from conftest import CORPUS_LIMITS, INVALID_BODIES, job_files, request_body
+from conftest import CORPUS_LIMITS, INVALID_BODIES, job_files, request_body, wait_for
 
 
 def client_for(settings: Settings, pool: LocalPool) -> Iterator[TestClient]:
@@ -80,6 +81,55 @@ def test_app_wait_that_is_no_boolean_is_422_naming_it_and_writes_nothing(
     assert response.json()["errors"] == [
         {"field": "wait", "message": "'later' is not a yes or no (expected true or false)"}]
     assert not list((root / "outbox").glob("*.request.json"))
+
+
+class _SlowSubmits:
+    """An engine whose submits wait for ``release``, as ones slow in their fsync would."""
+
+    healthy, health_reason = True, None
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+        self.waiting = 0
+        self._lock = threading.Lock()
+
+    def submit(self, body: bytes, **_: object) -> dict:
+        with self._lock:
+            self.waiting += 1
+        assert self.release.wait(30)
+        return {"id": "slow", "state": "queued"}
+
+    def status(self, job_id: str, view: str | None = None) -> dict:
+        return {"id": job_id, "state": "done"}
+
+    def subscribe(self, listener: object) -> None:
+        pass
+
+    def stats(self) -> dict:
+        return {}
+
+    def snapshot(self, job_id: str) -> tuple[dict, int]:
+        return self.status(job_id), 0
+
+    def unfinished(self) -> list:
+        return []
+
+
+def test_app_slow_submits_do_not_hold_up_status_reads(settings: Settings) -> None:
+    engine = _SlowSubmits()
+    with TestClient(create_app(engine, settings)) as client:  # type: ignore[arg-type]
+        slow = ENGINE_CALLS - 2  # more than asyncio's default executor has threads
+        posts = [threading.Thread(target=client.post, args=("/jobs",), kwargs={
+            "content": request_body([("a.png", "b.png")])}) for _ in range(slow)]
+        try:
+            for post in posts:
+                post.start()
+            wait_for(lambda: engine.waiting == slow, timeout=15)  # all in the engine at once
+            assert client.get("/jobs/j1").json() == {"id": "j1", "state": "done"}
+        finally:
+            engine.release.set()
+            for post in posts:
+                post.join()
 
 
 def test_app_unknown_job_is_404(client: TestClient) -> None:

@@ -1,5 +1,5 @@
 """Disconnects: a client that leaves while its answer is under way is one INFO line, whether
-it leaves before or after the middleware starts watching for it."""
+its answer comes before or after the middleware starts watching for it."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from imgserver.http.connection import WATCH_AFTER, Disconnects
+from imgserver.http.connection import GONE, WATCH_AFTER, Disconnects
 
 SCOPE = {"type": "http", "method": "POST", "path": "/jobs", "query_string": b"wait=true",
          "client": ("127.0.0.1", 4321)}
@@ -41,17 +41,21 @@ def serve(answer_after: float, client_left: bool) -> tuple[list[dict], int]:
         async def send(message: dict) -> None:
             sent.append(message)
 
-        await Disconnects(app)(dict(SCOPE), receive, send)
+        # The protocol marks the scope of a request whose connection is lost.
+        scope = {**SCOPE, GONE: True} if client_left else dict(SCOPE)
+        await Disconnects(app)(scope, receive, send)
         await asyncio.sleep(0)  # a cancelled watcher ends
         return sent, len(asyncio.all_tasks()) - 1
 
     return asyncio.run(main())
 
 
-def test_connection_client_gone_before_the_watch_begins_is_one_line(
-        caplog: pytest.LogCaptureFixture) -> None:
+@pytest.mark.parametrize("answer_after", [0, WATCH_AFTER / 5, WATCH_AFTER * 4],
+                         ids=["at-once", "before-the-watch", "after-the-watch-began"])
+def test_connection_client_gone_while_waiting_is_one_line(
+        caplog: pytest.LogCaptureFixture, answer_after: float) -> None:
     with caplog.at_level(logging.INFO, logger="imgserver.http"):
-        serve(answer_after=WATCH_AFTER * 4, client_left=True)
+        serve(answer_after=answer_after, client_left=True)
     lines = [r.getMessage() for r in caplog.records if "went away" in r.getMessage()]
     assert lines == ["client 127.0.0.1:4321 went away while waiting for its answer: "
                      "POST /jobs?wait=true"]
