@@ -77,9 +77,10 @@ def _done(server: Server, job_id: str) -> int:
 def history(work: Path, count: int) -> Path:
     """An outbox of ``count`` finished jobs of 10 images each (made once, then reused).
 
-    Their files are as the server writes them (the status document as indented JSON, the
-    images last), their ids random hex like the server's, in no relation to the order the
-    jobs were made in.
+    Their files are as the server wrote them until 2026-12-07 (the status document as
+    indented JSON, the images last; a scan reads today's files, a key per line, the same
+    way), their ids random hex like the server's, in no relation to the order the jobs
+    were made in.
     """
     root = work / f"history-{count}"
     marker = root / f"complete-{HISTORY_FORMAT}"
