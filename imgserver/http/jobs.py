@@ -8,17 +8,16 @@
     GET  /jobs/{id}/events   Server-Sent Events of one job: status, image, state, end
     GET  /events             Server-Sent Events of every job (and job, when one is accepted)
 
-Engine calls that touch the disk run in a thread of the loop's executor, and ``wait=true``
-awaits the engine's future: the event loop never blocks.
+Engine calls that touch the disk run in a thread (``asyncio.to_thread``: the loop's own
+executor, a plain hand-off that costs the loop half of what Starlette's thread pool does),
+and ``wait=true`` awaits the engine's future: the event loop never blocks.
 """
 
 from __future__ import annotations
 
 import asyncio
-import functools
-from collections.abc import Callable
 from concurrent.futures import Future
-from typing import Any, TypeVar
+from typing import Any
 from urllib.parse import quote
 
 from fastapi import APIRouter, Depends, Header, Query, Request
@@ -41,8 +40,6 @@ from imgserver.settings import Settings
 #: exactly what ``_states`` and ``list_jobs`` accept.
 _STATE = "(?:" + "|".join(STATES) + ")"
 STATE_PATTERN = f"^ *(?:{_STATE} *(?:, *{_STATE} *)*)?$"
-T = TypeVar("T")
-
 SOURCE_PATTERN = "^(?:" + "|".join(SOURCES) + ")?$"
 
 
@@ -85,11 +82,12 @@ def router(engine: Engine, hub: EventHub, settings: Settings, auth: Auth) -> API
         # Attached as the job is accepted: a short job may end before the answer is sent.
         waiter: Future | None = Future() if wait else None
         if idempotency_key is None:
-            document = await _off_loop(engine.submit, body, source="http", owner=owner,
-                                       waiter=waiter)
+            document = await asyncio.to_thread(engine.submit, body, source="http",
+                                               owner=owner, waiter=waiter)
         else:
-            document, created = await _off_loop(engine.submit_once, body, idempotency_key,
-                                                source="http", owner=owner, waiter=waiter)
+            document, created = await asyncio.to_thread(engine.submit_once, body,
+                                                        idempotency_key, source="http",
+                                                        owner=owner, waiter=waiter)
         location = f"/jobs/{quote(document['id'])}"
         if waiter is None:
             return JSONResponse(document, status_code=202 if created else 200,
@@ -129,15 +127,16 @@ def router(engine: Engine, hub: EventHub, settings: Settings, auth: Auth) -> API
         if source is not None and source not in SOURCES:
             raise RequestError.single("source", f"{source!r} is not a source (expected one of "
                                                 f"{', '.join(SOURCES)})")
-        jobs, after = await _off_loop(engine.jobs, states=states, source=source,
-                                              limit=limit, cursor=cursor, view=principal.view)
+        jobs, after = await asyncio.to_thread(engine.jobs, states=states, source=source,
+                                              limit=limit, cursor=cursor,
+                                              view=principal.view)
         return JSONResponse({"jobs": jobs, "next": after})
 
     @routes.get("/jobs/{job_id}", summary="A job's status",
              responses={200: {"model": StatusDocument},
                         404: {"model": ErrorResponse, "description": "No such job."}, **errors})
     async def get_job(job_id: str, principal: Principal = Depends(reader)) -> JSONResponse:
-        return JSONResponse(await _off_loop(engine.status, job_id, principal.view))
+        return JSONResponse(await asyncio.to_thread(engine.status, job_id, principal.view))
 
     @routes.post("/jobs/{job_id}/cancel", status_code=202,
                  summary="Cancel a job",
@@ -156,7 +155,7 @@ def router(engine: Engine, hub: EventHub, settings: Settings, auth: Auth) -> API
                   **errors})
     async def cancel_job(job_id: str, principal: Principal = Depends(canceller)
                          ) -> JSONResponse:
-        document, before = await _off_loop(engine.cancel, job_id, principal.view)
+        document, before = await asyncio.to_thread(engine.cancel, job_id, principal.view)
         return JSONResponse(document, status_code=200 if before else 202)
 
     last_event_id = Header(None, alias="Last-Event-ID", description=(
@@ -187,7 +186,7 @@ def router(engine: Engine, hub: EventHub, settings: Settings, auth: Auth) -> API
     async def job_events(job_id: str, last_event: str | None = last_event_id,
                          principal: Principal = Depends(reader)) -> EventStreamResponse:
         # 404 before the stream starts, also for a job of another folder.
-        await _off_loop(engine.status, job_id, principal.view)
+        await asyncio.to_thread(engine.status, job_id, principal.view)
         return EventStreamResponse(hub, hub.open(job_id, last_event))
 
     @routes.get("/events", response_class=EventStream,
@@ -230,14 +229,6 @@ def _flag(name: str, text: str | None) -> bool:
     if word in _YES or word in _NO:
         return word in _YES
     raise RequestError.single(name, f"{text!r} is not a yes or no (expected true or false)")
-
-
-async def _off_loop(function: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
-    """``function(*args, **kwargs)`` in a thread of the loop's own executor: a plain hand-off
-    and back, which costs the loop half of what Starlette's thread pool (anyio's, with its
-    cancel scopes and limiter) does, on every small job."""
-    return await asyncio.get_running_loop().run_in_executor(
-        None, functools.partial(function, *args, **kwargs))
 
 
 def _states(text: str | None) -> list[str]:

@@ -122,14 +122,13 @@ class HTTPMetrics:
             nonlocal answered
             if message["type"] == "http.response.start" and not answered:
                 answered = True
-                key = (_route(scope), message["status"])
-                series = self._series.get(key)
-                if series is None:
-                    series = self._series[key] = (
-                        self.metrics.requests.labels(key[0], str(key[1])),
-                        self.metrics.request_seconds.labels(key[0]))
-                series[0].inc()
-                series[1].observe(time.perf_counter() - started)
+                route, status = key = (_route(scope), message["status"])
+                if key not in self._series:
+                    self._series[key] = (self.metrics.requests.labels(route, str(status)),
+                                         self.metrics.request_seconds.labels(route))
+                count, seconds = self._series[key]
+                count.inc()
+                seconds.observe(time.perf_counter() - started)
             await send(message)
 
         await self.app(scope, receive, sending)
