@@ -22,6 +22,11 @@ import trustme
 
 from conftest import wait_for
 
+#: What uvicorn logs once it listens, and when the port is taken.
+LISTENING, TAKEN = "Uvicorn running on", "error while attempting to bind"
+#: Ports tried by ``start_server`` before it gives up.
+PORT_TRIES = 3
+
 
 def free_port() -> int:
     """A TCP port free on 127.0.0.1 right now."""
@@ -121,26 +126,39 @@ def start_server(root: Path, *args: str, env: dict[str, str] | None = None,
                  context: ssl.SSLContext | None = None) -> Server:
     """Start ``python -m imgserver serve`` (or ``command serve``) on ``port`` (by default a
     free one); wait until /healthz answers (over HTTPS with ``context``, when ``args`` make
-    the server serve HTTPS)."""
-    port = port or free_port()
-    log = root.parent / f"server-{port}.log"
-    process = subprocess.Popen(
-        [*(command or [sys.executable, "-m", "imgserver"]), "serve", "--root", str(root),
-         "--port", str(port), *args],
-        stdout=open(log, "wb"), stderr=subprocess.STDOUT,  # noqa: SIM115 (the child keeps it)
-        env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}, cwd=cwd,
-        preexec_fn=preexec_fn)
-    server = Server(process, port, root, log, context)
-    if wait:
-        def healthy() -> bool:
-            if process.poll() is not None:
-                raise AssertionError(f"server exited {process.returncode}:\n{server.output()}")
+    the server serve HTTPS).
+
+    A free port may be taken by another test's server before this one binds it: then the
+    server is started again on another, and /healthz counts only once this server says it
+    listens (the other's would answer it too)."""
+    for _ in range(PORT_TRIES if port is None else 1):
+        chosen = port or free_port()
+        log = root.parent / f"server-{chosen}.log"
+        process = subprocess.Popen(
+            [*(command or [sys.executable, "-m", "imgserver"]), "serve", "--root", str(root),
+             "--port", str(chosen), *args],
+            stdout=open(log, "wb"), stderr=subprocess.STDOUT,  # noqa: SIM115 (the child's)
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}, cwd=cwd,
+            preexec_fn=preexec_fn)
+        server = Server(process, chosen, root, log, context)
+        if not wait:
+            return server
+
+        def healthy(server: Server = server) -> bool:
+            if server.process.poll() is not None:
+                return True  # judged below
             try:
-                return server.request("GET", "/healthz", timeout=2).status == 200
+                return (LISTENING in server.output()
+                        and server.request("GET", "/healthz", timeout=2).status == 200)
             except OSError:
                 return False
         wait_for(healthy, timeout=60)
-    return server
+        if server.process.poll() is None:
+            return server
+        if port is None and TAKEN in server.output():
+            continue  # another test's server took the port first
+        raise AssertionError(f"server exited {server.process.returncode}:\n{server.output()}")
+    raise AssertionError(f"no free port taken in {PORT_TRIES} tries")
 
 
 def shared_server(root: Path, images: list[tuple[str, int, int]], *args: str,
