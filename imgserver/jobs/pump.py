@@ -44,6 +44,7 @@ class Pump:
         self._advancing = False
         self._sleeping_until = 0.0  # when the engine thread wakes by itself (monotonic)
         runner.on_complete = self._completed
+        runner.on_deadline = self.nudge
         self._thread = threading.Thread(target=self._loop, name="imgserver-engine", daemon=True)
 
     def start(self) -> None:

@@ -47,6 +47,10 @@ RETRY_DELAY = 1.0
 #: Workers dying this many times in a row, without an image finishing, make the runner
 #: unhealthy (and slow down its dispatch, so a broken pool does not burn through the queue).
 CRASH_STREAK = 3
+#: Images waiting for a free worker start when one frees (the executor's callback hands
+#: them over); the engine thread looks at them again this often (seconds) anyway, for a
+#: pool that grew without finishing anything (a Dask worker that joined).
+WAITING_LOOK = 0.25
 
 
 @dataclass(eq=False)
@@ -98,6 +102,9 @@ class Runner:
         #: Called on the executor's thread, holding the condition, when an image finishes
         #: (the engine settles it at once there, rather than waking its own thread).
         self.on_complete: Callable[[], None] | None = None
+        #: Called holding the condition when an image's time limit is set, once it really
+        #: starts: the engine wakes its thread only if that limit comes before its plan.
+        self.on_deadline: Callable[[], None] = condition.notify_all
 
     # -- state --------------------------------------------------------------------------
 
@@ -137,7 +144,8 @@ class Runner:
         if self._crash_streak >= CRASH_STREAK and self._probing is None:
             moments.append(self._retry_at)
         if self.queue or self._retries:
-            moments.append(self._retry_at)
+            # Not now: they wait for a worker to free, or for the retry after a refusal.
+            moments.append(max(self._retry_at, time.monotonic() + WAITING_LOOK))
         if self._completed:
             # Finished, not collected: now. An image can finish before its hand-over returns
             # (the engine's thread lost the CPU in between); its callback then runs inside the
@@ -219,7 +227,7 @@ class Runner:
             work = self._running.get(future)
             if work is not None and work.deadline == math.inf:
                 work.deadline = moment + self._timeout
-                self._cond.notify_all()
+                self.on_deadline()
 
     def _on_done(self, future: Future) -> None:
         with self._cond:

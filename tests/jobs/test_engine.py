@@ -152,6 +152,39 @@ def test_engine_queue_limit(root: Path, make_image: Callable[..., Path],
         engine.close()
 
 
+def thread_cpu(name: str) -> float:
+    """The CPU time (seconds) the running thread called ``name`` has used."""
+    thread = next(t for t in threading.enumerate() if t.name == name)
+    assert thread.ident is not None
+    return time.clock_gettime(time.pthread_getcpuclockid(thread.ident))
+
+
+def test_engine_thread_sleeps_while_images_wait_for_a_worker(
+        root: Path, make_image: Callable[..., Path],
+        blocked: tuple[ThreadPoolExecutor, threading.Event]) -> None:
+    executor, release = blocked
+    make_image("a.png")
+    engine = Engine(Settings.build({"root": str(root)}, environ={}), executor, concurrency=1)
+    engine.start()
+    try:
+        ids = [engine.submit(request_body([("a.png", f"{n}.png")]), source="http")["id"]
+               for n in range(3)]
+        assert engine.stats()["queued"] == 2  # one handed over, two waiting for room
+        before = thread_cpu("imgserver-engine")
+        deadline = time.monotonic() + 1.0
+        while time.monotonic() < deadline:  # a second of waiting, watched
+            time.sleep(0.05)
+        # Asleep until a worker frees (or its look every WAITING_LOOK): a few turns. It
+        # once woke every millisecond while anything waited, about 1,000 turns here.
+        assert thread_cpu("imgserver-engine") - before < 0.005
+        release.set()
+        for job_id in ids:
+            assert engine.wait(job_id).result(timeout=30)["state"] == "done"
+    finally:
+        release.set()  # closing waits for the running image
+        engine.close()
+
+
 def test_engine_close_keeps_queued_images_for_next_start(
         root: Path, make_image: Callable[..., Path], pool: LocalPool,
         blocked: tuple[ThreadPoolExecutor, threading.Event]) -> None:
