@@ -58,10 +58,33 @@ def confine(root: Path, raw: str) -> Path:
     candidate = Path(raw)
     if not candidate.is_absolute():
         candidate = root / candidate
-    real = Path(os.path.realpath(candidate))
+    real = _realpath(root, candidate)
     if real != root and not real.is_relative_to(root):
         raise OutsideRoot(f"{raw!r} is outside the root")
     _check_names(raw, real.relative_to(root).parts)  # a dangling symlink's target, too
+    return real
+
+
+def _realpath(root: Path, candidate: Path) -> Path:
+    """``os.path.realpath(candidate)``, given that ``root`` is a real path: below ``root``,
+    only the parts under it are looked at (one lstat each, not one per part from ``/``),
+    until a symlink or a ``..``, from where ``realpath`` resolves the whole path."""
+    try:
+        parts = candidate.relative_to(root).parts
+    except ValueError:
+        return Path(os.path.realpath(candidate))
+    if ".." in parts:
+        return Path(os.path.realpath(candidate))
+    real = root
+    for at, part in enumerate(parts):
+        step = real / part
+        try:
+            mode = os.lstat(step).st_mode
+        except OSError:  # missing, or under a file: the rest is taken as written, as realpath does
+            return real.joinpath(*parts[at:])
+        if stat.S_ISLNK(mode):
+            return Path(os.path.realpath(candidate))
+        real = step
     return real
 
 

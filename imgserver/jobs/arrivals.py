@@ -47,9 +47,7 @@ class Arrivals:
         tells a starting server that a live process owns the job. An ``owner`` that must be
         kept (a token's job) is staged beside it, to be placed first.
         """
-        self.outbox.ensure()
-        temp = self.outbox.temp_path()
-        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        temp, fd = self._new_temp()
         staged = Staged(temp, fd)
         try:
             if lock:
@@ -57,10 +55,8 @@ class Arrivals:
             _write_all(fd, body)
             os.fsync(fd)
             if owner is not None and owner.kept:
-                staged.owner = self.outbox.temp_path()
                 kept = json.dumps({"name": owner.name, "folder": owner.folder}).encode()
-                owner_fd = os.open(staged.owner, os.O_WRONLY | os.O_CREAT | os.O_EXCL
-                                   | os.O_CLOEXEC, 0o644)
+                staged.owner, owner_fd = self._new_temp()
                 try:
                     _write_all(owner_fd, kept)
                     os.fsync(owner_fd)
@@ -102,8 +98,19 @@ class Arrivals:
                     continue
                 raise
             unlink(staged.path)
+            staged.linked = True
             return job_id
         raise AssertionError("unreachable: candidate ids are endless")
+
+    def _new_temp(self) -> tuple[Path, int]:
+        """A new temporary file in the outbox and its descriptor, open for writing."""
+        temp = self.outbox.temp_path()
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+        try:
+            return temp, os.open(temp, flags, 0o644)
+        except FileNotFoundError:  # its folder is made once, and again only if it went
+            self.outbox.ensure()
+            return temp, os.open(temp, flags, 0o644)
 
     def claim(self, source_path: Path, name: str | None, reserved: Callable[[str], None],
               max_bytes: int, *, source: str) -> tuple[str, bytes, int]:
@@ -203,6 +210,7 @@ class Staged:
         self.path = path
         self.fd: int | None = fd
         self.owner: Path | None = None  # whom the job is for, staged beside it
+        self.linked = False  # placed: its name in the outbox's temporary files is gone
 
     def detach(self) -> int:
         """The descriptor, now the caller's to close (it holds the request's lock)."""
@@ -212,7 +220,8 @@ class Staged:
 
     def close(self) -> None:
         """Remove the files if they were not placed, and close it unless detached."""
-        unlink(self.path)
+        if not self.linked:
+            unlink(self.path)
         if self.owner is not None:
             unlink(self.owner)
         if self.fd is not None:

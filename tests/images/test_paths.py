@@ -131,3 +131,22 @@ def test_paths_dangling_symlink_to_a_name_over_255_bytes_is_refused(jail: Path) 
     (jail / "later.png").symlink_to("z" * 300 + ".png")
     with pytest.raises(OutsideRoot, match="'later.png': the name .* is 304 bytes in UTF-8"):
         confine(jail, "later.png")
+
+
+def test_paths_resolve_as_realpath_does_through_links_files_and_missing_parts(
+        jail: Path) -> None:
+    # confine looks only at the parts below the root until a symlink or "..": the same
+    # answer as os.path.realpath from "/", for every kind of part.
+    (jail / "photos" / "deep").mkdir()
+    (jail / "rel").symlink_to("photos/deep")
+    (jail / "photos" / "up").symlink_to("..")
+    (jail / "chain").symlink_to("rel")
+    (jail / "absolute").symlink_to(jail / "photos")
+    (jail / "loop").symlink_to("loop")
+    (jail / "dangling").symlink_to("nowhere/at/all")
+    for raw in ["photos/cat.jpg", "photos/cat.jpg/under/a/file", "rel/x.png", "chain/x.png",
+                "photos/up/photos/cat.jpg", "absolute/cat.jpg", "dangling/x.png",
+                "missing/a/b.png", "photos/deep/../cat.jpg", "photos//./cat.jpg", ".",
+                "loop/x.png", str(jail / "rel" / "y.png")]:
+        candidate = Path(raw) if Path(raw).is_absolute() else jail / raw
+        assert confine(jail, raw) == Path(os.path.realpath(candidate)), raw
