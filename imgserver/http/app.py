@@ -69,6 +69,7 @@ def create_app(engine: Engine, settings: Settings, gate: Gate | None = None) -> 
         # fsync (a busy disk) would hold up the status of every other job.
         calls = ThreadPoolExecutor(ENGINE_CALLS, thread_name_prefix="imgserver-http")
         loop.set_default_executor(calls)
+        app.state.calls = calls  # for a call whose answer reaches the loop another way
         hub.attach(loop)
         yield
         hub.close()

@@ -10,7 +10,9 @@
 
 Engine calls that touch the disk run in a thread (``asyncio.to_thread``: the loop's own
 executor, a plain hand-off that costs the loop half of what Starlette's thread pool does),
-and ``wait=true`` awaits the engine's future: the event loop never blocks.
+and ``wait=true`` awaits the engine's future: the event loop never blocks. A
+``wait=true`` submit without an Idempotency-Key hands its call to that executor and awaits
+only the future, which the thread fails if the request is refused: the loop wakes once.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from imgserver.http.responses import EventStream, JSONResponse, json_error
 from imgserver.http.schema import ErrorResponse, JobList, StatusDocument
 from imgserver.http.streams import EventHub
 from imgserver.jobs.engine import Engine
-from imgserver.jobs.job import SOURCES, STATES
+from imgserver.jobs.job import SOURCES, STATES, Owner
 from imgserver.jobs.keys import HEADER as IDEMPOTENCY_KEY
 from imgserver.jobs.keys import PATTERN as KEY_PATTERN
 from imgserver.settings import Settings
@@ -81,6 +83,13 @@ def router(engine: Engine, hub: EventHub, settings: Settings, auth: Auth) -> API
         owner = principal.owner
         # Attached as the job is accepted: a short job may end before the answer is sent.
         waiter: Future | None = Future() if wait else None
+        if waiter is not None and idempotency_key is None:
+            # The submit's outcome, accepted or refused, comes through the waiter: the loop
+            # is woken once, with the answer, instead of once more between.
+            request.app.state.calls.submit(_submit_into, engine, body, owner, waiter)
+            document = await asyncio.wrap_future(waiter)
+            return JSONResponse(document, status_code=200,
+                                headers={"Location": f"/jobs/{quote(document['id'])}"})
         if idempotency_key is None:
             document = await asyncio.to_thread(engine.submit, body, source="http",
                                                owner=owner, waiter=waiter)
@@ -219,6 +228,16 @@ _SUBMIT_PARAMETERS = [
 #: What a yes-or-no parameter may say (as FastAPI's declared booleans take it).
 _YES = frozenset({"1", "on", "t", "true", "y", "yes"})
 _NO = frozenset({"0", "off", "f", "false", "n", "no"})
+
+
+def _submit_into(engine: Engine, body: bytes, owner: Owner, waiter: Future) -> None:
+    """Submit ``body`` for ``owner``, whose final status document ``waiter`` receives; or
+    the error that refused it (a thread's call: its outcome is the waiter's)."""
+    try:
+        engine.submit(body, source="http", owner=owner, waiter=waiter)
+    except BaseException as exc:  # nothing was accepted: the error is the answer
+        if waiter.set_running_or_notify_cancel():  # unless the route gave up waiting
+            waiter.set_exception(exc)
 
 
 def _flag(name: str, text: str | None) -> bool:

@@ -112,7 +112,8 @@ class Ledger:
         """Tell everyone waiting for the finished ``entry`` its final ``document``; then put
         its index row, and let go of its request's lock."""
         for waiter in entry.waiters:
-            waiter.set_result(document)
+            if waiter.set_running_or_notify_cancel():  # not given up on (cancelled)
+                waiter.set_result(document)
         entry.waiters.clear()
         owner = entry.job.owner
         if entry.job.id not in self._unsaved and not self.put_row(summary(document),
@@ -132,9 +133,11 @@ class Ledger:
         """Resolve ``future`` to the job's final status document (``wait``)."""
         entry = self._live.get(job_id)
         if entry is None:
-            future.set_result(self.status(job_id))
+            if future.set_running_or_notify_cancel():
+                future.set_result(self.status(job_id))
         elif refusal is not None:
-            future.set_exception(refusal(job_id))
+            if future.set_running_or_notify_cancel():
+                future.set_exception(refusal(job_id))
         else:
             entry.waiters.append(future)
 
@@ -142,7 +145,8 @@ class Ledger:
         """Answer everyone waiting for a live job with its ``refusal`` (the engine stops)."""
         for entry in self._live.values():
             for waiter in entry.waiters:
-                waiter.set_exception(refusal(entry.job.id))
+                if waiter.set_running_or_notify_cancel():
+                    waiter.set_exception(refusal(entry.job.id))
             entry.waiters.clear()
 
     def write(self, entry: Entry, *, index: bool = True) -> bool:

@@ -65,6 +65,22 @@ def test_engine_waiter_given_at_submit_gets_the_final_document(
     assert not refused.done()  # nothing was accepted: nothing to wait for
 
 
+def test_engine_waiter_given_up_on_leaves_the_job_and_the_next_whole(
+        engine: Engine, root: Path, make_image: Callable[..., Path]) -> None:
+    # A route that stops waiting (its task cancelled) cancels its waiter: the engine
+    # answers the others, records the job and goes on.
+    make_image("a.png", 40, 30)
+    given_up, kept = Future(), Future()
+    assert given_up.cancel()
+    first = engine.submit(request_body([("a.png", "out/1.png")]), source="http", waiter=given_up)
+    engine.wait(first["id"])  # another waiter of the same job
+    also = engine.submit(request_body([("a.png", "out/2.png")]), source="http", waiter=kept)
+    assert kept.result(timeout=60)["state"] == "done"
+    assert engine.wait(first["id"]).result(timeout=60)["state"] == "done"
+    wait_for(lambda: {job["id"]: job["state"] for job in engine.jobs()[0]}
+             == {first["id"]: "done", also["id"]: "done"})
+
+
 def test_engine_bad_image_fails_alone(engine: Engine, root: Path,
                                       make_image: Callable[..., Path]) -> None:
     make_image("good.png")
