@@ -144,8 +144,9 @@ class Outbox:
             finally:
                 os.close(fd)
             os.replace(temp, self.status_path(document["id"]))
-        finally:
+        except BaseException:
             unlink(temp)
+            raise
         if index:
             self.index.put(summary(document), folder)
         if document["state"] in FINAL_STATES:

@@ -91,6 +91,19 @@ def test_outbox_status_file_holds_a_key_per_line_and_an_image_per_line(tmp_path:
     assert [json.loads(line.rstrip(",")) for line in lines[7:9]] == document["images"]
 
 
+def test_outbox_status_write_that_fails_leaves_no_temporary_file(tmp_path: Path) -> None:
+    outbox = Outbox(tmp_path)
+    outbox.ensure()
+    document = {"id": "j3", "state": "done", "error": None, "images": []}
+    outbox.write_status(document, index=False)
+    assert list(outbox.temps.iterdir()) == []  # renamed into place
+    outbox.status_path("j3").unlink()
+    outbox.status_path("j3").mkdir()  # in the way: the rename fails
+    with pytest.raises(OSError):
+        outbox.write_status(document, index=False)
+    assert list(outbox.temps.iterdir()) == []
+
+
 def test_outbox_status_file_of_a_job_without_images(tmp_path: Path) -> None:
     document = {"id": "j2", "state": "failed", "error": "images: must not be empty", "images": []}
     assert json.loads(status_json(document)) == document
