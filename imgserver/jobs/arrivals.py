@@ -80,8 +80,8 @@ class Arrivals:
         """
         created_at = now()
         for job_id in _candidates(name):
-            if self.outbox.status_path(job_id).exists():
-                continue
+            if name is not None and self.outbox.status_path(job_id).exists():
+                continue  # a name taken (a random id is a fresh uuid4: no file has it)
             if not self.outbox.index.reserve(job_id, source, created_at, folder):
                 continue
             owner: Path | None = None  # the owner file linked for it, to undo on failure

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import itertools
 import json
 import logging
 import os
@@ -72,6 +73,10 @@ class Outbox:
         self.keys = IdempotencyKeys(path / ".keys")
         self.temps = path / ".tmp"
         self._folder_sync = FolderSync(path)
+        # Temporary names: this outbox's own random part, then a count (no system call for
+        # randomness per file, and still apart from another process's names).
+        self._temp_prefix = f"tmp-{secrets.token_hex(8)}-"
+        self._temp_count = itertools.count()
 
     def open(self) -> None:
         """Create the folder if needed and open the index."""
@@ -236,7 +241,7 @@ class Outbox:
 
     def temp_path(self) -> Path:
         """A new name for a file being written (in ``.tmp/``)."""
-        return self.temps / f"tmp-{secrets.token_hex(8)}"
+        return self.temps / f"{self._temp_prefix}{next(self._temp_count)}"
 
     def sync_folder(self) -> None:
         """Make the folder's entries durable (renames and links into it): once this returns,
