@@ -85,7 +85,8 @@ def router(engine: Engine, hub: EventHub, settings: Settings, auth: Auth) -> API
         waiter: Future | None = Future() if wait else None
         if waiter is not None and idempotency_key is None:
             # The submit's outcome, accepted or refused, comes through the waiter: the loop
-            # is woken once, with the answer, instead of once more between.
+            # is woken once, with the answer, instead of once more between. The waiter is
+            # told only after the submit returned: the request is durable by then.
             request.app.state.calls.submit(_submit_into, engine, body, owner, waiter)
             document = await asyncio.wrap_future(waiter)
             return JSONResponse(document, status_code=200,
@@ -230,14 +231,29 @@ _YES = frozenset({"1", "on", "t", "true", "y", "yes"})
 _NO = frozenset({"0", "off", "f", "false", "n", "no"})
 
 
-def _submit_into(engine: Engine, body: bytes, owner: Owner, waiter: Future) -> None:
-    """Submit ``body`` for ``owner``, whose final status document ``waiter`` receives; or
-    the error that refused it (a thread's call: its outcome is the waiter's)."""
+def _submit_into(engine: Engine, body: bytes, owner: Owner, answer: Future) -> None:
+    """Submit ``body`` for ``owner``; ``answer`` receives the job's final status document
+    once the job is finished and its request durable (``submit`` has returned), or the
+    error that refused it (a thread's call: its outcome is the answer's)."""
+    finished: Future = Future()
     try:
-        engine.submit(body, source="http", owner=owner, waiter=waiter)
+        engine.submit(body, source="http", owner=owner, waiter=finished)
     except BaseException as exc:  # nothing was accepted: the error is the answer
-        if waiter.set_running_or_notify_cancel():  # unless the route gave up waiting
-            waiter.set_exception(exc)
+        if answer.set_running_or_notify_cancel():  # unless the route gave up waiting
+            answer.set_exception(exc)
+        return
+    # A short job may have finished before its request was synced: only now may it be told.
+    finished.add_done_callback(lambda done: _pass_on(done, answer))
+
+
+def _pass_on(source: Future, target: Future) -> None:
+    """Give ``target`` the outcome of ``source`` (done), unless it was given up on."""
+    if target.set_running_or_notify_cancel():
+        error = source.exception()
+        if error is None:
+            target.set_result(source.result())
+        else:
+            target.set_exception(error)
 
 
 def _flag(name: str, text: str | None) -> bool:

@@ -6,6 +6,7 @@ import json
 import re
 import threading
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 from pathlib import Path
 
 import hypothesis
@@ -130,6 +131,32 @@ def test_app_slow_submits_do_not_hold_up_status_reads(settings: Settings) -> Non
             engine.release.set()
             for post in posts:
                 post.join()
+
+
+class _FinishedBeforeDurable(_SlowSubmits):
+    """An engine whose job finishes at once, while its submit still syncs the request."""
+
+    def submit(self, body: bytes, *, waiter: Future | None = None, **_: object) -> dict:
+        assert waiter is not None
+        waiter.set_result({"id": "quick", "state": "done"})
+        assert self.release.wait(30)
+        return {"id": "quick", "state": "queued"}
+
+
+def test_app_wait_answers_only_once_the_request_is_durable(settings: Settings) -> None:
+    engine = _FinishedBeforeDurable()
+    with TestClient(create_app(engine, settings)) as client:  # type: ignore[arg-type]
+        answers: list[int] = []
+        post = threading.Thread(target=lambda: answers.append(client.post(
+            "/jobs?wait=true", content=request_body([("a.png", "b.png")])).status_code))
+        post.start()
+        try:
+            post.join(0.5)  # the job is finished, its submit is not: no answer yet
+            assert answers == []
+        finally:
+            engine.release.set()
+        post.join(30)
+        assert answers == [200]
 
 
 def test_app_unknown_job_is_404(client: TestClient) -> None:
