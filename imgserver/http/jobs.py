@@ -87,7 +87,12 @@ def router(engine: Engine, hub: EventHub, settings: Settings, auth: Auth) -> API
             # The submit's outcome, accepted or refused, comes through the waiter: the loop
             # is woken once, with the answer, instead of once more between. The waiter is
             # told only after the submit returned: the request is durable by then.
-            request.app.state.calls.submit(_submit_into, engine, body, owner, waiter)
+            calls = getattr(request.app.state, "calls", None)
+            if calls is not None:
+                calls.submit(_submit_into, engine, body, owner, waiter)
+            else:  # served without its lifespan: the loop's executor, which wakes it once more
+                asyncio.get_running_loop().run_in_executor(None, _submit_into, engine, body,
+                                                           owner, waiter)
             document = await asyncio.wrap_future(waiter)
             return JSONResponse(document, status_code=200,
                                 headers={"Location": f"/jobs/{quote(document['id'])}"})

@@ -203,7 +203,9 @@ class Engine:
                     self._finish(entry)
                 else:
                     self._ledger.write(entry)
-                    self._cond.notify_all()
+                # What it withdrew may have held up the queue (a retried image runs alone):
+                # the engine thread looks at the queue now, not at its next look.
+                self._cond.notify_all()
             return job.to_document(), False
 
     def resume(self, job_id: str) -> None:

@@ -159,6 +159,14 @@ def test_app_wait_answers_only_once_the_request_is_durable(settings: Settings) -
         assert answers == [200]
 
 
+def test_app_wait_answers_when_served_without_its_lifespan(settings: Settings) -> None:
+    engine = _FinishedBeforeDurable()
+    engine.release.set()
+    client = TestClient(create_app(engine, settings))  # type: ignore[arg-type]
+    response = client.post("/jobs?wait=true", content=request_body([("a.png", "b.png")]))
+    assert response.status_code == 200 and response.json()["state"] == "done"
+
+
 def test_app_unknown_job_is_404(client: TestClient) -> None:
     response = client.get("/jobs/nope")
     assert response.status_code == 404 and response.json()["detail"] == "no job with id 'nope'"

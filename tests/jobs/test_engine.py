@@ -195,7 +195,7 @@ def test_engine_thread_sleeps_while_images_wait_for_a_worker(
         # Asleep until a worker frees (or its look every WAITING_LOOK): a few turns. It
         # once woke every millisecond while anything waited, about 1,000 turns here.
         used = thread_cpu("imgserver-engine") - before
-        assert used < 0.015, f"the engine thread used {used * 1000:.1f} ms of CPU"
+        assert used < 0.02, f"the engine thread used {used * 1000:.1f} ms of CPU"
         release.set()
         for job_id in ids:
             assert engine.wait(job_id).result(timeout=30)["state"] == "done"
