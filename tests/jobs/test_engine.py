@@ -145,6 +145,19 @@ def blocked() -> Iterator[tuple[ThreadPoolExecutor, threading.Event]]:
     executor.shutdown()
 
 
+@pytest.fixture
+def held_engine(root: Path, blocked: tuple[ThreadPoolExecutor, threading.Event]
+                ) -> Iterator[tuple[Engine, threading.Event]]:
+    """A started engine on ``blocked``, one image at a time, and the event that releases
+    it (set on teardown too: closing waits for the running image)."""
+    executor, release = blocked
+    engine = Engine(Settings.build({"root": str(root)}, environ={}), executor, concurrency=1)
+    engine.start()
+    yield engine, release
+    release.set()
+    engine.close()
+
+
 def test_engine_queue_limit(root: Path, make_image: Callable[..., Path],
                             blocked: tuple[ThreadPoolExecutor, threading.Event]) -> None:
     executor, release = blocked
@@ -177,31 +190,25 @@ def thread_cpu(name: str) -> float:
 
 def test_engine_thread_sleeps_while_images_wait_for_a_worker(
         root: Path, make_image: Callable[..., Path],
-        blocked: tuple[ThreadPoolExecutor, threading.Event]) -> None:
-    executor, release = blocked
+        held_engine: tuple[Engine, threading.Event]) -> None:
+    engine, release = held_engine
     make_image("a.png")
-    engine = Engine(Settings.build({"root": str(root)}, environ={}), executor, concurrency=1)
-    engine.start()
-    try:
-        ids = [engine.submit(request_body([("a.png", f"{n}.png")]), source="http")["id"]
-               for n in range(3)]
-        assert engine.stats()["queued"] == 2  # one handed over, two waiting for room
-        for job_id in ids:  # the engine thread writes their first status files: let it
-            wait_for(lambda job_id=job_id: (root / "outbox" / f"{job_id}.status.json").exists())
-        before = thread_cpu("imgserver-engine")
-        deadline = time.monotonic() + 1.0
-        while time.monotonic() < deadline:  # a second of waiting, watched
-            time.sleep(0.05)
-        # Asleep until a worker frees (or its look every WAITING_LOOK): a few turns. It
-        # once woke every millisecond while anything waited, about 1,000 turns here.
-        used = thread_cpu("imgserver-engine") - before
-        assert used < 0.02, f"the engine thread used {used * 1000:.1f} ms of CPU"
-        release.set()
-        for job_id in ids:
-            assert engine.wait(job_id).result(timeout=30)["state"] == "done"
-    finally:
-        release.set()  # closing waits for the running image
-        engine.close()
+    ids = [engine.submit(request_body([("a.png", f"{n}.png")]), source="http")["id"]
+           for n in range(3)]
+    assert engine.stats()["queued"] == 2  # one handed over, two waiting for room
+    for job_id in ids:  # the engine thread writes their first status files: let it
+        wait_for(lambda job_id=job_id: (root / "outbox" / f"{job_id}.status.json").exists())
+    before = thread_cpu("imgserver-engine")
+    deadline = time.monotonic() + 1.0
+    while time.monotonic() < deadline:  # a second of waiting, watched
+        time.sleep(0.05)
+    # Asleep until a worker frees (or its look every WAITING_LOOK): a few turns. It
+    # once woke every millisecond while anything waited, about 1,000 turns here.
+    used = thread_cpu("imgserver-engine") - before
+    assert used < 0.02, f"the engine thread used {used * 1000:.1f} ms of CPU"
+    release.set()
+    for job_id in ids:
+        assert engine.wait(job_id).result(timeout=30)["state"] == "done"
 
 
 def test_engine_close_keeps_queued_images_for_next_start(
@@ -368,22 +375,15 @@ def test_engine_small_job_takes_its_turn_behind_a_batch(
 
 
 def test_engine_lists_a_job_by_its_live_state_before_its_row_catches_up(
-        root: Path, make_image: Callable[..., Path],
-        blocked: tuple[ThreadPoolExecutor, threading.Event]) -> None:
-    executor, release = blocked
+        make_image: Callable[..., Path], held_engine: tuple[Engine, threading.Event]) -> None:
+    engine, _ = held_engine
     make_image("a.png")
-    engine = Engine(Settings.build({"root": str(root)}, environ={}), executor, concurrency=1)
-    engine.start()
-    try:
-        job_id = engine.submit(request_body([("a.png", "a2.png")]), source="http")["id"]
-        wait_for(lambda: engine.status(job_id)["state"] == "running")  # its row: queued
-        # A new index is scanned at start (listing answers CapacityError meanwhile).
-        wait_for(lambda: not engine.outbox.index.needs_scan)
-        assert [s["id"] for s in engine.jobs(states=["running"])[0]] == [job_id]
-        assert engine.jobs(states=["queued"])[0] == []
-    finally:
-        release.set()
-        engine.close()
+    job_id = engine.submit(request_body([("a.png", "a2.png")]), source="http")["id"]
+    wait_for(lambda: engine.status(job_id)["state"] == "running")  # its row: queued
+    # A new index is scanned at start (listing answers CapacityError meanwhile).
+    wait_for(lambda: not engine.outbox.index.needs_scan)
+    assert [s["id"] for s in engine.jobs(states=["running"])[0]] == [job_id]
+    assert engine.jobs(states=["queued"])[0] == []
 
 
 def test_engine_cancel_queued_job_runs_nothing(
