@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from imgserver.jobs.job import Owner, now
-from imgserver.jobs.outbox import Outbox, unlink
+from imgserver.jobs.outbox import Outbox, unlink, write_all
 
 
 class Arrivals:
@@ -47,18 +47,18 @@ class Arrivals:
         tells a starting server that a live process owns the job. An ``owner`` that must be
         kept (a token's job) is staged beside it, to be placed first.
         """
-        temp, fd = self._new_temp()
+        temp, fd = self.outbox.create_temp()
         staged = Staged(temp, fd)
         try:
             if lock:
                 fcntl.flock(fd, fcntl.LOCK_EX)
-            _write_all(fd, body)
+            write_all(fd, body)
             os.fsync(fd)
             if owner is not None and owner.kept:
                 kept = json.dumps({"name": owner.name, "folder": owner.folder}).encode()
-                staged.owner, owner_fd = self._new_temp()
+                staged.owner, owner_fd = self.outbox.create_temp()
                 try:
-                    _write_all(owner_fd, kept)
+                    write_all(owner_fd, kept)
                     os.fsync(owner_fd)
                 finally:
                     os.close(owner_fd)
@@ -101,16 +101,6 @@ class Arrivals:
             staged.linked = True
             return job_id
         raise AssertionError("unreachable: candidate ids are endless")
-
-    def _new_temp(self) -> tuple[Path, int]:
-        """A new temporary file in the outbox and its descriptor, open for writing."""
-        temp = self.outbox.temp_path()
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
-        try:
-            return temp, os.open(temp, flags, 0o644)
-        except FileNotFoundError:  # its folder is made once, and again only if it went
-            self.outbox.ensure()
-            return temp, os.open(temp, flags, 0o644)
 
     def claim(self, source_path: Path, name: str | None, reserved: Callable[[str], None],
               max_bytes: int, *, source: str) -> tuple[str, bytes, int]:
@@ -227,12 +217,6 @@ class Staged:
         if self.fd is not None:
             os.close(self.fd)
             self.fd = None
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
 
 
 def _candidates(name: str | None) -> Iterator[str]:

@@ -112,8 +112,7 @@ class Ledger:
         """Tell everyone waiting for the finished ``entry`` its final ``document``; then put
         its index row, and let go of its request's lock."""
         for waiter in entry.waiters:
-            if waiter.set_running_or_notify_cancel():  # not given up on (cancelled)
-                waiter.set_result(document)
+            _tell(waiter, document)
         entry.waiters.clear()
         owner = entry.job.owner
         if entry.job.id not in self._unsaved and not self.put_row(summary(document),
@@ -133,11 +132,9 @@ class Ledger:
         """Resolve ``future`` to the job's final status document (``wait``)."""
         entry = self._live.get(job_id)
         if entry is None:
-            if future.set_running_or_notify_cancel():
-                future.set_result(self.status(job_id))
+            _tell(future, self.status(job_id))
         elif refusal is not None:
-            if future.set_running_or_notify_cancel():
-                future.set_exception(refusal(job_id))
+            _tell(future, error=refusal(job_id))
         else:
             entry.waiters.append(future)
 
@@ -145,8 +142,7 @@ class Ledger:
         """Answer everyone waiting for a live job with its ``refusal`` (the engine stops)."""
         for entry in self._live.values():
             for waiter in entry.waiters:
-                if waiter.set_running_or_notify_cancel():
-                    waiter.set_exception(refusal(entry.job.id))
+                _tell(waiter, error=refusal(entry.job.id))
             entry.waiters.clear()
 
     def write(self, entry: Entry, *, index: bool = True) -> bool:
@@ -304,6 +300,17 @@ class Ledger:
         """Record how the job's notification ``index`` went (the webhooks' progress)."""
         with self._lock:  # not while the job's own status is being written
             self.outbox.note_delivery(job_id, index, notification.to_document())
+
+
+def _tell(waiter: Future, document: dict | None = None, error: Exception | None = None
+          ) -> None:
+    """Resolve ``waiter`` to ``document``, or to ``error``; not if it was given up on
+    (cancelled: a route that stopped waiting)."""
+    if waiter.set_running_or_notify_cancel():
+        if error is None:
+            waiter.set_result(document)
+        else:
+            waiter.set_exception(error)
 
 
 def _not_found(job_id: str) -> JobNotFound:

@@ -138,14 +138,11 @@ class Outbox:
         """Replace the status file of ``document['id']`` atomically, then its index row
         (unless ``index`` is False: the caller puts the row itself, a moment later);
         ``folder`` is the job's, should its row be new."""
-        temp = self.temp_path()
         data = status_json(document)
+        temp, fd = self.create_temp()
         try:
-            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
             try:
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view):]
+                write_all(fd, data)
             finally:
                 os.close(fd)
             os.replace(temp, self.status_path(document["id"]))
@@ -243,6 +240,16 @@ class Outbox:
         """A new name for a file being written (in ``.tmp/``)."""
         return self.temps / f"{self._temp_prefix}{next(self._temp_count)}"
 
+    def create_temp(self) -> tuple[Path, int]:
+        """A new temporary file (``temp_path``) and its descriptor, open for writing."""
+        temp = self.temp_path()
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+        try:
+            return temp, os.open(temp, flags, 0o644)
+        except FileNotFoundError:  # its folder is made at start, and again only if it went
+            self.ensure()
+            return temp, os.open(temp, flags, 0o644)
+
     def sync_folder(self) -> None:
         """Make the folder's entries durable (renames and links into it): once this returns,
         every entry made before it was called is on disk. Threads that ask at once share an
@@ -322,6 +329,13 @@ def locked(path: Path) -> bool:
     finally:
         os.close(fd)
     return False
+
+
+def write_all(fd: int, data: bytes) -> None:
+    """Write all of ``data`` to ``fd`` (a write may take only part of it)."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
 
 
 def unlink(path: Path) -> None:
