@@ -117,17 +117,28 @@ class Engine:
                owner: Owner = ANYONE, waiter: Future | None = None) -> dict:
         """Accept ``owner``'s request; its job's status document (``Intake.submit``).
         ``waiter``, if given, resolves to the job's final status document (as ``wait``)."""
-        return self._intake.submit(body, source=source, name=name, owner=owner, waiter=waiter)
+        try:
+            return self._intake.submit(body, source=source, name=name, owner=owner,
+                                       waiter=waiter)
+        finally:
+            self._ledger.write_finished()  # a job refused as invalid, or finished meanwhile
 
     def submit_once(self, body: bytes, key: str, *, source: str, owner: Owner = ANYONE,
                     waiter: Future | None = None) -> tuple[dict, bool]:
         """Accept a request once per idempotency key (``Intake.submit_once``); ``waiter``
         as for ``submit``, for a job it creates."""
-        return self._intake.submit_once(body, key, source=source, owner=owner, waiter=waiter)
+        try:
+            return self._intake.submit_once(body, key, source=source, owner=owner,
+                                            waiter=waiter)
+        finally:
+            self._ledger.write_finished()
 
     def take(self, path: Path, *, name: str | None, peek: bytes, source: str = "inbox") -> dict:
         """Take a drop-folder file as a job (``Intake.take``)."""
-        return self._intake.take(path, name=name, peek=peek, source=source)
+        try:
+            return self._intake.take(path, name=name, peek=peek, source=source)
+        finally:
+            self._ledger.write_finished()
 
     def status(self, job_id: str, view: str | None = None) -> dict:
         """The status document of ``job_id``; JobNotFound if there is no such job, or (with
@@ -186,6 +197,12 @@ class Engine:
         this call). JobNotFound for no such job (or one not of ``view``), JobConflict for a
         job already done or failed. The cancel is on disk before this returns.
         """
+        try:
+            return self._cancel(job_id, view)
+        finally:
+            self._ledger.write_finished()
+
+    def _cancel(self, job_id: str, view: str | None) -> tuple[dict, bool]:
         with self._cond:
             entry = self._ledger.get(job_id)
             if entry is None or (view is not None and entry.job.owner.folder != view):
@@ -221,6 +238,7 @@ class Engine:
             if not job.finished:
                 self._ledger.write(entry)
             self._cond.notify_all()
+        self._ledger.write_finished()  # a job whose every image had ended already
         logger.info("resuming job %s (%d of %d images left)", job_id,
                     sum(i.state not in FINAL_STATES for i in job.images), len(job.images))
 
@@ -353,13 +371,13 @@ class Engine:
                           progress["total"], waited, seconds, folder=entry.job.owner.folder)
 
     def _finish(self, entry: Entry) -> None:
-        self._ledger.retire(entry)
+        # Its status file is written once the finishing thread lets go of the lock
+        # (``Ledger.write_finished``): every public method that can finish a job calls it.
+        document = self._ledger.retire(entry)
         job = entry.job
-        document = job.to_document()
         folder = job.owner.folder
         self._events.emit(StateChanged, job.id, job.state, job.progress(), folder=folder)
         self._events.emit(JobFinished, job.id, document, folder=folder)
-        self._ledger.answer(entry, document)
 
 
 def _shutting_down(job_id: str) -> CapacityError:

@@ -7,6 +7,12 @@ follows its status file. A finished job whose status file or index row could not
 written (a full disk) is held until they can (``Storage`` says when): meanwhile it is
 answered from memory, so its listing never disagrees with its status.
 
+A job finishes under the engine's lock, but its final status file and index row are written
+after the lock is let go (``write_finished``), by the thread that finished it: under load
+the lock was held for most of the time, largely across those writes, while the threads
+accepting new jobs waited for it. Until its status file is written, a finished job is
+answered from memory, and whoever waits for it is told only after.
+
 Questions about jobs (one job's status, a page of the listing, the unfinished jobs) are
 answered from memory for live jobs and from the outbox for the rest, under the engine's
 lock, so that a job is always in exactly one of the two.
@@ -58,6 +64,8 @@ class Entry:
     dirty: bool = False         # changed since its status file was written
     written_at: float = 0.0
     waiters: list[Future] = field(default_factory=list)
+    final: dict = field(default_factory=dict)  # its final status document, once finished
+    told: int = 0               # of its waiters, those told it
 
     def release(self) -> None:
         """Let go of the request's lock, if held."""
@@ -79,6 +87,9 @@ class Ledger:
         self._storage = storage
         self._live: dict[str, Entry] = {}
         self._unsaved: dict[str, tuple[dict, Owner]] = {}  # finished, not yet all on disk
+        self._finishing: dict[str, Entry] = {}  # finished, status file not yet written
+        self._to_write: list[Entry] = []  # of those, the ones no thread is writing yet
+        self._awaiting = 0  # threads waiting for finished jobs to be written
 
     # -- the live jobs (the engine holds the lock) -----------------------------------------
 
@@ -99,26 +110,69 @@ class Ledger:
         """Hold ``entry`` as a live job."""
         self._live[entry.job.id] = entry
 
-    def retire(self, entry: Entry) -> None:
-        """A finished job: its status file written (the record, written before anyone is
-        answered), and no longer live. Its index row is the caller's to put once it has
-        answered (``put_row``): a crash in between leaves a row that start-up checks
-        against the file."""
-        if not self.write(entry, index=False):
-            self._unsaved[entry.job.id] = (entry.job.to_document(), entry.job.owner)
+    def retire(self, entry: Entry) -> dict:
+        """A finished job is no longer live: its final status document, which
+        ``write_finished`` writes before anyone waiting for the job is told."""
+        entry.final = entry.job.to_document()
         self._live.pop(entry.job.id, None)
+        self._finishing[entry.job.id] = entry
+        self._to_write.append(entry)
+        return entry.final
 
-    def answer(self, entry: Entry, document: dict) -> None:
-        """Tell everyone waiting for the finished ``entry`` its final ``document``; then put
-        its index row, and let go of its request's lock."""
-        for waiter in entry.waiters:
-            _tell(waiter, document)
-        entry.waiters.clear()
-        owner = entry.job.owner
-        if entry.job.id not in self._unsaved and not self.put_row(summary(document),
-                                                                  owner.folder):
-            self._unsaved[entry.job.id] = (document, owner)
-        entry.release()
+    def write_finished(self) -> None:
+        """Write the status files of the jobs finished since the last call (the record,
+        before anyone is answered), tell whoever waits for them, then put their index rows
+        and let go of their requests' locks.
+
+        Called by each thread that can finish a job, once it has let go of the engine's
+        lock: the writes are done outside it. (The engine thread calls it holding the
+        lock, for what it finished itself.) A crash before a row is put leaves a row that
+        start-up checks against the status file.
+        """
+        if not self._to_write:
+            return  # nothing finished (a look without the lock: its finisher writes it)
+        with self._lock:
+            entries, self._to_write = self._to_write, []
+        unsaved = []
+        for entry in entries:
+            saved = self._save(entry)
+            # Those who wait so far; any who come meanwhile are told below, with the lock.
+            entry.told = len(entry.waiters)
+            for waiter in entry.waiters[:entry.told]:
+                _tell(waiter, entry.final)
+            if not (saved and self.put_row(summary(entry.final), entry.job.owner.folder)):
+                unsaved.append(entry)
+            entry.release()
+        with self._lock:
+            for entry in entries:
+                del self._finishing[entry.job.id]
+                for waiter in entry.waiters[entry.told:]:
+                    _tell(waiter, entry.final)
+                entry.waiters.clear()
+            for entry in unsaved:
+                self._unsaved[entry.job.id] = (entry.final, entry.job.owner)
+            if self._awaiting:
+                self._lock.notify_all()
+
+    def await_written(self, job_id: str | None = None) -> None:
+        """Wait, holding the lock, until the finished job ``job_id`` (every finished job,
+        with None) has its status file and index row written."""
+        self._awaiting += 1
+        try:
+            while job_id in self._finishing if job_id is not None else self._finishing:
+                self._lock.wait()
+        finally:
+            self._awaiting -= 1
+
+    def _save(self, entry: Entry) -> bool:
+        """Write a finished job's status file; whether it worked."""
+        try:
+            self.outbox.write_status(entry.final, index=False, folder=entry.job.owner.folder)
+        except OSError as exc:
+            with self._lock:
+                self._storage.failed(f"cannot write the status of job {entry.job.id}: {exc}")
+            return False
+        return True
 
     def wait(self, job_id: str, refusal: Callable[[str], Exception] | None) -> Future:
         """A future of the job's final status document (the caller holds the lock); for a
@@ -132,7 +186,11 @@ class Ledger:
         """Resolve ``future`` to the job's final status document (``wait``)."""
         entry = self._live.get(job_id)
         if entry is None:
-            _tell(future, self.status(job_id))
+            finishing = self._finishing.get(job_id)
+            if finishing is not None:
+                finishing.waiters.append(future)  # told once its status file is written
+            else:
+                _tell(future, self.status(job_id))
         elif refusal is not None:
             _tell(future, error=refusal(job_id))
         else:
@@ -186,7 +244,8 @@ class Ledger:
         try:
             self.outbox.index.put(job_summary, folder)
         except OSError as exc:
-            self._storage.failed(f"cannot index job {job_summary['id']}: {exc}")
+            with self._lock:
+                self._storage.failed(f"cannot index job {job_summary['id']}: {exc}")
             return False
         return True
 
@@ -212,7 +271,7 @@ class Ledger:
         """The status document of ``job_id``; JobNotFound if there is no such job, or, with
         a ``view``, none of that folder (another folder's job is not there for it)."""
         with self._lock:
-            entry = self._live.get(job_id)
+            entry = self._live.get(job_id) or self._finishing.get(job_id)
             if entry is not None:
                 if view is None or entry.job.owner.folder == view:
                     return entry.job.to_document()
@@ -230,7 +289,7 @@ class Ledger:
     def owner(self, job_id: str) -> Owner:
         """Whom ``job_id`` is for; JobNotFound if there is no such job."""
         with self._lock:
-            entry = self._live.get(job_id)
+            entry = self._live.get(job_id) or self._finishing.get(job_id)
             if entry is not None:
                 return entry.job.owner
             if job_id in self._unsaved:
@@ -258,6 +317,9 @@ class Ledger:
         summaries = [entry.job.summary() for entry in self._live.values()
                      if view is None or entry.job.owner.folder == view]
         if since is not None:
+            # Those finishing have no final row yet: they are the newest finished.
+            summaries += [entry.job.summary() for entry in reversed(self._finishing.values())
+                          if view is None or entry.job.owner.folder == view]
             moment = timestamp(datetime.fromtimestamp(since / 1e6, timezone.utc))
             summaries += [served(s, self._keep) for s in self.outbox.index.finished_since(
                 moment, RECENTLY_FINISHED, view)]
@@ -278,10 +340,15 @@ class Ledger:
         summaries, after = self.outbox.index.page(states=sorted(asked), source=source,
                                                   limit=limit, cursor=cursor, folder=view)
         with self._lock:  # a running job's row lags its status by up to STATUS_INTERVAL
-            summaries = [self._live[s["id"]].job.summary() if s["id"] in self._live
-                         else served(summary(self._unsaved.get(s["id"], (s,))[0]), self._keep)
-                         for s in summaries]
+            summaries = [self._current(s) for s in summaries]
         return [s for s in summaries if not states or s["state"] in states], after
+
+    def _current(self, row: dict) -> dict:
+        """The summary of the job of an index ``row``, from memory where its row may lag."""
+        entry = self._live.get(row["id"]) or self._finishing.get(row["id"])
+        if entry is not None:
+            return entry.job.summary()
+        return served(summary(self._unsaved.get(row["id"], (row,))[0]), self._keep)
 
     def cancelled_before(self, job_id: str, view: str | None = None) -> dict:
         """The document of ``job_id``, not live, if it was cancelled; JobConflict if it is
@@ -299,6 +366,7 @@ class Ledger:
     def note_delivery(self, job_id: str, index: int, notification: Notification) -> None:
         """Record how the job's notification ``index`` went (the webhooks' progress)."""
         with self._lock:  # not while the job's own status is being written
+            self.await_written(job_id)
             self.outbox.note_delivery(job_id, index, notification.to_document())
 
 

@@ -44,6 +44,7 @@ class Pump:
         self._advancing = False
         self._sleeping_until = 0.0  # when the engine thread wakes by itself (monotonic)
         runner.on_complete = self._completed
+        runner.after_complete = ledger.write_finished
         runner.on_deadline = self.nudge
         self._thread = threading.Thread(target=self._loop, name="imgserver-engine", daemon=True)
 
@@ -86,6 +87,8 @@ class Pump:
                     logger.exception("the engine loop failed; going on")
                     self._lock.wait(1.0)
             self._ledger.flush(force=True)
+            self._ledger.write_finished()
+            self._ledger.await_written()  # by the threads that finished the last jobs
             self._ledger.release_all()
 
     def _step(self) -> bool:
@@ -98,6 +101,7 @@ class Pump:
         for outcome in expired:
             self._settle(outcome)
         self.advance()
+        self._ledger.write_finished()  # what this thread finished (holding the lock)
         self._runner.probe()
         if self.closing and self._runner.idle:
             return True

@@ -102,6 +102,9 @@ class Runner:
         #: Called on the executor's thread, holding the condition, when an image finishes
         #: (the engine settles it at once there, rather than waking its own thread).
         self.on_complete: Callable[[], None] | None = None
+        #: Called on the executor's thread after that, once it has let go of the condition
+        #: (the engine writes what finished there, outside its lock).
+        self.after_complete: Callable[[], None] | None = None
         #: Called holding the condition when an image's time limit is set, once it really
         #: starts: the engine wakes its thread only if that limit comes before its plan.
         self.on_deadline: Callable[[], None] = condition.notify_all
@@ -236,6 +239,8 @@ class Runner:
                 self.on_complete()  # settles it now, and wakes the engine thread if it must
             else:
                 self._cond.notify_all()
+        if self.after_complete is not None:
+            self.after_complete()
 
     # -- outcomes -----------------------------------------------------------------------
 

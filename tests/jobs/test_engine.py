@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import subprocess
@@ -21,6 +22,7 @@ from imgserver.executors.pool import LocalPool
 from imgserver.images.pipeline import TEMP_SUFFIX
 from imgserver.jobs.engine import Engine
 from imgserver.jobs.events import ImageFinished, JobFinished
+from imgserver.jobs.job import Notification
 from imgserver.settings import Settings
 
 from conftest import final_status, job_files, photo, request_body, wait_for
@@ -525,3 +527,91 @@ def test_engine_idempotency_key_makes_one_job(root: Path, settings: Settings, po
     finally:
         restarted.close()
     assert len(list((root / "outbox").glob("*.request.json"))) == 1
+
+
+def test_engine_writes_a_finished_job_then_tells_its_waiters_without_holding_its_lock(
+        root: Path, make_image: Callable[..., Path],
+        held_engine: tuple[Engine, threading.Event]) -> None:
+    engine, release = held_engine
+    make_image("a.png")
+    seen: list[tuple[str, bool]] = []
+
+    def told(future: Future) -> None:  # on the executor's thread, which finished the job
+        other = threading.Thread(target=engine.stats)  # takes the engine's lock
+        other.start()
+        other.join(timeout=10)
+        seen.append((status_file(root, future.result()["id"])["state"], not other.is_alive()))
+
+    waiter: Future = Future()
+    waiter.add_done_callback(told)
+    engine.submit(request_body([("a.png", "a2.png")]), source="http", waiter=waiter)
+    release.set()
+    wait_for(lambda: seen)
+    assert seen == [("done", True)]  # the file first; and the lock was free meanwhile
+
+
+def test_engine_answers_a_job_finishing_from_memory_until_its_files_are_written(
+        root: Path, make_image: Callable[..., Path],
+        held_engine: tuple[Engine, threading.Event]) -> None:
+    engine, release = held_engine
+    make_image("a.png")
+    job_id = engine.submit(request_body([("a.png", "a2.png")]), source="http")["id"]
+    wait_for(lambda: not engine.outbox.index.needs_scan)
+    seen: dict[str, Any] = {}
+    late: Future = Future()
+
+    def on_finished(future: Future) -> None:
+        seen["file when told"] = status_file(root, job_id)["state"]
+
+    def listener(event: object) -> None:  # announced holding the lock, before any write
+        if isinstance(event, JobFinished):
+            path = root / "outbox" / f"{job_id}.status.json"
+            seen["on disk"] = path.exists() and status_file(root, job_id)["state"]
+            seen["status"] = engine.status(job_id)["state"]
+            seen["folder"] = engine.folder(job_id)
+            seen["finished since"] = [s["id"] for s in engine.unfinished(0)[0]]
+            waiter = engine.wait(job_id)  # told only once the file is written
+            waiter.add_done_callback(on_finished)
+            waiter.add_done_callback(lambda f: late.set_result(f.result()))
+
+    engine.subscribe(listener)
+    release.set()
+    assert late.result(timeout=30)["state"] == "done"
+    assert seen.pop("on disk") in (False, "queued", "running")  # not written yet
+    assert seen == {"status": "done", "folder": "", "finished since": [job_id],
+                    "file when told": "done"}
+    wait_for(lambda: engine.jobs(states=["done"])[0])  # its row follows
+
+
+def test_engine_records_a_webhook_delivery_after_the_final_status_file(
+        root: Path, make_image: Callable[..., Path],
+        blocked: tuple[ThreadPoolExecutor, threading.Event]) -> None:
+    executor, release = blocked
+    make_image("a.png")
+    secret = "whsec_" + base64.b64encode(b"sixteen bytes...").decode()
+    settings = Settings.build({"root": str(root), "notify_url": "http://127.0.0.1:9/hook"},
+                              environ={"IMGSERVER_NOTIFY_SECRET": secret})
+    engine = Engine(settings, executor, concurrency=1)
+    engine.start()
+    delivering: list[threading.Thread] = []
+
+    def listener(event: object) -> None:  # holding the lock, before the status file
+        if isinstance(event, JobFinished):
+            delivered = Notification("http://127.0.0.1:9/hook", state="delivered", attempts=1)
+            thread = threading.Thread(target=engine.note_delivery,
+                                      args=(event.job_id, 0, delivered))
+            thread.start()  # waits for the lock, then for the final status file
+            delivering.append(thread)
+
+    try:
+        engine.subscribe(listener)
+        job_id = engine.submit(request_body([("a.png", "a2.png")]), source="http")["id"]
+        release.set()
+        engine.wait(job_id).result(timeout=30)
+        wait_for(lambda: delivering)[0].join(timeout=30)
+        final = status_file(root, job_id)
+        assert final["state"] == "done"
+        assert [n["state"] for n in final["notifications"]] == ["delivered"]
+    finally:
+        release.set()
+        engine.close()
