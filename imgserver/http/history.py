@@ -69,10 +69,19 @@ class History:
             del self._seqs[:self._start]
             self._start = 0
 
+    def skip(self, seq: int) -> None:
+        """Let go of every frame, and hold nothing up to ``seq``: the events up to it went
+        without being encoded (nobody was listening)."""
+        self._frames.clear()
+        self._seqs.clear()
+        self._start = self._size = 0
+        self.floor = self._dropped = seq
+
     @property
     def last(self) -> int:
-        """The seq of the newest frame, 0 when none."""
-        return self._seqs[-1] if self._seqs else 0
+        """The seq of the newest frame (of the last one let go, when none is held; 0 when
+        there was none)."""
+        return self._seqs[-1] if self._seqs else self.floor or 0
 
     def holds(self, after: int) -> bool:
         """Whether every event after seq ``after`` is held (or still to come)."""

@@ -9,9 +9,11 @@
 The engine only appends to a deque, and wakes the event loop only when no tick is due: a
 stream never slows the engine, and while events keep coming the loop wakes once every
 GATHER seconds for all the streams, not once per event nor once per stream. With nobody
-listening the events wait (for the history) until a stream opens or HISTORY of them
-gathered. A stream holds no events of its own, only how far it has read, so a thousand
-streams cost a thousand cursors, not a thousand copies.
+listening the events wait as they came, not encoded, until a stream opens: the newest
+HISTORY of them are kept for a client that comes back with Last-Event-ID (a tick lets the
+older ones go once twice as many gathered), and most are never encoded at all. A stream
+holds no events of its own, only how far it has read, so a thousand streams cost a
+thousand cursors, not a thousand copies.
 
 A stream whose client keeps up is written by the tick itself, one write per tick and no
 task of its own woken (``imgserver.http.followers``). Its own task sends what it has of its
@@ -100,7 +102,7 @@ class EventHub:
         if self._scheduled:  # the tick due will take it, unless a job's streams wait for it
             if isinstance(event, JobFinished) and event.job_id in self._watching:
                 self._call(loop, self._finish, event.job_id)
-        elif self._listening or len(self._pending) >= HISTORY:
+        elif self._listening or len(self._pending) >= 2 * HISTORY:
             self._scheduled = True
             self._call(loop, self._tick)
 
@@ -139,6 +141,10 @@ class EventHub:
     def _tick(self) -> None:
         """Publish what the engine said and write it to the followed streams; while there is
         news, the next tick is GATHER seconds later (events meanwhile wake nobody)."""
+        if not self._listening:
+            self._forget_unheard()
+            self._scheduled = False
+            return
         news = self._catch_up()
         loop = self._loop
         if loop is None:
@@ -167,13 +173,28 @@ class EventHub:
             frame = encode(self._pending.popleft())
             self._history.append(frame)
             if frame.last:
-                self._ended[frame.job_id] = frame.seq
-                if len(self._ended) > HISTORY:
-                    self._ended.popitem(last=False)
+                self._note_end(frame.job_id, frame.seq)
             woken.update((frame.job_id, None))
         for key in woken:
             self._wake(key)
         return True
+
+    def _forget_unheard(self) -> None:
+        """With nobody listening, keep only the newest HISTORY events, unencoded: the
+        older ones go (and whatever the history held before them), never encoded."""
+        excess = len(self._pending) - HISTORY
+        if excess <= 0:
+            return
+        for _ in range(excess):
+            event = self._pending.popleft()
+            if isinstance(event, JobFinished):
+                self._note_end(event.job_id, event.seq)
+        self._history.skip(event.seq)
+
+    def _note_end(self, job_id: str, seq: int) -> None:
+        self._ended[job_id] = seq
+        if len(self._ended) > HISTORY:
+            self._ended.popitem(last=False)
 
     def _wake(self, key: str | None) -> None:
         """Tell the streams of ``key`` (a job, or None: all jobs) that there is news."""

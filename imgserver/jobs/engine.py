@@ -8,12 +8,14 @@ what happens to a job.
     GET /jobs, wait, cancel <-- Ledger: status documents <---+<-- outcomes: settle, finish
                                 (live jobs, the outbox)       --> subscribers (events)
 
-Everything here happens holding one condition, on whichever thread has news (the ``Pump``
-says when: a submitting thread hands a new job's first image to a free worker at once; the
-executor's thread settles a finished image and hands its worker the next; the engine thread
-keeps time). On start, every job whose request is
-kept and whose status is not final is queued again: an accepted job is never lost. A
-cancelled job's images that have not started never start, and a restart does not resume it.
+Everything here is decided holding one condition, on whichever thread has news (the
+``Pump`` says when: a submitting thread hands a new job's first image to a free worker at
+once; the executor's thread settles a finished image and hands its worker the next; the
+engine thread keeps time). A job that finishes is written (its final status file, then its
+index row) by that same thread once it has let go of the condition, and only then is anyone
+waiting told (``Ledger.write_finished``). On start, every job whose request is kept and
+whose status is not final is queued again: an accepted job is never lost. A cancelled job's
+images that have not started never start, and a restart does not resume it.
 """
 
 from __future__ import annotations

@@ -123,6 +123,38 @@ def test_streams_resume_after_last_event_id_or_fresh_status() -> None:
     asyncio.run(scenario())
 
 
+def test_streams_events_nobody_listens_to_are_kept_unencoded_then_resumed_from(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(streams, "HISTORY", 10)
+    monkeypatch.setattr(history, "HISTORY", 10)
+    encoded: list[int] = []
+
+    def counting(event: object) -> history.Frame:
+        encoded.append(event.seq)  # type: ignore[attr-defined]
+        return history.encode(event)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(streams, "encode", counting)
+
+    async def scenario() -> None:
+        hub = EventHub(lambda job_id: (document(job_id, "running", 2), 1044),
+                       lambda since, view: ([document("b", "running")], 1044))
+        hub.attach(asyncio.get_running_loop())
+        hub(JobAccepted(1000, "b", {"id": "b"}))
+        for seq in range(1001, 1045):  # 45 events, twice HISTORY and more: a tick trims
+            hub(ImageFinished(seq, "b", 0, ImageStatus("i", "o.png", "done"), 1, 3))
+        await asyncio.sleep(0.05)
+        assert encoded == []  # nobody listened: nothing was encoded
+        resumed = hub.all_streams("1040").__aiter__()  # among the newest HISTORY
+        chunks = await collect(resumed, 4)
+        assert [line for line in b"".join(chunks).decode().splitlines()
+                if line.startswith("id:")] == ["id: 1041", "id: 1042", "id: 1043", "id: 1044"]
+        assert len(encoded) <= 20  # what was kept, once, when a stream wanted it
+        lost = hub.all_streams("1010").__aiter__()  # let go of, unencoded
+        assert names([await lost.__anext__()]) == ["status"]
+
+    asyncio.run(scenario())
+
+
 def test_streams_finished_job_reconnecting_after_its_end_gets_status_and_end() -> None:
     async def scenario() -> None:
         final = document("c", "done", 3)
