@@ -87,7 +87,7 @@ class Ledger:
         self._storage = storage
         self._live: dict[str, Entry] = {}
         self._unsaved: dict[str, tuple[dict, Owner]] = {}  # finished, not yet all on disk
-        self._finishing: dict[str, Entry] = {}  # finished, status file not yet written
+        self._finishing: dict[str, Entry] = {}  # finished, their files still being written
         self._to_write: list[Entry] = []  # of those, the ones no thread is writing yet
         self._awaiting = 0  # threads waiting for finished jobs to be written
 
@@ -130,29 +130,33 @@ class Ledger:
         start-up checks against the status file.
         """
         if not self._to_write:
-            return  # nothing finished (a look without the lock: its finisher writes it)
+            return  # read without the lock: a job finished meanwhile is its finisher's to write
         with self._lock:
             entries, self._to_write = self._to_write, []
-        unsaved = []
-        for entry in entries:
-            saved = self._save(entry)
-            # Those who wait so far; any who come meanwhile are told below, with the lock.
-            entry.told = len(entry.waiters)
-            for waiter in entry.waiters[:entry.told]:
-                _tell(waiter, entry.final)
-            if not (saved and self.put_row(summary(entry.final), entry.job.owner.folder)):
-                unsaved.append(entry)
-            entry.release()
-        with self._lock:
+        unsaved: list[Entry] = []
+        done = 0
+        try:
             for entry in entries:
-                del self._finishing[entry.job.id]
-                for waiter in entry.waiters[entry.told:]:
+                saved = self._save(entry)
+                # Those who wait so far; any who come meanwhile are told below, with the lock.
+                entry.told = len(entry.waiters)
+                for waiter in entry.waiters[:entry.told]:
                     _tell(waiter, entry.final)
-                entry.waiters.clear()
-            for entry in unsaved:
-                self._unsaved[entry.job.id] = (entry.final, entry.job.owner)
-            if self._awaiting:
-                self._lock.notify_all()
+                if not (saved and self.put_row(summary(entry.final), entry.job.owner.folder)):
+                    unsaved.append(entry)
+                done += 1
+        finally:  # even after a bug: no job stays finishing, nobody waits for good
+            with self._lock:
+                for entry in entries:
+                    del self._finishing[entry.job.id]
+                    for waiter in entry.waiters[entry.told:]:
+                        _tell(waiter, entry.final)
+                    entry.waiters.clear()
+                    entry.release()
+                for entry in unsaved + entries[done:]:
+                    self._unsaved[entry.job.id] = (entry.final, entry.job.owner)
+                if self._awaiting:
+                    self._lock.notify_all()
 
     def await_written(self, job_id: str | None = None) -> None:
         """Wait, holding the lock, until the finished job ``job_id`` (every finished job,
