@@ -183,6 +183,8 @@ class Notifier:
     async def _deliver(self, job_id: str, index: int, document: dict[str, Any]) -> None:
         """Attempt one notification until it is delivered or fails for good."""
         notification = Notification(**document["notifications"][index])
+        # Posted once the job's final status file is on disk: a receiver may read it.
+        await asyncio.to_thread(self.engine.written, job_id)
         url = await asyncio.to_thread(self._target, job_id, notification.url)
         body = payload(document)
         identifier = message_id(job_id, index)

@@ -238,6 +238,8 @@ class EventHub:
             self.refused += 1
             raise CapacityError(f"too many event streams: {self._listening} are open, the "
                                 f"limit is {self.max_streams} (--max-streams)", retry_after=5)
+        if not self._listening:
+            self._forget_unheard()  # not encoded only to be let go
         self._catch_up()  # the history first: events waited while nobody listened
         after = _seq(last_id)
         history = self._history

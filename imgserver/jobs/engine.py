@@ -171,6 +171,12 @@ class Engine:
         return self._ledger.page(states=states, source=source, limit=limit, cursor=cursor,
                                  view=view)
 
+    def written(self, job_id: str) -> None:
+        """Return once the finished job ``job_id``'s status file and index row are written
+        (at once for a job that is not finishing)."""
+        with self._cond:
+            self._ledger.await_written(job_id)
+
     def note_delivery(self, job_id: str, index: int, notification: Notification) -> None:
         """Record how the job's notification ``index`` went (the webhooks' progress)."""
         self._ledger.note_delivery(job_id, index, notification)
@@ -230,8 +236,8 @@ class Engine:
     def resume(self, job_id: str) -> None:
         """Queue the unfinished job ``job_id`` found in the outbox (an earlier run's)."""
         with self._cond:
-            if self._ledger.get(job_id) is not None:
-                return
+            if self._ledger.holds(job_id):
+                return  # this process has it, or finished it and is still writing it
             recovered = recover(self.outbox, job_id, self._intake, self.settings.keep_finished)
             if recovered is None:
                 return

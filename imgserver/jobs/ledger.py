@@ -103,6 +103,11 @@ class Ledger:
         """The live job ``job_id``, or None."""
         return self._live.get(job_id)
 
+    def holds(self, job_id: str) -> bool:
+        """Whether ``job_id`` is this process's: live, finishing, or finished and not yet all
+        on disk (its files on disk may not say so yet)."""
+        return job_id in self._live or job_id in self._finishing or job_id in self._unsaved
+
     def __getitem__(self, job_id: str) -> Entry:
         return self._live[job_id]
 
@@ -326,7 +331,7 @@ class Ledger:
                           if view is None or entry.job.owner.folder == view]
             moment = timestamp(datetime.fromtimestamp(since / 1e6, timezone.utc))
             summaries += [served(s, self._keep) for s in self.outbox.index.finished_since(
-                moment, RECENTLY_FINISHED, view)]
+                moment, RECENTLY_FINISHED, view) if s["id"] not in self._finishing]
         return summaries
 
     def page(self, *, states: Sequence[str] = (), source: str | None = None, limit: int = 50,

@@ -233,14 +233,16 @@ class Runner:
                 self.on_deadline()
 
     def _on_done(self, future: Future) -> None:
-        with self._cond:
-            self._completed.append(future)
-            if self.on_complete is not None:
-                self.on_complete()  # settles it now, and wakes the engine thread if it must
-            else:
-                self._cond.notify_all()
-        if self.after_complete is not None:
-            self.after_complete()
+        try:
+            with self._cond:
+                self._completed.append(future)
+                if self.on_complete is not None:
+                    self.on_complete()  # settles it now, wakes the engine thread if it must
+                else:
+                    self._cond.notify_all()
+        finally:  # what finished before a failure is still written
+            if self.after_complete is not None:
+                self.after_complete()
 
     # -- outcomes -----------------------------------------------------------------------
 

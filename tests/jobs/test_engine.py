@@ -615,3 +615,30 @@ def test_engine_records_a_webhook_delivery_after_the_final_status_file(
     finally:
         release.set()
         engine.close()
+
+
+def test_engine_does_not_resume_a_job_it_is_still_writing(
+        root: Path, make_image: Callable[..., Path],
+        held_engine: tuple[Engine, threading.Event]) -> None:
+    # A scan of the outbox (a rebuilt index) may come upon a job whose final status file
+    # is not written yet: it must not run it again.
+    engine, release = held_engine
+    make_image("a.png")
+    job_id = engine.submit(request_body([("a.png", "a2.png")]), source="http")["id"]
+    finished: list[int] = []
+    seen: list[str] = []
+
+    def listener(event: object) -> None:  # holding the lock, before the status file
+        if isinstance(event, JobFinished) and event.job_id == job_id:
+            finished.append(event.seq)
+            if len(finished) == 1:
+                engine.resume(job_id)
+                threading.Thread(target=lambda: (engine.written(job_id), seen.append(
+                    status_file(root, job_id)["state"]))).start()
+
+    engine.subscribe(listener)
+    release.set()
+    assert engine.wait(job_id).result(timeout=30)["state"] == "done"
+    wait_for(lambda: seen)
+    assert seen == ["done"]  # ``written`` returned once the final file was on disk
+    assert len(finished) == 1 and engine.status(job_id)["state"] == "done"
