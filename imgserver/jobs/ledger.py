@@ -65,7 +65,6 @@ class Entry:
     written_at: float = 0.0
     waiters: list[Future] = field(default_factory=list)
     final: dict = field(default_factory=dict)  # its final status document, once finished
-    told: int = 0               # of its waiters, those told it
 
     def release(self) -> None:
         """Let go of the request's lock, if held."""
@@ -139,22 +138,23 @@ class Ledger:
         with self._lock:
             entries, self._to_write = self._to_write, []
         unsaved: list[Entry] = []
+        told = [0] * len(entries)  # of each job's waiters, those told it
         done = 0
         try:
             for entry in entries:
                 saved = self._save(entry)
                 # Those who wait so far; any who come meanwhile are told below, with the lock.
-                entry.told = len(entry.waiters)
-                for waiter in entry.waiters[:entry.told]:
+                told[done] = len(entry.waiters)
+                for waiter in entry.waiters[:told[done]]:
                     _tell(waiter, entry.final)
                 if not (saved and self.put_row(summary(entry.final), entry.job.owner.folder)):
                     unsaved.append(entry)
                 done += 1
         finally:  # even after a bug: no job stays finishing, nobody waits for good
             with self._lock:
-                for entry in entries:
+                for entry, count in zip(entries, told, strict=True):
                     del self._finishing[entry.job.id]
-                    for waiter in entry.waiters[entry.told:]:
+                    for waiter in entry.waiters[count:]:
                         _tell(waiter, entry.final)
                     entry.waiters.clear()
                     entry.release()
