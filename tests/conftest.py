@@ -296,3 +296,14 @@ def mount(root: Path) -> Iterator[Callable[..., Path]]:
     yield make
     for target in mounted:
         subprocess.run(["umount", "-l", str(target)], capture_output=True)
+
+
+def fill(folder: Path) -> Path:
+    """Fill the file system of ``folder`` to the last byte; the file that does it."""
+    filler = folder / "filler"
+    with open(filler, "wb", buffering=0) as file:
+        for size in (65536, 1):
+            with contextlib.suppress(OSError):  # ENOSPC: full at this grain
+                while True:
+                    file.write(b"\0" * size)
+    return filler

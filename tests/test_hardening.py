@@ -19,7 +19,7 @@ from pathlib import Path
 import cv2
 import pytest
 
-from conftest import photo, request_body, wait_for
+from conftest import fill, photo, request_body, wait_for
 from serving import Server, start_server, wait_state
 
 READ_TIMEOUT = 5.0
@@ -301,17 +301,6 @@ def serve_from_a_shadowed_folder(root: Path, make_image: Callable[..., Path],
         assert server.stop() == 0
     assert sorted(p.name for p in imported.iterdir()) == []
     assert "Traceback" not in server.output(), server.output()
-
-
-def fill(folder: Path) -> Path:
-    """Fill the file system of ``folder`` to the last byte; the file that does it."""
-    filler = folder / "filler"
-    with open(filler, "wb", buffering=0) as file:
-        for size in (65536, 1):
-            with contextlib.suppress(OSError):  # ENOSPC: full at this grain
-                while True:
-                    file.write(b"\0" * size)
-    return filler
 
 
 def test_hardening_full_outbox_heals_by_itself_and_the_listing_agrees(

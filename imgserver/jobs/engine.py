@@ -32,6 +32,7 @@ from typing import Any
 
 from imgserver.errors import CapacityError
 from imgserver.jobs import rescan
+from imgserver.jobs.entry import Entry
 from imgserver.jobs.events import (
     Announcer,
     ImageFinished,
@@ -50,7 +51,7 @@ from imgserver.jobs.job import (
     Notification,
     Owner,
 )
-from imgserver.jobs.ledger import Entry, Ledger
+from imgserver.jobs.ledger import Ledger
 from imgserver.jobs.outbox import Outbox
 from imgserver.jobs.pump import Pump
 from imgserver.jobs.recovery import recover

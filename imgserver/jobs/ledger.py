@@ -3,40 +3,31 @@ memory (``Entry``); the others live in the outbox.
 
 A live job's status file is rewritten at most every STATUS_INTERVAL (and at once at every
 decision that must survive a crash), so that a short job costs one write; its index row
-follows its status file. A finished job whose status file or index row could not be
-written (a full disk) is held until they can (``Storage`` says when): meanwhile it is
-answered from memory, so its listing never disagrees with its status.
-
-A job finishes under the engine's lock, but its final status file and index row are written
-after the lock is let go (``write_finished``), by the thread that finished it: under load
-the lock was held for most of the time, largely across those writes, while the threads
-accepting new jobs waited for it. Until its status file is written, a finished job is
-answered from memory, and whoever waits for it is told only after.
+follows its status file. A job finishes under the engine's lock, and its final status file
+and index row are written after the lock is let go (``Finishing``): until they are, or,
+after a failed write, until they can be, it is answered from memory.
 
 Questions about jobs (one job's status, a page of the listing, the unfinished jobs) are
-answered from memory for live jobs and from the outbox for the rest, under the engine's
-lock, so that a job is always in exactly one of the two.
+answered from memory for the jobs held there and from the outbox for the rest, under the
+engine's lock, so that a job is always in exactly one of the two.
 """
 
 from __future__ import annotations
 
-import logging
-import os
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any
 
 from imgserver.errors import CapacityError, JobConflict, JobNotFound
+from imgserver.jobs.entry import Entry, tell
+from imgserver.jobs.finishing import Finishing
 from imgserver.jobs.job import (
     CANCELLED,
     FINAL_STATES,
     QUEUED,
     RUNNING,
-    Job,
     Notification,
     Owner,
     served,
@@ -46,31 +37,11 @@ from imgserver.jobs.job import (
 from imgserver.jobs.outbox import Outbox
 from imgserver.jobs.storage import Storage
 
-logger = logging.getLogger("imgserver.jobs.ledger")
-
 #: A running job's status file is rewritten at most this often (and at every state change).
 STATUS_INTERVAL = 0.5
 #: A client back on the all-jobs stream after its events are gone hears of at most this
 #: many jobs that finished meanwhile.
 RECENTLY_FINISHED = 1000
-
-
-@dataclass(eq=False)
-class Entry:
-    """A job the engine is working on."""
-
-    job: Job
-    lock_fd: int | None = None  # holds the request's lock (``imgserver run``)
-    dirty: bool = False         # changed since its status file was written
-    written_at: float = 0.0
-    waiters: list[Future] = field(default_factory=list)
-    final: dict = field(default_factory=dict)  # its final status document, once finished
-
-    def release(self) -> None:
-        """Let go of the request's lock, if held."""
-        if self.lock_fd is not None:
-            os.close(self.lock_fd)
-            self.lock_fd = None
 
 
 class Ledger:
@@ -85,10 +56,7 @@ class Ledger:
         self._lock = lock
         self._storage = storage
         self._live: dict[str, Entry] = {}
-        self._unsaved: dict[str, tuple[dict, Owner]] = {}  # finished, not yet all on disk
-        self._finishing: dict[str, Entry] = {}  # finished, their files still being written
-        self._to_write: list[Entry] = []  # of those, the ones no thread is writing yet
-        self._awaiting = 0  # threads waiting for finished jobs to be written
+        self._finished = Finishing(outbox, lock, storage)
 
     # -- the live jobs (the engine holds the lock) -----------------------------------------
 
@@ -105,7 +73,7 @@ class Ledger:
     def holds(self, job_id: str) -> bool:
         """Whether ``job_id`` is this process's: live, finishing, or finished and not yet all
         on disk (its files on disk may not say so yet)."""
-        return job_id in self._live or job_id in self._finishing or job_id in self._unsaved
+        return job_id in self._live or job_id in self._finished
 
     def __getitem__(self, job_id: str) -> Entry:
         return self._live[job_id]
@@ -119,69 +87,18 @@ class Ledger:
         ``write_finished`` writes before anyone waiting for the job is told."""
         entry.final = entry.job.to_document()
         self._live.pop(entry.job.id, None)
-        self._finishing[entry.job.id] = entry
-        self._to_write.append(entry)
+        self._finished.add(entry)
         return entry.final
 
     def write_finished(self) -> None:
-        """Write the status files of the jobs finished since the last call (the record,
-        before anyone is answered), tell whoever waits for them, then put their index rows
-        and let go of their requests' locks.
-
-        Called by each thread that can finish a job, once it has let go of the engine's
-        lock: the writes are done outside it. (The engine thread calls it holding the
-        lock, for what it finished itself.) A crash before a row is put leaves a row that
-        start-up checks against the status file.
-        """
-        if not self._to_write:
-            return  # read without the lock: a job finished meanwhile is its finisher's to write
-        with self._lock:
-            entries, self._to_write = self._to_write, []
-        unsaved: list[Entry] = []
-        told = [0] * len(entries)  # of each job's waiters, those told it
-        done = 0
-        try:
-            for entry in entries:
-                saved = self._save(entry)
-                # Those who wait so far; any who come meanwhile are told below, with the lock.
-                told[done] = len(entry.waiters)
-                for waiter in entry.waiters[:told[done]]:
-                    _tell(waiter, entry.final)
-                if not (saved and self.put_row(summary(entry.final), entry.job.owner.folder)):
-                    unsaved.append(entry)
-                done += 1
-        finally:  # even after a bug: no job stays finishing, nobody waits for good
-            with self._lock:
-                for entry, count in zip(entries, told, strict=True):
-                    del self._finishing[entry.job.id]
-                    for waiter in entry.waiters[count:]:
-                        _tell(waiter, entry.final)
-                    entry.waiters.clear()
-                    entry.release()
-                for entry in unsaved + entries[done:]:
-                    self._unsaved[entry.job.id] = (entry.final, entry.job.owner)
-                if self._awaiting:
-                    self._lock.notify_all()
+        """Write the files of the jobs finished since the last call (``Finishing.write``):
+        by each thread that can finish a job, once it has let go of the engine's lock."""
+        self._finished.write()
 
     def await_written(self, job_id: str | None = None) -> None:
         """Wait, holding the lock, until the finished job ``job_id`` (every finished job,
         with None) has its status file and index row written."""
-        self._awaiting += 1
-        try:
-            while job_id in self._finishing if job_id is not None else self._finishing:
-                self._lock.wait()
-        finally:
-            self._awaiting -= 1
-
-    def _save(self, entry: Entry) -> bool:
-        """Write a finished job's status file; whether it worked."""
-        try:
-            self.outbox.write_status(entry.final, index=False, folder=entry.job.owner.folder)
-        except OSError as exc:
-            with self._lock:
-                self._storage.failed(f"cannot write the status of job {entry.job.id}: {exc}")
-            return False
-        return True
+        self._finished.await_written(job_id)
 
     def wait(self, job_id: str, refusal: Callable[[str], Exception] | None) -> Future:
         """A future of the job's final status document (the caller holds the lock); for a
@@ -195,13 +112,13 @@ class Ledger:
         """Resolve ``future`` to the job's final status document (``wait``)."""
         entry = self._live.get(job_id)
         if entry is None:
-            finishing = self._finishing.get(job_id)
+            finishing = self._finished.entry(job_id)
             if finishing is not None:
                 finishing.waiters.append(future)  # told once its status file is written
             else:
-                _tell(future, self.status(job_id))
+                tell(future, self.status(job_id))
         elif refusal is not None:
-            _tell(future, error=refusal(job_id))
+            tell(future, error=refusal(job_id))
         else:
             entry.waiters.append(future)
 
@@ -209,7 +126,7 @@ class Ledger:
         """Answer everyone waiting for a live job with its ``refusal`` (the engine stops)."""
         for entry in self._live.values():
             for waiter in entry.waiters:
-                _tell(waiter, error=refusal(entry.job.id))
+                tell(waiter, error=refusal(entry.job.id))
             entry.waiters.clear()
 
     def write(self, entry: Entry, *, index: bool = True) -> bool:
@@ -233,7 +150,7 @@ class Ledger:
         if self._storage.problem is not None:
             if not self._storage.probe():
                 return  # nothing can be written yet: try when the probe says so
-            self._repair()
+            self._finished.repair()
         moment = time.monotonic()
         for entry in self._live.values():
             if entry.dirty and (force or moment - entry.written_at >= STATUS_INTERVAL):
@@ -247,28 +164,6 @@ class Ledger:
         probe = self._storage.next_probe()
         return probe if probe is not None else min(due, default=None)
 
-    def put_row(self, job_summary: dict[str, Any], folder: str) -> bool:
-        """Put the index row of a job of ``folder``; whether it worked (the status file is
-        the record)."""
-        try:
-            self.outbox.index.put(job_summary, folder)
-        except OSError as exc:
-            with self._lock:
-                self._storage.failed(f"cannot index job {job_summary['id']}: {exc}")
-            return False
-        return True
-
-    def _repair(self) -> None:
-        """Write the finished jobs' status files and index rows that could not be written."""
-        for job_id, (document, owner) in list(self._unsaved.items()):
-            try:
-                self.outbox.write_status(document, folder=owner.folder)
-            except OSError as exc:
-                self._storage.failed(f"cannot write the status of job {job_id}: {exc}")
-                return
-            del self._unsaved[job_id]
-            logger.info("job %s: its status file and index row are written now", job_id)
-
     def release_all(self) -> None:
         """Let go of every live job's request lock (the engine is stopping)."""
         for entry in self._live.values():
@@ -280,15 +175,15 @@ class Ledger:
         """The status document of ``job_id``; JobNotFound if there is no such job, or, with
         a ``view``, none of that folder (another folder's job is not there for it)."""
         with self._lock:
-            entry = self._live.get(job_id) or self._finishing.get(job_id)
+            entry = self._live.get(job_id) or self._finished.entry(job_id)
             if entry is not None:
                 if view is None or entry.job.owner.folder == view:
                     return entry.job.to_document()
                 raise _not_found(job_id)
-            if job_id in self._unsaved:
-                unsaved, owner = self._unsaved[job_id]
-                if view is None or owner.folder == view:
-                    return served(unsaved, self._keep)
+            unsaved = self._finished.unsaved(job_id)
+            if unsaved is not None:
+                if view is None or unsaved[1].folder == view:
+                    return served(unsaved[0], self._keep)
                 raise _not_found(job_id)
         document = self.outbox.read_status(job_id)
         if document is None or (view is not None and self._folder(job_id) != view):
@@ -298,11 +193,12 @@ class Ledger:
     def owner(self, job_id: str) -> Owner:
         """Whom ``job_id`` is for; JobNotFound if there is no such job."""
         with self._lock:
-            entry = self._live.get(job_id) or self._finishing.get(job_id)
+            entry = self._live.get(job_id) or self._finished.entry(job_id)
             if entry is not None:
                 return entry.job.owner
-            if job_id in self._unsaved:
-                return self._unsaved[job_id][1]
+            unsaved = self._finished.unsaved(job_id)
+            if unsaved is not None:
+                return unsaved[1]
         try:
             return self.outbox.read_owner(job_id)
         except OSError:
@@ -327,11 +223,13 @@ class Ledger:
                      if view is None or entry.job.owner.folder == view]
         if since is not None:
             # Those finishing have no final row yet: they are the newest finished.
-            summaries += [entry.job.summary() for entry in reversed(self._finishing.values())
+            finishing = self._finished.writing()
+            summaries += [entry.job.summary() for entry in reversed(finishing)
                           if view is None or entry.job.owner.folder == view]
+            writing = {entry.job.id for entry in finishing}
             moment = timestamp(datetime.fromtimestamp(since / 1e6, timezone.utc))
             summaries += [served(s, self._keep) for s in self.outbox.index.finished_since(
-                moment, RECENTLY_FINISHED, view) if s["id"] not in self._finishing]
+                moment, RECENTLY_FINISHED, view) if s["id"] not in writing]
         return summaries
 
     def page(self, *, states: Sequence[str] = (), source: str | None = None, limit: int = 50,
@@ -354,10 +252,11 @@ class Ledger:
 
     def _current(self, row: dict) -> dict:
         """The summary of the job of an index ``row``, from memory where its row may lag."""
-        entry = self._live.get(row["id"]) or self._finishing.get(row["id"])
+        entry = self._live.get(row["id"]) or self._finished.entry(row["id"])
         if entry is not None:
             return entry.job.summary()
-        return served(summary(self._unsaved.get(row["id"], (row,))[0]), self._keep)
+        unsaved = self._finished.unsaved(row["id"])
+        return served(summary(unsaved[0] if unsaved else row), self._keep)
 
     def cancelled_before(self, job_id: str, view: str | None = None) -> dict:
         """The document of ``job_id``, not live, if it was cancelled; JobConflict if it is
@@ -377,17 +276,6 @@ class Ledger:
         with self._lock:  # not while the job's own status is being written
             self.await_written(job_id)
             self.outbox.note_delivery(job_id, index, notification.to_document())
-
-
-def _tell(waiter: Future, document: dict | None = None, error: Exception | None = None
-          ) -> None:
-    """Resolve ``waiter`` to ``document``, or to ``error``; not if it was given up on
-    (cancelled: a route that stopped waiting)."""
-    if waiter.set_running_or_notify_cancel():
-        if error is None:
-            waiter.set_result(document)
-        else:
-            waiter.set_exception(error)
 
 
 def _not_found(job_id: str) -> JobNotFound:
