@@ -116,17 +116,17 @@ def pickled_error(exc: BaseException) -> bytes:
         return pickle.dumps(RuntimeError(f"{type(exc).__name__}: {exc}"))
 
 
-def plan(expected: Sequence[float], threads: int, *, budget: float = BATCH_SECONDS,
+def plan(expected: Sequence[float], share: int, *, budget: float = BATCH_SECONDS,
          most: int = BATCH_IMAGES) -> int:
     """How many of the waiting images (their expected seconds, in order) go into the next
     batch.
 
     Images go together while their expected times fit ``budget``; the first goes in any
-    case, so an image expected to take as long goes alone. No batch takes more than its
-    share of what waits among the worker ``threads``, so that the last images of a job
+    case, so an image expected to take as long goes alone. No batch takes more than
+    ``share`` (a worker thread's share of what waits), so that the last images of a job
     spread over the workers instead of queueing behind one.
     """
-    limit = min(most, -(-len(expected) // max(1, threads)))
+    limit = min(most, len(expected), max(1, share))
     taken, total = 1, expected[0]
     while taken < limit and total + expected[taken] <= budget:
         total += expected[taken]

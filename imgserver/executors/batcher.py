@@ -87,12 +87,15 @@ class Batcher:
 
     def pump(self, client: Any) -> None:
         """Send batches of waiting images through ``client`` to the workers with room."""
+        # Each batch formed now takes at most its thread's share of what waits now, so that
+        # threads given batches together (a job's images arriving at once) get even ones.
+        share = -(-len(self._waiting) // max(1, self.threads))
         while self._waiting:
             worker = self._roomiest()
             if worker is None:
                 return
             count = plan([self.estimate.seconds(item.cost) for item in self._waiting],
-                         self.threads, budget=self._budget, most=self._most)
+                         share, budget=self._budget, most=self._most)
             items = [self._waiting.popleft() for _ in range(count)]
             batch = Batch(next(self._numbers), worker, items)
             try:

@@ -2,34 +2,68 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from concurrent.futures import Future
+from typing import Any
 
-from imgserver.executors.batch import Estimate, plan
+from imgserver.executors.batch import Call, Estimate, Item, plan
+from imgserver.executors.batcher import Batcher
 from imgserver.executors.started import HeldFuture
 
 
 def test_plan_small_images_go_together_up_to_the_budget() -> None:
-    assert plan([0.05] * 10, 1, budget=0.2) == 4
-    assert plan([0.01] * 100, 1, budget=0.2, most=16) == 16  # however fast
+    assert plan([0.05] * 10, 10, budget=0.2) == 4
+    assert plan([0.01] * 100, 100, budget=0.2, most=16) == 16  # however fast
 
 
 def test_plan_big_image_goes_alone() -> None:
-    assert plan([0.5, 0.01, 0.01], 1, budget=0.2) == 1           # first: alone
-    assert plan([0.01, 0.01, 0.5, 0.01], 1, budget=0.2) == 2     # stops before it
-    assert plan([0.01, 0.5], 1, budget=0.2) == 1
+    assert plan([0.5, 0.01, 0.01], 3, budget=0.2) == 1           # first: alone
+    assert plan([0.01, 0.01, 0.5, 0.01], 4, budget=0.2) == 2     # stops before it
+    assert plan([0.01, 0.5], 2, budget=0.2) == 1
 
 
-def test_plan_spreads_the_last_images_over_the_threads() -> None:
-    assert plan([0.01] * 8, 4, budget=0.2) == 2
-    assert plan([0.01] * 3, 4, budget=0.2) == 1
+def test_plan_takes_at_most_the_share() -> None:
+    assert plan([0.01] * 8, 2, budget=0.2) == 2
+    assert plan([0.01] * 3, 0, budget=0.2) == 1  # one, whatever the share
+    assert plan([0.01] * 3, 5, budget=0.2) == 3  # no more than wait
+
+
+def test_batcher_splits_images_arriving_together_evenly_between_free_threads() -> None:
+    batcher = Batcher("topic", lambda number, task: None, budget=0.5, most=64, interval=0.2)
+    batcher.workers = {"worker-a": 1, "worker-b": 1}
+    batcher.estimate.timed(1000, 0.001)  # a millisecond each: the budget takes them all
+    client = Recorder()
+    for _ in range(20):
+        batcher.add(Item(HeldFuture(), Call(print), 1000))
+    batcher.pump(client)
+    # Half each, so that both end together (not 10, then 5 on the other, then the rest in
+    # small batches, each a round trip through the scheduler).
+    assert sorted(client.sent) == [("worker-a", 10), ("worker-b", 10)]
+    for _ in range(6):
+        batcher.add(Item(HeldFuture(), Call(print), 1000))
+    batcher.pump(client)
+    assert len(client.sent) == 2  # both threads hold their batch until its last image starts
+
+
+class Recorder:
+    """Stands for distributed.Client where only what is sent matters: the worker and the
+    number of images of each batch."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, int]] = []
+
+    def submit(self, fn: Callable[..., Any], topic: str, number: int, calls: list[Call],
+               interval: float, *, workers: list[str], **options: Any) -> Future:
+        self.sent.append((workers[0], len(calls)))
+        return Future()
 
 
 def test_estimate_follows_the_time_per_byte() -> None:
     estimate = Estimate()
     assert estimate.batch_size() == 1
     # Untimed: pessimistic, so that a 12 MP photo goes alone and 1080p JPEGs go in pairs.
-    assert plan([estimate.seconds(3_500_000)] + [estimate.seconds(100)] * 9, 1) == 1
-    assert plan([estimate.seconds(520_000)] * 20, 1) == 2
+    assert plan([estimate.seconds(3_500_000)] + [estimate.seconds(100)] * 9, 10) == 1
+    assert plan([estimate.seconds(520_000)] * 20, 20) == 2
     for _ in range(50):
         estimate.handed(500_000)
         estimate.timed(500_000, 0.02)
