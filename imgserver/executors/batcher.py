@@ -87,15 +87,21 @@ class Batcher:
 
     def pump(self, client: Any) -> None:
         """Send batches of waiting images through ``client`` to the workers with room."""
-        # Each batch formed now takes at most its thread's share of what waits now, so that
-        # threads given batches together (a job's images arriving at once) get even ones.
-        share = -(-len(self._waiting) // max(1, self.threads))
+        # A batch takes at most a thread's share of what waited when the pump began, and of
+        # what still waits among the threads still free in it: threads given batches
+        # together (a job's images arriving at once) get even ones, and the last images
+        # spread over the free threads rather than queueing two deep behind one.
+        share = _share(len(self._waiting), self.threads)
+        free = sum(max(0, threads - self._load[worker])
+                   for worker, threads in self.workers.items())
         while self._waiting:
             worker = self._roomiest()
             if worker is None:
                 return
             count = plan([self.estimate.seconds(item.cost) for item in self._waiting],
-                         share, budget=self._budget, most=self._most)
+                         min(share, _share(len(self._waiting), free)),
+                         budget=self._budget, most=self._most)
+            free -= 1
             items = [self._waiting.popleft() for _ in range(count)]
             batch = Batch(next(self._numbers), worker, items)
             try:
@@ -225,3 +231,8 @@ def end(endings: Iterable[Ending]) -> None:
                 future.set_result(value)
             else:
                 future.set_exception(error)
+
+
+def _share(images: int, threads: int) -> int:
+    """Each thread's share of ``images`` among ``threads``, rounded up."""
+    return -(-images // max(1, threads))

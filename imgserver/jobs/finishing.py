@@ -26,7 +26,7 @@ from imgserver.jobs.job import Owner, summary
 from imgserver.jobs.outbox import Outbox
 from imgserver.jobs.storage import Storage
 
-logger = logging.getLogger("imgserver.jobs.finishing")
+logger = logging.getLogger("imgserver.jobs.ledger")  # as before the split
 
 
 class Finishing:

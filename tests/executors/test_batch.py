@@ -6,6 +6,8 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any
 
+import pytest
+
 from imgserver.executors.batch import Call, Estimate, Item, plan
 from imgserver.executors.batcher import Batcher
 from imgserver.executors.started import HeldFuture
@@ -29,9 +31,7 @@ def test_plan_takes_at_most_the_share() -> None:
 
 
 def test_batcher_splits_images_arriving_together_evenly_between_free_threads() -> None:
-    batcher = Batcher("topic", lambda number, task: None, budget=0.5, most=64, interval=0.2)
-    batcher.workers = {"worker-a": 1, "worker-b": 1}
-    batcher.estimate.timed(1000, 0.001)  # a millisecond each: the budget takes them all
+    batcher = batcher_of({"worker-a": 1, "worker-b": 1})
     client = Recorder()
     for _ in range(20):
         batcher.add(Item(HeldFuture(), Call(print), 1000))
@@ -43,6 +43,31 @@ def test_batcher_splits_images_arriving_together_evenly_between_free_threads() -
         batcher.add(Item(HeldFuture(), Call(print), 1000))
     batcher.pump(client)
     assert len(client.sent) == 2  # both threads hold their batch until its last image starts
+
+
+@pytest.mark.parametrize(("workers", "images", "sizes"), [
+    ({f"w{n}": 1 for n in range(8)}, 9, [2, 1, 1, 1, 1, 1, 1, 1]),
+    ({f"w{n}": 1 for n in range(4)}, 5, [2, 1, 1, 1]),
+    ({f"w{n}": 1 for n in range(4)}, 10, [3, 3, 2, 2]),
+    ({"w0": 3}, 4, [2, 1, 1]),
+])
+def test_batcher_spreads_a_few_images_over_every_free_thread(
+        workers: dict[str, int], images: int, sizes: list[int]) -> None:
+    batcher = batcher_of(workers)
+    client = Recorder()
+    for _ in range(images):
+        batcher.add(Item(HeldFuture(), Call(print), 1000))
+    batcher.pump(client)
+    assert [size for _, size in client.sent] == sizes  # no thread idle while two queue
+
+
+def batcher_of(workers: dict[str, int]) -> Batcher:
+    """A batcher over ``workers`` (name: threads) whose images take a millisecond each, so
+    that the budget never limits a batch."""
+    batcher = Batcher("topic", lambda number, task: None, budget=0.5, most=64, interval=0.2)
+    batcher.workers = workers
+    batcher.estimate.timed(1000, 0.001)
+    return batcher
 
 
 class Recorder:
