@@ -87,11 +87,14 @@ class Batcher:
 
     def pump(self, client: Any) -> None:
         """Send batches of waiting images through ``client`` to the workers with room."""
-        # A batch takes at most a thread's share of what waited when the pump began, and of
-        # what still waits among the threads still free in it: threads given batches
-        # together (a job's images arriving at once) get even ones, and the last images
-        # spread over the free threads rather than queueing two deep behind one.
-        share = _share(len(self._waiting), self.threads)
+        # A batch takes at most a thread's share of the images not started when the pump
+        # began (waiting here, or in the other threads' batches), and of what still waits
+        # among the threads still free in it. Threads given batches together (a job's
+        # images arriving at once) get even ones; a thread freed while the others are busy
+        # takes enough to end with them, not half of what waits (then half again, each
+        # batch a round trip through the scheduler); and the last images spread over the
+        # free threads rather than queueing two deep behind one.
+        share = _share(len(self._waiting) + self._unstarted(), self.threads)
         free = sum(max(0, threads - self._load[worker])
                    for worker, threads in self.workers.items())
         while self._waiting:
@@ -175,6 +178,12 @@ class Batcher:
         self._batches.clear()
         self._load.clear()
         return endings
+
+    def _unstarted(self) -> int:
+        """Images in batches that have not started, as far as the workers have said (they
+        report ends a little late, so this may count a few that have)."""
+        return sum(len(batch.unended) - (batch.running is not None)
+                   for batch in self._batches.values())
 
     def _roomiest(self) -> str | None:
         """The worker with the most threads free for another batch, if any.

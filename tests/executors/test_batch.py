@@ -61,6 +61,26 @@ def test_batcher_spreads_a_few_images_over_every_free_thread(
     assert [size for _, size in client.sent] == sizes  # no thread idle while two queue
 
 
+def test_batcher_gives_a_thread_freed_meanwhile_enough_to_end_with_the_others() -> None:
+    batcher = batcher_of({"worker-a": 1, "worker-b": 1})
+    client = Recorder()
+    for _ in range(3):  # a job's first images, handed over before the rest
+        batcher.add(Item(HeldFuture(), Call(print), 1000))
+    batcher.pump(client)
+    assert client.sent == [("worker-a", 2), ("worker-b", 1)]
+    for _ in range(17):
+        batcher.add(Item(HeldFuture(), Call(print), 1000))
+    batcher.reported(["start", client.numbers[0], 2])
+    batcher.reported(["start", client.numbers[1], 1])  # b's only image starts: b is free
+    batcher.pump(client)
+    assert client.sent[2] == ("worker-b", 9)  # 17 waiting and 1 of a's not started: 9 each
+    batcher.reported(["start", client.numbers[2], 9])
+    batcher.reported(["ended", client.numbers[0], [[0, True, b""]]])  # a's last one starts
+    batcher.pump(client)
+    # All 8 left, to end with b's 8 not started; not half of them, then half again.
+    assert client.sent[3] == ("worker-a", 8)
+
+
 def batcher_of(workers: dict[str, int]) -> Batcher:
     """A batcher over ``workers`` (name: threads) whose images take a millisecond each, so
     that the budget never limits a batch."""
@@ -76,10 +96,12 @@ class Recorder:
 
     def __init__(self) -> None:
         self.sent: list[tuple[str, int]] = []
+        self.numbers: list[int] = []  # of each batch sent
 
     def submit(self, fn: Callable[..., Any], topic: str, number: int, calls: list[Call],
                interval: float, *, workers: list[str], **options: Any) -> Future:
         self.sent.append((workers[0], len(calls)))
+        self.numbers.append(number)
         return Future()
 
 
