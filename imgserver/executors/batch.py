@@ -123,8 +123,8 @@ def plan(expected: Sequence[float], share: int, *, budget: float = BATCH_SECONDS
 
     Images go together while their expected times fit ``budget``; the first goes in any
     case, so an image expected to take as long goes alone. No batch takes more than
-    ``share`` (a worker thread's share of what waits), so that the last images of a job
-    spread over the workers instead of queueing behind one.
+    ``share`` (a worker thread's share of the images not started: ``Batcher.pump``), so
+    that the last images of a job spread over the workers instead of queueing behind one.
     """
     limit = min(most, len(expected), max(1, share))
     taken, total = 1, expected[0]
