@@ -33,6 +33,7 @@ from imgserver.http.responses import EventStream, JSONResponse, json_error
 from imgserver.http.schema import ErrorResponse, JobList, StatusDocument
 from imgserver.http.streams import EventHub
 from imgserver.jobs.engine import Engine
+from imgserver.jobs.entry import tell
 from imgserver.jobs.job import SOURCES, STATES, Owner
 from imgserver.jobs.keys import HEADER as IDEMPOTENCY_KEY
 from imgserver.jobs.keys import PATTERN as KEY_PATTERN
@@ -244,8 +245,7 @@ def _submit_into(engine: Engine, body: bytes, owner: Owner, answer: Future) -> N
     try:
         engine.submit(body, source="http", owner=owner, waiter=finished)
     except BaseException as exc:  # nothing was accepted: the error is the answer
-        if answer.set_running_or_notify_cancel():  # unless the route gave up waiting
-            answer.set_exception(exc)
+        tell(answer, error=exc)  # unless the route gave up waiting
         return
     # A short job may have finished before its request was synced: only now may it be told.
     finished.add_done_callback(lambda done: _pass_on(done, answer))
@@ -253,12 +253,8 @@ def _submit_into(engine: Engine, body: bytes, owner: Owner, answer: Future) -> N
 
 def _pass_on(source: Future, target: Future) -> None:
     """Give ``target`` the outcome of ``source`` (done), unless it was given up on."""
-    if target.set_running_or_notify_cancel():
-        error = source.exception()
-        if error is None:
-            target.set_result(source.result())
-        else:
-            target.set_exception(error)
+    error = source.exception()
+    tell(target, None if error is not None else source.result(), error)
 
 
 def _flag(name: str, text: str | None) -> bool:

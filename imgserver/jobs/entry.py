@@ -27,7 +27,7 @@ class Entry:
             self.lock_fd = None
 
 
-def tell(waiter: Future, document: dict | None = None, error: Exception | None = None
+def tell(waiter: Future, document: dict | None = None, error: BaseException | None = None
          ) -> None:
     """Resolve ``waiter`` to ``document``, or to ``error``; not if it was given up on
     (cancelled: a route that stopped waiting)."""
